@@ -1,0 +1,3 @@
+from alexrepro.cli import main
+
+main()

@@ -1,0 +1,37 @@
+"""The project's exceptions.
+
+Library code raises these; the command line catches `AlexReproError` once, prints its message as one line on
+stderr and exits 1. Each message names the file or key at fault and says what to do about it.
+"""
+
+
+class AlexReproError(Exception):
+    """Base class: a problem the user can act on. The message is one line that includes the fix."""
+
+
+class ConfigError(AlexReproError):
+    """A configuration file or flag is wrong: unknown key, wrong type, value out of range."""
+
+
+class SourceError(AlexReproError):
+    """An input dataset is missing, has a layout we do not recognise, or its labels do not line up."""
+
+
+class FormatError(AlexReproError):
+    """A file this project wrote earlier (manifest, stats, checkpoint) is missing, of another format or version."""
+
+
+class OutputExistsError(AlexReproError):
+    """The output folder holds results made with other settings; rerun with --overwrite or choose another folder."""
+
+
+class TooManyRejectedError(AlexReproError):
+    """More input images were unreadable than the configured threshold allows."""
+
+
+class TrainingError(AlexReproError):
+    """Training cannot go on: the loss became NaN/Inf, or the run was interrupted (a checkpoint was written)."""
+
+
+class EvaluationError(AlexReproError):
+    """Evaluation saw a different number of images than the manifest promises, or a checkpoint does not fit the data."""
