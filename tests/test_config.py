@@ -1,0 +1,77 @@
+"""Strict config loading: unknown keys and wrong types are errors naming the key; flags override the file."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import pytest
+
+from alexrepro.config import config_from_dict, config_to_dict, load_config
+from alexrepro.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Example:
+    epochs: int = 90
+    lr: float = 0.01
+    lrn: bool = True
+    init: Literal["paper", "he"] = "paper"
+    max_images: Optional[int] = None
+    milestones: tuple[int, ...] = (30, 60)
+
+    def __post_init__(self):
+        if self.epochs < 1:
+            raise ValueError(f"key 'epochs' must be at least 1, got {self.epochs}")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "stage.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file():
+    assert load_config(Example) == Example()
+
+
+def test_file_then_overrides(tmp_path):
+    path = write(tmp_path, "epochs: 10\nlr: 1e-3\nlrn: false\nmilestones: [3, 6]\n")
+    cfg = load_config(Example, path, {"epochs": 5, "lr": None})
+    assert cfg == Example(epochs=5, lr=0.001, lrn=False, milestones=(3, 6))
+
+
+def test_int_accepted_for_float_but_not_bool_for_int(tmp_path):
+    assert load_config(Example, write(tmp_path, "lr: 1\n")).lr == 1.0
+    with pytest.raises(ConfigError, match="'epochs' must be an integer"):
+        load_config(Example, write(tmp_path, "epochs: true\n"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("epoch: 10\n", "unknown key 'epoch'"),
+        ("epochs: ten\n", "key 'epochs' must be an integer"),
+        ("lrn: 'no'\n", "key 'lrn' must be true or false"),
+        ("init: xavier\n", "key 'init' must be one of 'paper', 'he'"),
+        ("max_images: 1.5\n", "key 'max_images' must be an integer or null"),
+        ("epochs: 0\n", "key 'epochs' must be at least 1"),
+        ("- 1\n- 2\n", "expected a mapping"),
+        ("epochs: [1\n", "not valid YAML"),
+    ],
+)
+def test_bad_files_name_the_problem(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(Example, path)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(Example, tmp_path / "absent.yaml")
+
+
+def test_dict_round_trip():
+    cfg = Example(epochs=3, milestones=(1, 2))
+    assert config_from_dict(Example, config_to_dict(cfg), "checkpoint") == cfg
