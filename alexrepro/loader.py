@@ -1,0 +1,295 @@
+"""Input pipelines over the shards: webdataset readers, split by rank and by loader worker, batched in the workers.
+
+How an epoch's data is laid out (the same on 1 process or on many):
+
+1. The epoch's *global sequence*: the train shards in an order shuffled by (seed, epoch), streamed through a
+   webdataset shuffle buffer seeded by (seed, epoch). Validation: every shard in manifest order, no shuffle.
+2. The global sequence is cut into global batches of `batch_size` (the last one may be smaller); the epoch length
+   comes from the manifest's counts, so every process knows every batch's size without reading anything.
+3. Each global batch is split evenly across ranks (torch.distributed), each rank's share is one *rank batch*;
+   a rank's DataLoader worker w builds the rank batches k with k % workers == w, and DataLoader's in-order
+   round robin hands them to the training loop in order.
+
+So no sample is duplicated or dropped, and the union of the ranks' batches at step k is exactly the global batch a
+single process sees at step k: a 2-rank run and a 1-rank run with the same global batch train on the same data.
+
+The split is at the sample level, never by shard: every reader streams every shard's bytes and keeps its share.
+That works whatever the number of shards (the built-in sample has one or two) and costs a tar read per skipped
+sample, small beside a JPEG decode (docs/benchmarks.md "Loader" has the numbers). Decoding happens only for the
+samples a reader keeps.
+
+Randomness is per sample: the crop position, the reflection and the PCA lighting coefficients of the image at
+position i of epoch e come from a generator seeded by (seed, e, i). An epoch's data is therefore the same for any
+number of ranks or workers, and a run resumed mid-epoch skips the batches it already did (without decoding them)
+and sees exactly the data an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from alexrepro.augment import center_offset
+from alexrepro.shards import Manifest, shard_paths
+
+Decoder = Literal["torchvision", "pil"]
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """What the workers do to each training image (paper §4.1); each step is a switch."""
+
+    crop: int  # side of the square crop, e.g. 227
+    random_crop: bool = True  # False: always the centre crop
+    flip: bool = True  # horizontal reflection with probability 1/2
+    lighting_std: float = 0.1  # std of α for PCA lighting; 0 disables it (α all zero)
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which samples of the global sequence each rank takes at each step: arithmetic on the manifest's count."""
+
+    samples: int  # length of the global sequence (the split's count in the manifest)
+    batch_size: int  # global batch
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def steps(self) -> int:
+        return -(-self.samples // self.batch_size)
+
+    def global_batch(self, step: int) -> tuple[int, int]:
+        """[start, end) of global batch `step` in the sequence."""
+        start = step * self.batch_size
+        return start, min(start + self.batch_size, self.samples)
+
+    def rank_batch(self, step: int) -> tuple[int, int]:
+        """[start, end) of this rank's share of global batch `step` (shares differ by at most one sample)."""
+        start, end = self.global_batch(step)
+        size = end - start
+        return start + self.rank * size // self.world_size, start + (self.rank + 1) * size // self.world_size
+
+
+@dataclass
+class Batch:
+    """One rank batch as the workers hand it over: uint8 crops and where they came from."""
+
+    images: torch.Tensor  # n×3×crop×crop uint8
+    labels: torch.Tensor  # n int64
+    offsets: torch.Tensor  # n×2 int64 (y, x) of each crop in the full image
+    flipped: torch.Tensor  # n bool
+    alphas: torch.Tensor  # n×3 float32 PCA lighting coefficients (zeros when lighting is off)
+    keys: list[str]
+    step: int  # index of the global batch in the epoch
+    global_size: int  # images in the whole global batch (all ranks), for averaging the loss
+
+    def pin_memory(self) -> "Batch":
+        for name in ("images", "labels", "offsets", "flipped", "alphas"):
+            setattr(self, name, getattr(self, name).pin_memory())
+        return self
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One integer per (seed, epoch) for the shard order and the shuffle buffer."""
+    return random.Random(f"alexrepro/{seed}/{epoch}").getrandbits(63)
+
+
+class ShardBatches(IterableDataset):
+    """The rank batches of one epoch, built in DataLoader workers (or in the main process with 0 workers)."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        plan: EpochPlan,
+        augmentation: Augmentation | None,
+        seed: int,
+        epoch: int,
+        shuffle_buffer: int,
+        start_step: int = 0,
+        decoder: Decoder = "torchvision",
+    ):
+        self.paths = [str(p) for p in paths]
+        self.plan = plan
+        self.augmentation = augmentation  # None: validation, centre crop or the whole image
+        self.seed = seed
+        self.epoch = epoch
+        self.shuffle_buffer = shuffle_buffer  # 0: the shards' stored order
+        self.start_step = start_step
+        self.decoder = decoder
+        self.crop: int | None = augmentation.crop if augmentation else None
+
+    def with_center_crop(self, crop: int | None) -> "ShardBatches":
+        """Evaluation view: the centre `crop` of every image, or the whole image when `crop` is None."""
+        self.crop = crop
+        return self
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        steps = [k for k in range(self.start_step, self.plan.steps) if k % workers == worker]
+        decode = _decoders()[self.decoder]
+        wanted = iter(steps)
+        step = next(wanted, None)
+        if step is None:
+            return
+        start, end = self.plan.rank_batch(step)
+        pending: list = []
+        for index, sample in enumerate(self._sequence()):
+            while step is not None and index >= end:  # also flushes empty shares (a rank with nothing at a step)
+                yield self._collate(pending, step)
+                pending = []
+                step = next(wanted, None)
+                if step is not None:
+                    start, end = self.plan.rank_batch(step)
+            if step is None:
+                return
+            if start <= index < end:
+                pending.append(self._load(sample, index, decode))
+        while step is not None:  # the sequence ended: the last share(s)
+            yield self._collate(pending, step)
+            pending = []
+            step = next(wanted, None)
+
+    def _sequence(self) -> Iterator[dict]:
+        paths = list(self.paths)
+        stages: list = []
+        if self.shuffle_buffer:
+            random.Random(epoch_seed(self.seed, self.epoch)).shuffle(paths)
+            stages = [wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=epoch_seed(self.seed, self.epoch))]
+        pipeline = wds.DataPipeline(wds.SimpleShardList(paths), wds.tarfile_to_samples(), *stages)
+        return iter(pipeline)
+
+    def _load(self, sample: dict, index: int, decode: Callable[[bytes], torch.Tensor]):
+        image = decode(sample["jpg"])  # 3×H×W uint8
+        size = image.shape[1]
+        aug = self.augmentation
+        alphas = (0.0, 0.0, 0.0)
+        flipped = False
+        if aug is None:
+            crop = self.crop or size
+            y, x = center_offset(size, crop)
+        else:
+            crop = aug.crop
+            rng = random.Random(f"{self.seed}/{self.epoch}/{index}")  # per sample: independent of ranks and workers
+            y, x = (rng.randrange(size - crop + 1), rng.randrange(image.shape[2] - crop + 1)) if aug.random_crop else center_offset(size, crop)
+            flipped = aug.flip and rng.random() < 0.5
+            if aug.lighting_std > 0:
+                alphas = tuple(rng.gauss(0.0, aug.lighting_std) for _ in range(3))
+        view = image[:, y : y + crop, x : x + crop]
+        view = view.flip(-1) if flipped else view
+        return view, int(sample["cls"]), (y, x), flipped, alphas, sample["__key__"]
+
+    def _collate(self, items: list, step: int) -> Batch:
+        crop = self.crop or 0
+        if items:
+            images = torch.stack([item[0] for item in items])
+        else:
+            images = torch.zeros((0, 3, crop, crop), dtype=torch.uint8)
+        start, end = self.plan.global_batch(step)
+        return Batch(
+            images=images,
+            labels=torch.tensor([item[1] for item in items], dtype=torch.int64),
+            offsets=torch.tensor([item[2] for item in items], dtype=torch.int64).reshape(-1, 2),
+            flipped=torch.tensor([item[3] for item in items], dtype=torch.bool),
+            alphas=torch.tensor([item[4] for item in items], dtype=torch.float32).reshape(-1, 3),
+            keys=[item[5] for item in items],
+            step=step,
+            global_size=end - start,
+        )
+
+
+def train_loader(
+    shards: Path,
+    manifest: Manifest,
+    augmentation: Augmentation,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle_buffer: int = 2000,
+    start_step: int = 0,
+    pin_memory: bool = False,
+    decoder: Decoder = "torchvision",
+) -> DataLoader:
+    """The rank batches of train epoch `epoch` (0-based), from `start_step` on. `batch_size` is the global batch."""
+    plan = EpochPlan(manifest.split("train").count, batch_size, rank, world_size)
+    dataset = ShardBatches(
+        shard_paths(shards, manifest, "train"), plan, augmentation, seed, epoch, shuffle_buffer, start_step, decoder
+    )
+    return _loader(dataset, workers, pin_memory)
+
+
+def val_loader(
+    shards: Path,
+    manifest: Manifest,
+    crop: int | None,
+    batch_size: int,
+    workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    decoder: Decoder = "torchvision",
+) -> DataLoader:
+    """Every validation image exactly once, in manifest order, centre-cropped to `crop` (None: the whole image)."""
+    plan = EpochPlan(manifest.split("val").count, batch_size, rank, world_size)
+    dataset = ShardBatches(shard_paths(shards, manifest, "val"), plan, None, 0, 0, 0, 0, decoder)
+    return _loader(dataset.with_center_crop(crop), workers, pin_memory)
+
+
+def _loader(dataset: ShardBatches, workers: int, pin_memory: bool) -> DataLoader:
+    # batch_size=None: the workers already batch; each yields whole rank batches, which DataLoader passes through
+    # in worker round-robin order, i.e. in step order.
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        collate_fn=_identity,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+        worker_init_fn=_worker_init,
+    )
+
+
+def _identity(batch: Batch) -> Batch:
+    return batch
+
+
+def _worker_init(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # a worker decodes one image at a time; extra threads only contend for cores
+
+
+def _decoders() -> dict[str, Callable[[bytes], torch.Tensor]]:
+    return {"torchvision": decode_torchvision, "pil": decode_pil}
+
+
+def decode_torchvision(data: bytes) -> torch.Tensor:
+    """libjpeg-turbo via torchvision: JPEG bytes → 3×H×W uint8 RGB (faster than PIL here; see bench_loader)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates its JPEG decoder in favour of TorchCodec but it still works; without this the
+        # warning is printed once per image.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+
+def decode_pil(data: bytes) -> torch.Tensor:
+    """Pillow (or Pillow-SIMD): JPEG bytes → 3×H×W uint8 RGB."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        array = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)

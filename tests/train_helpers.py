@@ -1,0 +1,68 @@
+"""Tiny prepared datasets for the training tests: a few dozen small JPEGs in shards, with a manifest."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from alexrepro.shards import ClassInfo, Manifest, Sample, SplitInfo, write_manifest, write_shard
+
+
+def pattern_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A size×size RGB image whose class shows in its shape: 0 horizontal stripes, 1 vertical, 2 checks, 3 a disc."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    period = rng.integers(6, 10)
+    phase = rng.integers(0, period)
+    if label % 4 == 0:
+        mask = ((yy + phase) // (period // 2)) % 2
+    elif label % 4 == 1:
+        mask = ((xx + phase) // (period // 2)) % 2
+    elif label % 4 == 2:
+        mask = (((yy + phase) // period) + ((xx + phase) // period)) % 2
+    else:
+        cy, cx = rng.integers(size // 3, 2 * size // 3, size=2)
+        mask = ((yy - cy) ** 2 + (xx - cx) ** 2 < (size // 4) ** 2).astype(int)
+    colours = rng.integers(40, 215, size=(2, 3))
+    image = colours[mask].astype(np.float64) + rng.normal(0, 12, size=(size, size, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def jpeg(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_shards(
+    out: Path,
+    classes: int = 3,
+    train_per_class: int = 12,
+    val_per_class: int = 4,
+    size: int = 72,
+    shard_size: int = 10,
+    seed: int = 0,
+) -> Manifest:
+    """Write train/val shards of pattern images and manifest.json into `out`; train interleaves the classes."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        labels = [c for _ in range(per_class) for c in range(classes)]
+        if split == "train":
+            rng.shuffle(labels)
+        samples = [Sample(f"{split}_{i:05d}", jpeg(pattern_image(c, size, rng)), c) for i, c in enumerate(labels)]
+        infos = [
+            write_shard(out / f"{split}-{n:06d}.tar", samples[start : start + shard_size])
+            for n, start in enumerate(range(0, len(samples), shard_size))
+        ]
+        splits[split] = SplitInfo(count=len(samples), shards=tuple(infos))
+    manifest = Manifest(
+        settings={"size": size, "quality": 90, "seed": seed},
+        classes=tuple(ClassInfo(i, f"n{i:08d}", None, f"pattern {i}") for i in range(classes)),
+        splits=splits,
+    )
+    write_manifest(out, manifest)
+    return manifest
