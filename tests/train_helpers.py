@@ -66,3 +66,21 @@ def make_shards(
     )
     write_manifest(out, manifest)
     return manifest
+
+
+def normalization_of(shards: Path, manifest: Manifest, input_scale: float) -> dict:
+    """The normalisation entry computed directly from the train shards (mean image, RGB covariance eigenpairs)."""
+    import torch
+
+    from alexrepro.shards import iter_split
+
+    images = np.stack([np.asarray(Image.open(io.BytesIO(s.jpeg)).convert("RGB")) for s in iter_split(shards, "train", manifest)])
+    pixels = images.reshape(-1, 3).astype(np.float64)
+    eigval, eigvec = np.linalg.eigh(np.cov(pixels, rowvar=False))
+    order = np.argsort(eigval)[::-1]
+    return {
+        "mean_image": torch.tensor(images.mean(0), dtype=torch.float32),
+        "input_scale": float(input_scale),
+        "eigval": torch.tensor(eigval[order], dtype=torch.float32),
+        "eigvec": torch.tensor(eigvec[:, order], dtype=torch.float32),
+    }

@@ -1,0 +1,634 @@
+"""The `train` stage: the paper's SGD recipe (§5) with its augmentation (§4.1), checkpoints, resume, torch.distributed.
+
+Per step: the loader workers hand over uint8 crops (alexrepro.loader); on the device the batch becomes float, loses
+the mean image cut at each crop's window, gains the PCA lighting shift and is scaled by `input_scale`
+(alexrepro.augment); then one SGD step. Per epoch: validation on the centre crops, checkpoint-last.pt (and
+checkpoint-best.pt on a new best top-1 error), history.json and history.csv rewritten whole, the learning-rate
+schedule.
+
+Reproducibility: every random draw is derived from (seed, epoch, position): the data order and augmentation per
+epoch and per image (loader.py), dropout per step. So a run interrupted at any step and resumed with `--resume`
+ends with the same weights as an uninterrupted one (on CPU; GPU kernels may not be bit-deterministic).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from alexrepro.atomic import atomic_write_text
+from alexrepro.augment import crop_mean, normalize, pca_lighting
+from alexrepro.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from alexrepro.config import config_to_dict
+from alexrepro.distributed import (
+    Ranks,
+    all_reduce_sum,
+    any_rank,
+    init_distributed,
+    rank_batch_size,
+    ranks_from_env,
+    resolve_devices,
+    shutdown_distributed,
+    wrap_model,
+)
+from alexrepro.errors import FormatError, OutputExistsError, TrainingError
+from alexrepro.loader import Augmentation, Batch, train_loader, val_loader
+from alexrepro.progress import NullProgress, Progress
+from alexrepro.shards import Manifest, manifest_sha256, read_manifest
+
+LAST = "checkpoint-last.pt"
+BEST = "checkpoint-best.pt"
+HISTORY_FIELDS = (
+    "epoch", "train_loss", "train_top1_error", "train_top5_error", "val_loss", "val_top1_error", "val_top5_error",
+    "lr", "images_per_s", "seconds", "data_wait_fraction",
+)  # fmt: skip
+
+# Settings that may change when a run is resumed: they decide how fast it runs, not what it computes.
+RESUMABLE_CHANGES = ("epochs", "workers", "devices", "precision", "channels_last", "compile", "log_every", "decoder")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Parameters of `alexrepro train`. Defaults are the paper's (Krizhevsky et al. 2012), section cited."""
+
+    # Learning (§5)
+    epochs: int = 90  # "roughly 90 cycles through the training set"
+    batch_size: int = 128  # global batch, split evenly across torch.distributed ranks
+    lr: float = 0.01  # ε at the start
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    update_rule: Literal["paper", "pytorch"] = "paper"  # see `apply_lr`: how momentum carries over an lr change
+    lr_schedule: Literal["plateau", "step"] = "plateau"  # §5: ÷10 "when the validation error rate stopped improving"
+    lr_patience: int = 3  # epochs without improvement before ÷10 (not given in the paper)
+    lr_min_improvement: float = 0.001  # top-1 error (fraction) an epoch must gain to count as improving (not given)
+    max_lr_drops: int = 3  # §5: "reduced three times prior to termination"
+    lr_milestones: tuple[int, ...] = (30, 60, 80)  # "step": ÷10 after these epochs (a fixed stand-in for plateaus)
+    # The network (§3); see alexrepro.model.ModelConfig
+    crop: int = 227  # §4.1 says 224; 227 makes conv1's arithmetic give 55×55 (REFERENCE.md §1)
+    width: float = 1.0
+    towers: int = 2  # §3.2
+    init: Literal["paper", "he"] = "paper"  # §5
+    lrn: bool = True  # §3.3
+    overlap_pool: bool = True  # §3.4
+    dropout: float = 0.5  # §4.2
+    # Augmentation and input (§2, §4.1)
+    random_crop: bool = True  # random crop of the 256×256 image (False: the centre crop)
+    flip: bool = True  # horizontal reflections
+    pca_lighting: bool = True
+    lighting_std: float = 0.1  # std of α
+    lighting_scale: Literal["eigval", "sqrt_eigval"] = "eigval"  # λ as a variance (§4.1 text) or its sqrt (cuda-convnet2)
+    input_scale: float = 1.0  # §2: raw mean-subtracted 0–255 values; smaller is a deviation for quick demos
+    shuffle_buffer: int = 2000  # samples in the per-epoch shuffle buffer (the shards are already shuffled once)
+    # Machinery (not from the paper)
+    devices: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", or "cuda:0,cuda:1" for one tower per GPU
+    workers: int = 4  # loader worker processes per rank (0: load in the training process)
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = True  # CUDA only
+    compile: bool = False  # torch.compile the model (CUDA)
+    log_every: int = 20  # steps between loss read-outs (each one waits for the device) and NaN checks
+    decoder: Literal["torchvision", "pil"] = "torchvision"
+
+    def __post_init__(self):
+        positive = ("epochs", "batch_size", "log_every", "max_lr_drops", "lr_patience")
+        for key in positive:
+            if getattr(self, key) < (0 if key == "max_lr_drops" else 1):
+                raise ValueError(f"key '{key}' must be a positive integer, got {getattr(self, key)}")
+        for key in ("lr", "input_scale"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"key '{key}' must be a number above 0, got {getattr(self, key)}")
+        for key in ("weight_decay", "lighting_std", "lr_min_improvement"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"key '{key}' must be 0 or more, got {getattr(self, key)}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"key 'momentum' must be in [0, 1), got {self.momentum}")
+        if self.workers < 0 or self.shuffle_buffer < 0:
+            raise ValueError("keys 'workers' and 'shuffle_buffer' must be 0 or more")
+        if list(self.lr_milestones) != sorted(set(self.lr_milestones)) or any(m < 1 for m in self.lr_milestones):
+            raise ValueError(f"key 'lr_milestones' must be increasing positive epochs, got {list(self.lr_milestones)}")
+
+    def model_config(self, num_classes: int):
+        from alexrepro.model import ModelConfig
+
+        return ModelConfig(
+            num_classes=num_classes, crop=self.crop, width=self.width, towers=self.towers, lrn=self.lrn,
+            overlap_pool=self.overlap_pool, dropout=self.dropout, init=self.init,
+        )  # fmt: skip
+
+    def augmentation(self) -> Augmentation:
+        return Augmentation(self.crop, self.random_crop, self.flip, self.lighting_std if self.pca_lighting else 0.0)
+
+    def switches(self) -> dict[str, Any]:
+        """Every ablation switch and its value, as recorded in checkpoints and reports."""
+        keys = ("towers", "lrn", "overlap_pool", "dropout", "init", "width", "crop", "random_crop", "flip",
+                "pca_lighting", "lighting_scale", "input_scale", "update_rule", "lr_schedule")  # fmt: skip
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    epochs: int  # completed epochs
+    history: list[dict]
+    best_val_top1_error: float | None
+    checkpoint_last: Path
+    checkpoint_best: Path
+
+
+# ---------------------------------------------------------------------------------------------------------- input
+
+
+@dataclass
+class Preprocess:
+    """The per-batch float work on the training device (DESIGN.md "Training"), set up once from the stats."""
+
+    mean_image: torch.Tensor  # 3×S×S float32 on the device, RGB 0–255
+    eigval: torch.Tensor
+    eigvec: torch.Tensor
+    input_scale: float
+    lighting_scale: str
+    crop: int
+    device: torch.device
+    memory_format: torch.memory_format = torch.contiguous_format
+
+    def __call__(self, batch: Batch, train: bool) -> torch.Tensor:
+        images = batch.images.to(self.device, non_blocking=True)
+        mean = crop_mean(self.mean_image, batch.offsets, self.crop, batch.flipped)  # N×3×c×c
+        x = normalize(images, mean, 1.0)
+        if train:  # α is all zero when lighting is switched off: then this adds nothing
+            x = pca_lighting(x, self.eigval, self.eigvec, alphas=batch.alphas, scale=self.lighting_scale)
+        return (x * self.input_scale).contiguous(memory_format=self.memory_format)
+
+
+def normalization_from_stats(stats_dir: Path, input_scale: float) -> dict:
+    """The checkpoint's `normalization` entry: everything needed to preprocess an image as training did."""
+    from alexrepro.stats import load_stats
+
+    stats = load_stats(stats_dir)
+    return {
+        "mean_image": torch.as_tensor(stats.mean_image, dtype=torch.float32).clone(),  # H×W×3 RGB 0–255
+        "input_scale": float(input_scale),
+        "eigval": torch.as_tensor(stats.eigval, dtype=torch.float32).clone(),
+        "eigvec": torch.as_tensor(stats.eigvec, dtype=torch.float32).clone(),
+    }
+
+
+def make_preprocess(normalization: dict, config: TrainConfig, device: torch.device, channels_last: bool) -> Preprocess:
+    return Preprocess(
+        mean_image=normalization["mean_image"].permute(2, 0, 1).contiguous().to(device),
+        eigval=normalization["eigval"].to(device),
+        eigvec=normalization["eigvec"].to(device),
+        input_scale=config.input_scale,
+        lighting_scale=config.lighting_scale,
+        crop=config.crop,
+        device=device,
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ learning rate
+
+
+@dataclass
+class LrSchedule:
+    """§5: ε ÷ 10 when the validation error stops improving ("plateau"), or after fixed epochs ("step")."""
+
+    lr: float
+    best_error: float = math.inf
+    bad_epochs: int = 0
+    drops: int = 0
+
+    def after_epoch(self, config: TrainConfig, completed: int, val_top1_error: float) -> float:
+        """The learning rate for the next epoch, given the `completed` epochs and the latest validation error."""
+        if config.lr_schedule == "step":
+            self.drops = sum(1 for m in config.lr_milestones if completed >= m)
+            self.lr = config.lr * 0.1**self.drops
+            return self.lr
+        if val_top1_error < self.best_error - config.lr_min_improvement:
+            self.best_error, self.bad_epochs = val_top1_error, 0
+            return self.lr
+        self.bad_epochs += 1
+        if self.bad_epochs >= config.lr_patience and self.drops < config.max_lr_drops:
+            self.lr, self.bad_epochs, self.drops = self.lr / 10, 0, self.drops + 1
+        return self.lr
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def apply_lr(optimizer: torch.optim.SGD, lr: float, update_rule: str) -> None:
+    """Set the learning rate. With the paper's rule, rescale the momentum buffers so the velocity carries over.
+
+    Paper (§5): v ← 0.9·v − 0.0005·ε·w − ε·∂L/∂w; w ← w + v. PyTorch's SGD keeps b ← 0.9·b + ∂L/∂w + 0.0005·w and
+    steps w ← w − ε·b, i.e. v = −ε·b. The two agree while ε is fixed; when ε changes from ε₀ to ε₁, the paper's v
+    still holds the steps taken at ε₀, which is b·ε₀/ε₁ in PyTorch's form. "pytorch" keeps b as it is (so the old
+    velocity shrinks by ε₁/ε₀ at once).
+    """
+    for group in optimizer.param_groups:
+        old = group["lr"]
+        if old == lr:
+            continue
+        group["lr"] = lr
+        if update_rule == "paper":
+            for p in group["params"]:
+                buffer = optimizer.state.get(p, {}).get("momentum_buffer")
+                if buffer is not None:
+                    buffer.mul_(old / lr)
+
+
+# ------------------------------------------------------------------------------------------------- interruption
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, writes a checkpoint and stops."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+
+
+@dataclass
+class Sums:
+    """Running totals of an epoch phase, kept on the device (no sync per step)."""
+
+    loss: torch.Tensor
+    top1: torch.Tensor
+    top5: torch.Tensor
+    images: int = 0  # known on the host: reading it never waits for the device
+    seconds: float = 0.0
+    wait: float = 0.0
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> "Sums":
+        z = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        return cls(z(), z(), z())
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        k = min(5, logits.shape[1])
+        top = logits.detach().topk(k, dim=1).indices  # N×5
+        hits = top == labels[:, None]
+        self.loss += loss_sum.detach().double()
+        self.top1 += hits[:, :1].sum()
+        self.top5 += hits.sum()
+        self.images += int(labels.shape[0])
+
+    def reduced(self, ranks: Ranks) -> tuple[float, float, float, int]:
+        """(mean loss, top-1 error, top-5 error, images) over all ranks."""
+        images = torch.tensor(float(self.images), dtype=torch.float64, device=self.loss.device)
+        totals = all_reduce_sum(torch.stack([self.loss, self.top1, self.top5, images]), ranks).tolist()
+        loss, top1, top5, images = totals
+        n = max(images, 1)
+        return loss / n, 1 - top1 / n, 1 - top5 / n, int(images)
+
+    def to_state(self) -> dict:
+        return {"loss": self.loss.item(), "top1": self.top1.item(), "top5": self.top5.item(),
+                "images": self.images, "seconds": self.seconds, "wait": self.wait}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device) -> "Sums":
+        t = lambda v: torch.tensor(float(v), dtype=torch.float64, device=device)  # noqa: E731
+        return cls(t(state["loss"]), t(state["top1"]), t(state["top5"]), int(state["images"]),
+                   float(state["seconds"]), float(state["wait"]))  # fmt: skip
+
+
+def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """Seed of the dropout masks at one step: a function of the position only, so a resumed run matches."""
+    return random.Random(f"alexrepro-dropout/{seed}/{epoch}/{step}/{rank}").getrandbits(63)
+
+
+# --------------------------------------------------------------------------------------------------------- train
+
+
+@dataclass
+class Run:
+    """What stays fixed for one call of `train`: where things are, what runs where."""
+
+    shards: Path
+    out: Path
+    config: TrainConfig
+    manifest: Manifest
+    ranks: Ranks
+    devices: list[torch.device]
+    net: torch.nn.Module  # the AlexNet itself (its state_dict is what checkpoints hold)
+    model: torch.nn.Module  # what the step calls: net, or DDP / torch.compile around it
+    optimizer: torch.optim.SGD
+    preprocess: Preprocess
+    autocast: Any  # a callable returning the autocast context (disabled on fp32)
+    base_state: dict  # the checkpoint entries that never change during the run
+    progress: Progress
+
+
+def train(shards: Path, stats: Path, out: Path, config: TrainConfig, resume: bool, progress: Progress) -> TrainResult:
+    """Train on `shards` (alexrepro prepare) normalised by `stats` (alexrepro stats); write checkpoints to `out`.
+
+    Under torchrun, each process is one data-parallel rank; `config.batch_size` is the global batch.
+    """
+    ranks = ranks_from_env()
+    devices = resolve_devices(config.devices, config.towers, ranks.local_rank)
+    init_distributed(ranks, devices[0].type)
+    try:
+        return _train(Path(shards), Path(stats), Path(out), config, resume, ranks, devices, progress)
+    finally:
+        shutdown_distributed()
+
+
+def _train(shards, stats, out, config, resume, ranks, devices, progress) -> TrainResult:
+    manifest = read_manifest(shards)
+    rank_batch_size(config.batch_size, ranks)
+    normalization = normalization_from_stats(stats, config.input_scale)
+    check_sizes(manifest, normalization, config.crop, stats)
+    run = build_run(shards, out, config, manifest, normalization, stats, ranks, devices, progress)
+    position = start_position(run, resume)
+    with StopRequest() as stop:
+        for epoch in range(position["epoch"], config.epochs):
+            sums = train_epoch(run, epoch, position, stop)
+            position["step"], position["sums"] = 0, None
+            row = finish_epoch(run, epoch, sums, position)
+            position["epoch"] = epoch + 1
+            run.progress.log(epoch_line(row, config.epochs))
+    history = position["history"]
+    best = min((r["val_top1_error"] for r in history), default=None)
+    return TrainResult(out, position["epoch"], history, best, out / LAST, out / BEST)
+
+
+def check_sizes(manifest: Manifest, normalization: dict, crop: int, stats: Path) -> None:
+    mean_side = int(normalization["mean_image"].shape[0])
+    size = manifest.settings.get("size")
+    if size is not None and int(size) != mean_side:
+        raise FormatError(
+            f"{stats}: the mean image is {mean_side}×{mean_side} but the shards hold {size}×{size} images; "
+            "rerun `alexrepro stats` on these shards"
+        )
+    if crop > mean_side:
+        raise FormatError(f"key 'crop' ({crop}) is larger than the {mean_side}×{mean_side} images; use a smaller --crop")
+
+
+def build_run(shards, out, config, manifest, normalization, stats, ranks, devices, progress) -> Run:
+    from alexrepro.model import AlexNet
+
+    cuda = devices[0].type == "cuda"
+    torch.manual_seed(config.seed)  # the initial weights; DDP also broadcasts rank 0's at wrap time
+    model_config = config.model_config(manifest.num_classes)
+    net = AlexNet(model_config, devices)
+    channels_last = cuda and config.channels_last
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    model = wrap_model(net, devices, ranks)
+    if config.compile:
+        model = torch.compile(model)
+    optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
+    base_state = {
+        "model_config": config_to_dict(model_config),
+        "train_config": config_to_dict(config),
+        "classes": [dataclasses.asdict(c) for c in manifest.classes],
+        "data": {"manifest_sha256": manifest_sha256(shards), "stats_sha256": stats_sha256(stats)},
+        "normalization": normalization,
+        "switches": config.switches(),
+    }
+    return Run(
+        shards=shards, out=out, config=config, manifest=manifest, ranks=ranks, devices=devices, net=net, model=model,
+        optimizer=optimizer, preprocess=make_preprocess(normalization, config, devices[0], channels_last),
+        autocast=lambda: torch.autocast(device_type=devices[0].type, dtype=torch.bfloat16, enabled=bf16),
+        base_state=base_state, progress=progress if ranks.is_main else NullProgress(),
+    )  # fmt: skip
+
+
+def stats_sha256(stats: Path) -> str:
+    """Identity of the stats the run was normalised with (the hash of stats.npz)."""
+    path = Path(stats) / "stats.npz"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+
+
+def start_position(run: Run, resume: bool) -> dict:
+    """Where training starts: from scratch, or where checkpoint-last.pt left off (weights, optimizer, schedule)."""
+    last = run.out / LAST
+    fresh = {"epoch": 0, "step": 0, "sums": None, "history": [], "schedule": LrSchedule(run.config.lr)}
+    if not resume:
+        if last.exists():
+            raise OutputExistsError(
+                f"{run.out} already holds a training run ({LAST}); pass --resume to continue it, or choose another folder"
+            )
+        return fresh
+    if not last.is_file():
+        raise FormatError(f"{last}: nothing to resume; run without --resume to start training")
+    ckpt = load_checkpoint(last)
+    check_resumable(ckpt, run.base_state["train_config"], run.base_state["data"], RESUMABLE_CHANGES, str(last))
+    run.net.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    schedule = LrSchedule(**ckpt["scheduler"])
+    partial = ckpt.get("position") or {}
+    return {
+        "epoch": int(ckpt["epoch"]),
+        "step": int(partial.get("step", 0)),
+        "sums": partial.get("sums"),
+        "history": list(ckpt["history"]),
+        "schedule": schedule,
+    }
+
+
+def train_epoch(run: Run, epoch: int, position: dict, stop: StopRequest) -> Sums:
+    """One pass over the training set from `position["step"]`; returns the epoch's running sums."""
+    config, ranks, device = run.config, run.ranks, run.devices[0]
+    loader = train_loader(
+        run.shards, run.manifest, config.augmentation(), config.batch_size, config.seed, epoch, config.workers,
+        ranks.rank, ranks.world_size, config.shuffle_buffer, position["step"], device.type == "cuda", config.decoder,
+    )  # fmt: skip
+    steps = -(-run.manifest.split("train").count // config.batch_size)
+    sums = Sums.from_state(position["sums"], device) if position["sums"] else Sums.zeros(device)
+    run.model.train()
+    run.progress.start(f"epoch {epoch + 1}/{config.epochs}", steps - position["step"])
+    window = torch.zeros((), dtype=torch.float64, device=device)  # loss since the last read-out
+    loss_value = float("nan")
+    tick = time.perf_counter()
+    for batch in loader:
+        waited = time.perf_counter() - tick
+        loss_sum = train_step(run, batch, epoch, sums)
+        window += loss_sum.detach().double()
+        sums.wait += waited
+        stopping = any_rank(stop.signal is not None, device, ranks)  # every rank stops at the same step
+        if (batch.step + 1) % config.log_every == 0 or stopping or batch.step == steps - 1:
+            loss_value = read_loss(window, batch, run, epoch)
+            window.zero_()
+        sums.seconds += time.perf_counter() - tick
+        run.progress.advance(
+            1, loss=loss_value, lr=run.optimizer.param_groups[0]["lr"],
+            img_s=sums.images / max(sums.seconds, 1e-9) * ranks.world_size, data_wait=sums.wait / max(sums.seconds, 1e-9),
+        )  # fmt: skip
+        if stopping:
+            interrupt(run, epoch, batch.step + 1, sums, position, stop.signal or "a signal on another rank")
+        tick = time.perf_counter()
+    run.progress.finish()
+    return sums
+
+
+def train_step(run: Run, batch: Batch, epoch: int, sums: Sums) -> torch.Tensor:
+    """Forward, backward and one SGD step on this rank's share of a global batch; returns the share's loss sum."""
+    torch.manual_seed(step_seed(run.config.seed, epoch, batch.step, run.ranks.rank))  # dropout masks
+    x = run.preprocess(batch, train=True)
+    labels = batch.labels.to(run.devices[0], non_blocking=True)
+    with run.autocast():
+        logits = run.model(x)
+    losses = F.cross_entropy(logits.float(), labels, reduction="none")
+    # Each rank's share is summed and divided by the global batch's size; DDP averages the ranks' gradients, hence
+    # the factor world_size: the gradient is the global batch's mean whatever the split (AlexNet has no BatchNorm).
+    loss = losses.sum() * (run.ranks.world_size / batch.global_size)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    sums.add(logits, labels, losses.sum())
+    return losses.sum()
+
+
+def read_loss(window: torch.Tensor, batch: Batch, run: Run, epoch: int) -> float:
+    """The loss summed since the last read-out, over all ranks; stop the run if it is not finite."""
+    total = all_reduce_sum(window.clone(), run.ranks).item()
+    if not math.isfinite(total):
+        kept = run.out / LAST
+        keeps = f"the last good checkpoint {kept} is kept" if kept.exists() else "no checkpoint was written"
+        raise TrainingError(
+            f"loss became {total} in epoch {epoch + 1} by step {batch.step + 1}; {keeps}; lower --lr (now "
+            f"{run.optimizer.param_groups[0]['lr']:g}) or check the input scale"
+        )
+    return total / max(batch.global_size, 1)
+
+
+def interrupt(run: Run, epoch: int, step: int, sums: Sums, position: dict, signal_name: str) -> None:
+    """Write a mid-epoch checkpoint that --resume continues exactly, then stop."""
+    path = run.out / LAST
+    if run.ranks.is_main:
+        partial = {"step": step, "sums": sums.to_state()}
+        save_checkpoint(path, checkpoint_state(run, epoch, position, partial))
+    raise TrainingError(
+        f"stopped by {signal_name} in epoch {epoch + 1} after step {step}; checkpoint written to {path}; "
+        "continue with --resume"
+    )
+
+
+def finish_epoch(run: Run, epoch: int, sums: Sums, position: dict) -> dict:
+    """Validate, step the schedule, write checkpoints and history (rank 0); return the history row."""
+    train_loss, train_top1, train_top5, _ = sums.reduced(run.ranks)
+    started = time.perf_counter()
+    val_loss, val_top1, val_top5 = validate(run)
+    lr = run.optimizer.param_groups[0]["lr"]
+    row = {
+        "epoch": epoch + 1, "train_loss": train_loss, "train_top1_error": train_top1, "train_top5_error": train_top5,
+        "val_loss": val_loss, "val_top1_error": val_top1, "val_top5_error": val_top5, "lr": lr,
+        "images_per_s": sums.images * run.ranks.world_size / max(sums.seconds, 1e-9),
+        "seconds": sums.seconds + time.perf_counter() - started,  # training (also before a resume) + validation
+        "data_wait_fraction": sums.wait / max(sums.seconds, 1e-9),
+    }  # fmt: skip
+    history = position["history"]
+    best_before = min((r["val_top1_error"] for r in history), default=math.inf)
+    history.append(row)
+    schedule: LrSchedule = position["schedule"]
+    apply_lr(run.optimizer, schedule.after_epoch(run.config, epoch + 1, val_top1), run.config.update_rule)
+    if run.ranks.is_main:
+        state = checkpoint_state(run, epoch + 1, position, None)
+        save_checkpoint(run.out / LAST, state)
+        if val_top1 < best_before:
+            save_checkpoint(run.out / BEST, state)
+        write_history(run.out, history)
+    return row
+
+
+@torch.no_grad()
+def validate(run: Run) -> tuple[float, float, float]:
+    """Centre-crop loss, top-1 and top-5 error over every validation image exactly once (all ranks together)."""
+    config, ranks, device = run.config, run.ranks, run.devices[0]
+    loader = val_loader(
+        run.shards, run.manifest, config.crop, config.batch_size, config.workers, ranks.rank, ranks.world_size,
+        device.type == "cuda", config.decoder,
+    )  # fmt: skip
+    expected = run.manifest.split("val").count
+    sums = Sums.zeros(device)
+    run.net.eval()
+    run.progress.start("validate", -(-expected // config.batch_size))
+    for batch in loader:
+        x = run.preprocess(batch, train=False)
+        labels = batch.labels.to(device, non_blocking=True)
+        with run.autocast():
+            logits = run.net(x)  # not the DDP wrapper: no gradient sync in evaluation
+        sums.add(logits.float(), labels, F.cross_entropy(logits.float(), labels, reduction="sum"))
+        run.progress.advance(1)
+    run.progress.finish()
+    loss, top1, top5, images = sums.reduced(ranks)
+    if images != expected:
+        raise TrainingError(
+            f"validation saw {images} images but {run.shards}/manifest.json lists {expected}; rerun `alexrepro prepare`"
+        )
+    return loss, top1, top5
+
+
+def checkpoint_state(run: Run, epoch: int, position: dict, partial: dict | None) -> dict:
+    """The checkpoint dict (alexrepro.checkpoint) for `epoch` completed epochs (+ `partial` of the next)."""
+    return {
+        **run.base_state,
+        "epoch": epoch,
+        "model": {k: v.detach().cpu() for k, v in run.net.state_dict().items()},
+        "optimizer": _to_cpu(run.optimizer.state_dict()),
+        "scheduler": position["schedule"].state_dict(),
+        "rng": {"seed": run.config.seed, "scheme": "derived from (seed, epoch, step, rank) at each use"},
+        "history": list(position["history"]),
+        "position": partial,
+    }
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
+def write_history(out: Path, history: list[dict]) -> None:
+    """history.json (a list of rows) and history.csv, rewritten whole (DVC plots read either)."""
+    atomic_write_text(out / "history.json", json.dumps(history, indent=2) + "\n")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: row[k] for k in HISTORY_FIELDS} for row in history)
+    atomic_write_text(out / "history.csv", buffer.getvalue())
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    return (
+        f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.3f}, top-1 err {row['train_top1_error']:.3f} · "
+        f"val loss {row['val_loss']:.3f}, top-1 err {row['val_top1_error']:.3f}, top-5 err {row['val_top5_error']:.3f}"
+        f" · lr {row['lr']:g} · {row['images_per_s']:.0f} img/s · data wait {row['data_wait_fraction']:.0%}"
+    )
