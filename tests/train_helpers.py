@@ -84,3 +84,12 @@ def normalization_of(shards: Path, manifest: Manifest, input_scale: float) -> di
         "eigval": torch.tensor(eigval[order], dtype=torch.float32),
         "eigvec": torch.tensor(eigvec[:, order], dtype=torch.float32),
     }
+
+
+def make_stats(shards: Path, out: Path) -> Path:
+    """A stats folder for `shards`, written by the stats stage."""
+    from alexrepro.progress import NullProgress
+    from alexrepro.stats import StatsConfig, compute_stats
+
+    compute_stats(shards, out, StatsConfig(workers=1), NullProgress())
+    return out

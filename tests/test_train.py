@@ -1,0 +1,137 @@
+"""The train stage on a tiny dataset: loss falls, checkpoints, exact resume, signals, NaN stop, refused resumes."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import make_shards, make_stats
+
+from alexrepro.checkpoint import load_checkpoint, model_from_checkpoint
+from alexrepro.errors import ConfigError, OutputExistsError, TrainingError
+from alexrepro.progress import NullProgress
+from alexrepro.train import HISTORY_FIELDS, TrainConfig, train
+
+torch.set_num_threads(1)  # the test machine's cores are shared; more threads only contend
+
+TINY = dict(batch_size=8, crop=67, width=0.125, init="he", input_scale=1 / 64, lr=0.02, workers=0, devices="cpu", log_every=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_shards(root / "shards", classes=3, train_per_class=12, val_per_class=4, size=72, shard_size=10)
+    make_stats(root / "shards", root / "stats")
+    return root / "shards", root / "stats"
+
+
+@pytest.fixture(scope="module")
+def two_epochs(data, tmp_path_factory):
+    """An uninterrupted 2-epoch run: the reference for the resume tests."""
+    out = tmp_path_factory.mktemp("two")
+    result = train(*data, out, TrainConfig(epochs=2, **TINY), False, NullProgress())
+    return out, result
+
+
+def weights(path: Path) -> dict:
+    return load_checkpoint(path)["model"]
+
+
+def test_tiny_run_learns_and_writes_its_outputs(data, tmp_path):
+    result = train(*data, tmp_path, TrainConfig(epochs=5, dropout=0.0, **TINY), False, NullProgress())
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[-1] < losses[0] and losses[0] < math.log(3) + 0.3
+    assert [row["epoch"] for row in result.history] == [1, 2, 3, 4, 5] and result.epochs == 5
+    assert set(result.history[0]) == set(HISTORY_FIELDS)
+    assert (tmp_path / "history.csv").read_text().splitlines()[0] == ",".join(HISTORY_FIELDS)
+    assert len((tmp_path / "history.csv").read_text().splitlines()) == 6
+    assert (tmp_path / "checkpoint-best.pt").is_file() and result.checkpoint_last.is_file()
+
+
+def test_checkpoint_is_weights_only_and_self_contained(two_epochs, data):
+    out, _ = two_epochs
+    raw = torch.load(out / "checkpoint-last.pt", weights_only=True)
+    for key in ("format", "version", "epoch", "model_config", "train_config", "classes", "model", "optimizer",
+                "scheduler", "rng", "history", "data", "normalization", "switches"):  # fmt: skip
+        assert key in raw
+    assert raw["format"] == "alexrepro-checkpoint" and raw["epoch"] == 2 and len(raw["history"]) == 2
+    assert raw["normalization"]["mean_image"].shape == (72, 72, 3) and raw["normalization"]["input_scale"] == 1 / 64
+    assert [c["index"] for c in raw["classes"]] == [0, 1, 2] and raw["switches"]["pca_lighting"] is True
+    model = model_from_checkpoint(raw, ["cpu"]).eval()
+    assert torch.equal(model.state_dict()["fc8.weight"], raw["model"]["fc8.weight"])
+    assert model(torch.zeros(2, 3, 67, 67)).shape == (2, 3)
+
+
+def test_resumed_run_ends_with_identical_weights(two_epochs, data, tmp_path):
+    reference, _ = two_epochs
+    train(*data, tmp_path, TrainConfig(epochs=1, **TINY), False, NullProgress())
+    resumed = TrainConfig(epochs=2, **{**TINY, "workers": 2})  # the worker count does not change the data
+    train(*data, tmp_path, resumed, True, NullProgress())
+    a, b = weights(reference / "checkpoint-last.pt"), weights(tmp_path / "checkpoint-last.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_settings_is_refused(two_epochs, data):
+    out, _ = two_epochs
+    with pytest.raises(ConfigError, match=r"other settings: crop \(67 → 69\), lr \(0.02 → 0.05\)"):
+        train(*data, out, TrainConfig(epochs=3, **{**TINY, "lr": 0.05, "crop": 69}), True, NullProgress())
+    with pytest.raises(OutputExistsError, match="--resume"):
+        train(*data, out, TrainConfig(epochs=3, **TINY), False, NullProgress())
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
+    train(*data, tmp_path, TrainConfig(epochs=1, **TINY), False, NullProgress())
+    good = weights(tmp_path / "checkpoint-last.pt")
+    import alexrepro.train as module
+
+    clean = module.Preprocess.__call__
+    monkeypatch.setattr(module.Preprocess, "__call__", lambda self, batch, train: clean(self, batch, train) * math.nan)
+    with pytest.raises(TrainingError, match="loss became nan in epoch 2.*last good checkpoint"):
+        train(*data, tmp_path, TrainConfig(epochs=2, **TINY), True, NullProgress())
+    kept = load_checkpoint(tmp_path / "checkpoint-last.pt")
+    assert kept["epoch"] == 1 and all(torch.equal(good[k], kept["model"][k]) for k in good)
+
+
+SCRIPT = """
+import sys, time, torch
+from pathlib import Path
+import alexrepro.train as module
+from alexrepro.errors import AlexReproError
+from alexrepro.progress import NullProgress
+from alexrepro.train import TrainConfig, train
+torch.set_num_threads(1)
+step = module.train_step
+module.train_step = lambda *args: (time.sleep(0.1), step(*args))[1]  # slow enough to be stopped mid-epoch
+shards, stats, out = map(Path, sys.argv[1:4])
+config = TrainConfig(epochs=40, **{tiny!r})
+try:
+    train(shards, stats, out, config, False, NullProgress())
+except AlexReproError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def test_sigterm_writes_a_checkpoint_that_resumes_exactly(two_epochs, data, tmp_path):
+    out = tmp_path / "run"
+    script = SCRIPT.format(tiny=TINY)
+    process = subprocess.Popen([sys.executable, "-c", script, *map(str, data), str(out)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out / "checkpoint-last.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "stopped by SIGTERM" in stderr and "--resume" in stderr and len(stderr.strip().splitlines()) == 1
+    ckpt = load_checkpoint(out / "checkpoint-last.pt")
+    assert ckpt["epoch"] == 1 and 1 <= ckpt["position"]["step"] < 5  # stopped within epoch 2
+    train(*data, out, TrainConfig(epochs=2, **TINY), True, NullProgress())  # finishing epoch 2 …
+    a, b = weights(two_epochs[0] / "checkpoint-last.pt"), weights(out / "checkpoint-last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # … ends where the uninterrupted run did
