@@ -1,0 +1,343 @@
+"""The network of Krizhevsky, Sutskever & Hinton (NIPS 2012): §3 and Figure 2, with its two towers.
+
+This is the paper's grouped network (60,965,224 parameters at 1000 classes and a 227 input), not torchvision's
+`alexnet`, which is the single-tower "one weird trick" variant (64-192-384-256-256 channels, no LRN, 61,100,840
+parameters). Read it top to bottom like Figure 2:
+
+    input 3×227×227
+    conv1  96 kernels 11×11×3 / 4   each tower sees the whole image   ReLU, LRN, max-pool 3/2   96×27×27
+    conv2 256 kernels  5×5×48       within each tower (groups=2)      ReLU, LRN, max-pool 3/2  256×13×13
+    conv3 384 kernels  3×3×256      sees both towers                  ReLU                     384×13×13
+    conv4 384 kernels  3×3×192      within each tower                 ReLU                     384×13×13
+    conv5 256 kernels  3×3×192      within each tower                 ReLU, max-pool 3/2       256×6×6
+    fc6  4096                       sees both towers                  ReLU, dropout 0.5
+    fc7  4096                       sees both towers                  ReLU, dropout 0.5
+    fc8  1000                       sees both towers                  (softmax lives in the loss)
+
+Every layer but fc8 is split into towers: its parameters are stored per tower (`conv2.towers.1.weight` is tower 1's
+half of conv2), so one state_dict loads into either placement:
+
+- one device: both towers run together; a layer's towers are concatenated on the fly into one grouped convolution
+  (conv1…conv5) or run side by side (fc6, fc7). Concatenating the small conv weights costs far less than the
+  convolution; the fc weights are never concatenated.
+- two devices (the paper's two GPUs, §3.2): tower k's parameters live on devices[k]; activations cross between
+  devices only at the inputs of conv3, fc6, fc7 and fc8, as in Figure 2. fc8 is not split and lives on devices[0].
+
+Both placements run the same `forward`: activations travel as a list with one tensor per device, each holding its
+towers' channels side by side, and `_both` is the cross-tower connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from alexrepro.errors import ConfigError
+
+INITS = ("paper", "he")
+
+# §3.3: b = a / (k + α Σ a²)^β over n adjacent kernel maps, the sum NOT divided by n.
+LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_classes: int = 1000  # ILSVRC-2012 (§2)
+    crop: int = 227  # input side; the paper says 224, but its arithmetic (55×55 after conv1) needs 227 (REFERENCE.md §1)
+    width: float = 1.0  # channel multiplier for conv1…fc7: 1.0 = 96-256-384-384-256 and 4096 (§3.5)
+    towers: int = 2  # 2 = the paper's two GPU towers (§3.2); 1 = one tower of the same total width, no grouping
+    lrn: bool = True  # local response normalisation after conv1 and conv2 (§3.3)
+    overlap_pool: bool = True  # max-pool 3×3 stride 2 (§3.4); False = 2×2 stride 2
+    dropout: float = 0.5  # on the outputs of fc6 and fc7 (§4.2); 0 disables
+    init: str = "paper"  # "paper": N(0, 0.01), biases 1 in conv2/4/5, fc6/7 (§5); "he": Kaiming normal, biases 0
+
+    def __post_init__(self):
+        if self.num_classes < 1:
+            raise ValueError(f"key 'num_classes' must be at least 1, got {self.num_classes}")
+        if self.towers not in (1, 2):
+            raise ValueError(f"key 'towers' must be 1 or 2, got {self.towers}")
+        if not self.width > 0:
+            raise ValueError(f"key 'width' must be a number above 0 (1.0 = the paper's widths), got {self.width}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"key 'dropout' must be in [0, 1) (0 disables dropout), got {self.dropout}")
+        if self.init not in INITS:
+            raise ValueError(f"key 'init' must be one of {', '.join(INITS)}, got {self.init!r}")
+        smallest = min_crop(self.overlap_pool)
+        if self.crop < smallest:
+            pools = "3/2" if self.overlap_pool else "2/2"
+            raise ValueError(
+                f"key 'crop' must be at least {smallest} for conv1 and three {pools} max-pools, got {self.crop}"
+            )
+
+    @property
+    def widths(self) -> tuple[int, int, int, int, int, int, int]:
+        """Units in conv1…conv5, fc6, fc7, both towers together; always even, so the towers are equal halves."""
+        paper = (96, 256, 384, 384, 256, 4096, 4096)  # §3.5
+        return tuple(max(2, 2 * round(c * self.width / 2)) for c in paper)
+
+    @property
+    def pool(self) -> tuple[int, int]:
+        """Max-pooling (kernel, stride): 3/2 overlapping as in §3.4, or the traditional 2/2."""
+        return (3, 2) if self.overlap_pool else (2, 2)
+
+    @property
+    def fc6_inputs(self) -> int:
+        """Units entering fc6: conv5's maps after the last pool (256×6×6 = 9216 at 227)."""
+        side = spatial_sizes(self.crop, self.overlap_pool)[-1]
+        return self.widths[4] * side * side
+
+
+def spatial_sizes(crop: int, overlap_pool: bool = True) -> tuple[int, int, int, int]:
+    """Side of the maps after conv1, pool1, pool2 and pool5 (55, 27, 13, 6 at 227 with 3/2 pooling).
+
+    conv1 has no padding and stride 4; conv2…conv5 keep the size (padding 2, 1, 1, 1).
+    """
+    kernel, stride = (3, 2) if overlap_pool else (2, 2)
+    conv1 = (crop - 11) // 4 + 1
+    pool1 = (conv1 - kernel) // stride + 1
+    pool2 = (pool1 - kernel) // stride + 1
+    pool5 = (pool2 - kernel) // stride + 1
+    return conv1, pool1, pool2, pool5
+
+
+def min_crop(overlap_pool: bool = True) -> int:
+    """The smallest input side for which every max-pool has a full window (67 for 3/2 pooling)."""
+    kernel = 3 if overlap_pool else 2
+    crop = 11
+    while min(spatial_sizes(crop, overlap_pool)[:3]) < kernel:
+        crop += 1
+    return crop
+
+
+def local_response_norm(x: Tensor, groups: int = 1) -> Tensor:
+    """§3.3's response normalisation across channels, within each of `groups` equal channel groups (the towers).
+
+    b_i = a_i / (k + α Σ_{j=max(0, i-n/2)}^{min(N-1, i+n/2)} a_j²)^β with k=2, n=5, α=1e-4, β=0.75, where N is the
+    number of channels in a tower: the window never crosses a tower boundary, as on the paper's two GPUs.
+    (torch.nn.LocalResponseNorm divides α by n: the same formula over one group is LocalResponseNorm(5, 5e-4, 0.75, 2).)
+    Computed in float32 (float64 stays float64) whatever the input dtype or autocast state; returns the input's dtype.
+    """
+    with torch.autocast(x.device.type, enabled=False):
+        out = _LocalResponseNorm.apply(x.to(torch.promote_types(x.dtype, torch.float32)), groups)
+    return out.to(x.dtype)
+
+
+class _LocalResponseNorm(torch.autograd.Function):
+    """LRN with a hand-written backward: fewer full-size temporaries than autograd's chain of elementwise ops,
+    which made LRN half the cost of a CPU training step."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, groups: int) -> Tensor:
+        d = _window_sum(a * a, groups).mul_(LRN_ALPHA).add_(LRN_K)  # k + α Σ_j a_j²
+        r = d.pow(-LRN_BETA)
+        ctx.groups = groups
+        ctx.save_for_backward(a, d, r)
+        return a * r
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        a, d, r = ctx.saved_tensors
+        # b_i = a_i r_i with r_i = d_i^-β, so ∂L/∂a_j = g_j r_j − 2αβ a_j Σ_{i: j in window(i)} g_i a_i r_i / d_i,
+        # and j is in window(i) exactly when i is in window(j): the same window sum serves the backward pass.
+        gr = grad * r
+        back = _window_sum(gr.mul(a).div_(d), ctx.groups)
+        return gr.addcmul_(a, back, value=-2 * LRN_ALPHA * LRN_BETA), None
+
+
+def _window_sum(x: Tensor, groups: int) -> Tensor:
+    """Σ of x over each channel's LRN window (n=5, cut at the edges of its group), as one matrix product with a 0/1
+    band matrix: on a CPU one GEMM is several times faster than five shifted adds or avg_pool3d."""
+    n, c, h, w = x.shape
+    size = c // groups
+    index = torch.arange(size, device=x.device)
+    band = ((index[:, None] - index[None, :]).abs() <= LRN_SIZE // 2).to(x.dtype)  # size×size, symmetric
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: channels are the fastest dimension
+        return (pixels @ torch.block_diag(*[band] * groups)).view(n, h, w, c).permute(0, 3, 1, 2)
+    maps = x.contiguous().view(n * groups, size, h * w)
+    return torch.matmul(band, maps).view(n, c, h, w)
+
+
+class LocalResponseNorm(nn.Module):
+    """§3.3, applied per tower. `enabled=False` makes it the identity (the `lrn` switch)."""
+
+    def __init__(self, enabled: bool = True):
+        super().__init__()
+        self.enabled = enabled
+
+    def forward(self, x: Tensor, groups: int) -> Tensor:
+        return local_response_norm(x, groups) if self.enabled else x
+
+    def extra_repr(self) -> str:
+        return f"size={LRN_SIZE}, alpha={LRN_ALPHA}, beta={LRN_BETA}, k={LRN_K}, enabled={self.enabled}"
+
+
+class TowerConv(nn.Module):
+    """A convolution whose kernels are split evenly between the towers.
+
+    `within_tower`: each tower sees only its own tower's input channels (conv2, conv4, conv5); otherwise each tower
+    sees all input channels (conv1, conv3). `forward(x, towers)` runs the towers listed, which must all live on x's
+    device, as one convolution: x holds those towers' input channels side by side (within_tower) or all of them.
+    """
+
+    def __init__(self, towers, in_channels, out_channels, kernel_size, stride=1, padding=0, within_tower=False):
+        super().__init__()
+        self.stride, self.padding, self.within_tower = stride, padding, within_tower
+        tower_in = in_channels // towers if within_tower else in_channels
+        self.towers = nn.ModuleList(
+            nn.Conv2d(tower_in, out_channels // towers, kernel_size, stride, padding) for _ in range(towers)
+        )
+
+    def forward(self, x: Tensor, towers: Sequence[int]) -> Tensor:
+        weight = _cat([self.towers[k].weight for k in towers], dim=0)
+        bias = _cat([self.towers[k].bias for k in towers], dim=0)
+        groups = len(towers) if self.within_tower else 1
+        return F.conv2d(x, weight, bias, self.stride, self.padding, groups=groups)
+
+
+class TowerLinear(nn.Module):
+    """A fully-connected layer whose units are split evenly between the towers; every tower sees all inputs."""
+
+    def __init__(self, towers: int, in_features: int, out_features: int):
+        super().__init__()
+        self.towers = nn.ModuleList(nn.Linear(in_features, out_features // towers) for _ in range(towers))
+
+    def forward(self, x: Tensor, towers: Sequence[int]) -> Tensor:
+        # One matmul per tower, outputs side by side: concatenating the (large) weights would cost a copy per step.
+        return _cat([self.towers[k](x) for k in towers], dim=1)
+
+
+class AlexNet(nn.Module):
+    """The paper's network (§3.5, Figure 2) for `config`, placed on one device or with one tower per device.
+
+    devices: None or one device → both towers together on it (default cpu). Two devices → tower k on devices[k]
+    (needs towers=2). Input: float N×3×crop×crop on the first device; logits N×num_classes on the first device.
+    Do not `.to()` a two-device model: its placement is made here.
+    """
+
+    def __init__(self, config: ModelConfig | None = None, devices: Sequence[torch.device | str] | None = None):
+        super().__init__()
+        self.config = config = config or ModelConfig()
+        c1, c2, c3, c4, c5, f6, f7 = config.widths
+        towers = config.towers
+        self.conv1 = TowerConv(towers, 3, c1, 11, stride=4)  # each tower sees the whole image
+        self.conv2 = TowerConv(towers, c1, c2, 5, padding=2, within_tower=True)
+        self.conv3 = TowerConv(towers, c2, c3, 3, padding=1)  # sees both towers
+        self.conv4 = TowerConv(towers, c3, c4, 3, padding=1, within_tower=True)
+        self.conv5 = TowerConv(towers, c4, c5, 3, padding=1, within_tower=True)
+        self.fc6 = TowerLinear(towers, config.fc6_inputs, f6)
+        self.fc7 = TowerLinear(towers, f6, f7)
+        self.fc8 = nn.Linear(f7, config.num_classes)
+        self.norm = LocalResponseNorm(config.lrn)  # after conv1 and conv2 (§3.3)
+        self.pool = nn.MaxPool2d(*config.pool)  # after norm1, norm2 and conv5 (§3.4)
+        self.dropout = nn.Dropout(config.dropout)  # after fc6 and fc7 (§4.2)
+        self._init_weights(config.init)
+        self._place(devices)
+
+    def _init_weights(self, scheme: str) -> None:
+        """"paper" (§5): every weight ~ N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7 ("accelerates the
+        early stages of learning by providing the ReLUs with positive inputs"), 0 elsewhere.
+        "he": Kaiming normal (He et al. 2015, fan_in, gain √2) for conv1…fc7, whose outputs go through ReLUs;
+        fc8 ~ N(0, 0.01) (it feeds the softmax, not a ReLU; as torchvision's VGG does); all biases 0.
+        """
+        ones = {"conv2", "conv4", "conv5", "fc6", "fc7"}
+        for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"):
+            for tower in getattr(self, name).towers:
+                if scheme == "paper":
+                    nn.init.normal_(tower.weight, 0.0, 0.01)
+                    nn.init.constant_(tower.bias, 1.0 if name in ones else 0.0)
+                else:
+                    nn.init.kaiming_normal_(tower.weight, mode="fan_in", nonlinearity="relu")
+                    nn.init.zeros_(tower.bias)
+        nn.init.normal_(self.fc8.weight, 0.0, 0.01)
+        nn.init.zeros_(self.fc8.bias)
+
+    def _place(self, devices: Sequence[torch.device | str] | None) -> None:
+        """Put tower k's parameters on its device; remember which towers run together on which device."""
+        devices = [torch.device(d) for d in (devices or ["cpu"])]
+        towers = self.config.towers
+        if len(devices) == 1:
+            self._device_towers = [tuple(range(towers))]  # all towers together: grouped convolutions
+            tower_devices = devices * towers
+        elif len(devices) == 2 and towers == 2:
+            self._device_towers = [(0,), (1,)]  # the paper's placement: one tower per GPU
+            tower_devices = devices
+        else:
+            raise ConfigError(
+                f"devices: got {len(devices)} devices for {towers} tower(s); give one device, or two with towers=2"
+            )
+        for layer in (self.conv1, self.conv2, self.conv3, self.conv4, self.conv5, self.fc6, self.fc7):
+            for tower, device in zip(layer.towers, tower_devices):
+                tower.to(device)
+        self.fc8.to(devices[0])
+
+    @property
+    def tower_devices(self) -> list[torch.device]:
+        """The device of each tower, in tower order (the same device twice when both towers share one)."""
+        return [tower.weight.device for tower in self.conv1.towers]
+
+    def _placement(self) -> list[tuple[torch.device, tuple[int, ...]]]:
+        """(device, towers on it) for each device in use; tower devices are read from the parameters, so a
+        one-device model moved with `.to()` follows."""
+        return [(self.conv1.towers[ts[0]].weight.device, ts) for ts in self._device_towers]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits N×num_classes on the first device for images N×3×crop×crop."""
+        h = [self.dropout(t) for t in self._hidden(x)]  # fc7's dropout (§4.2)
+        return self.fc8(_both(h, self.fc8.weight.device))  # N×1000: fc8 sees both towers
+
+    def fc7_features(self, x: Tensor) -> Tensor:
+        """fc7's activations after ReLU, N×4096 on the first device: the paper's image representation for the
+        nearest-neighbour retrieval of Figure 4 (§6.1). Call in eval mode (fc6's dropout runs in train mode)."""
+        return _both(self._hidden(x), self.fc8.weight.device)
+
+    def _hidden(self, x: Tensor) -> list[Tensor]:
+        """conv1 … fc7 after ReLU; one tensor per device, its towers' units side by side.
+
+        Shape comments are both towers together at the defaults (each device holds its towers' share).
+        """
+        placement = self._placement()
+        h = [self._conv1_2(x.to(device), towers) for device, towers in placement]  # N×256×13×13
+        h = [self._conv3_5(_both(h, device), towers) for device, towers in placement]  # N×256×6×6
+        h = [torch.flatten(t, 1) for t in h]  # N×9216, tower 0's maps first
+        h = [self.dropout(F.relu(self.fc6(_both(h, device), towers), inplace=True)) for device, towers in placement]
+        return [F.relu(self.fc7(_both(h, device), towers), inplace=True) for device, towers in placement]  # N×4096
+
+    def _conv1_2(self, x: Tensor, towers: Sequence[int]) -> Tensor:
+        """conv1 and conv2 of the given towers; x is the whole image (N×3×227×227), seen by every tower."""
+        groups = len(towers)
+        x = F.relu(self.conv1(x, towers), inplace=True)  # N×96×55×55
+        x = self.pool(self.norm(x, groups))  # N×96×27×27
+        x = F.relu(self.conv2(x, towers), inplace=True)  # N×256×27×27, within each tower
+        return self.pool(self.norm(x, groups))  # N×256×13×13
+
+    def _conv3_5(self, x: Tensor, towers: Sequence[int]) -> Tensor:
+        """conv3 (x = both towers' maps, N×256×13×13), then conv4 and conv5 within each tower."""
+        x = F.relu(self.conv3(x, towers), inplace=True)  # N×384×13×13
+        x = F.relu(self.conv4(x, towers), inplace=True)  # N×384×13×13
+        x = F.relu(self.conv5(x, towers), inplace=True)  # N×256×13×13
+        return self.pool(x)  # N×256×6×6
+
+    def conv1_kernels(self) -> Tensor:
+        """conv1's weights, 96×3×11×11 on the CPU, tower 0's kernels first (for the paper's Figure 3)."""
+        return torch.cat([tower.weight.detach().cpu() for tower in self.conv1.towers])
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters (60,965,224 for the paper's network at 1000 classes, REFERENCE.md §1)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _both(h: list[Tensor], device: torch.device) -> Tensor:
+    """Every device's activations side by side on `device`: the cross-tower connection of Figure 2."""
+    return _cat([t.to(device) for t in h], dim=1)
+
+
+def _cat(tensors: list[Tensor], dim: int) -> Tensor:
+    """torch.cat that does not copy a lone tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)

@@ -1,0 +1,380 @@
+"""The paper's network: sizes, switches, the two placements, LRN against the paper's formula, initialisation."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alexrepro.errors import ConfigError
+from alexrepro.model import AlexNet, ModelConfig, count_parameters, local_response_norm, min_crop
+
+SMALL = dict(num_classes=10, width=0.25, crop=99)  # fast; exact sizes are not the point where this is used
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+
+
+@pytest.fixture(scope="module")
+def paper_model():
+    torch.manual_seed(0)
+    return AlexNet(ModelConfig())
+
+
+def layer_outputs(model: AlexNet, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Output shape of every named layer and of each max-pool, in call order."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name):
+        def hook(module, inputs, output):  # returns None: the output is left alone
+            shapes.setdefault(name or f"pool{len(shapes)}", tuple(output.shape))
+
+        return hook
+
+    hooks = [getattr(model, name).register_forward_hook(record(name)) for name in LAYERS]
+    hooks.append(model.pool.register_forward_hook(record(None)))
+    try:
+        model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def test_paper_network_has_the_papers_parameter_count_and_shapes(paper_model):
+    assert count_parameters(paper_model) == 60_965_224  # REFERENCE.md §1
+    params = dict(paper_model.named_parameters())
+    assert params["conv1.towers.0.weight"].shape == (48, 3, 11, 11)
+    assert params["conv2.towers.1.weight"].shape == (128, 48, 5, 5)  # within tower
+    assert params["conv3.towers.0.weight"].shape == (192, 256, 3, 3)  # sees both towers
+    assert params["conv4.towers.0.weight"].shape == (192, 192, 3, 3)
+    assert params["conv5.towers.1.weight"].shape == (128, 192, 3, 3)
+    assert params["fc6.towers.0.weight"].shape == (2048, 9216)
+    assert params["fc7.towers.1.weight"].shape == (2048, 4096)
+    assert params["fc8.weight"].shape == (1000, 4096)
+
+    paper_model.eval()
+    with torch.no_grad():
+        shapes = layer_outputs(paper_model, torch.randn(1, 3, 227, 227))
+    assert shapes == {
+        "conv1": (1, 96, 55, 55),
+        "pool1": (1, 96, 27, 27),
+        "conv2": (1, 256, 27, 27),
+        "pool3": (1, 256, 13, 13),
+        "conv3": (1, 384, 13, 13),
+        "conv4": (1, 384, 13, 13),
+        "conv5": (1, 256, 13, 13),
+        "pool7": (1, 256, 6, 6),
+        "fc6": (1, 4096),
+        "fc7": (1, 4096),
+        "fc8": (1, 1000),
+    }
+
+
+def test_fc7_features_and_conv1_kernels(paper_model):
+    paper_model.eval()
+    with torch.no_grad():
+        features = paper_model.fc7_features(torch.randn(2, 3, 227, 227))
+    assert features.shape == (2, 4096) and features.min() >= 0  # after ReLU
+    kernels = paper_model.conv1_kernels()
+    assert kernels.shape == (96, 3, 11, 11)
+    assert torch.equal(kernels[48:], paper_model.conv1.towers[1].weight.detach())
+
+
+def test_paper_init_statistics(paper_model):
+    params = dict(paper_model.named_parameters())
+    for name in ("conv1.towers.0.weight", "conv3.towers.1.weight", "fc6.towers.0.weight", "fc8.weight"):
+        assert params[name].std().item() == pytest.approx(0.01, rel=0.05), name
+        assert abs(params[name].mean().item()) < 1e-3, name
+    for layer in LAYERS[:-1]:
+        for tower in getattr(paper_model, layer).towers:
+            expected = 1.0 if layer in ("conv2", "conv4", "conv5", "fc6", "fc7") else 0.0  # §5
+            assert torch.all(tower.bias == expected), layer
+    assert torch.all(paper_model.fc8.bias == 0)
+
+
+def test_he_init_statistics():
+    torch.manual_seed(0)
+    model = AlexNet(ModelConfig(init="he", width=0.5, num_classes=100))
+    conv2 = model.conv2.towers[0].weight  # fan_in = 24 input maps in its tower × 5×5
+    assert conv2.std().item() == pytest.approx(math.sqrt(2 / (24 * 25)), rel=0.05)
+    fc7 = model.fc7.towers[1].weight
+    assert fc7.std().item() == pytest.approx(math.sqrt(2 / 2048), rel=0.05)
+    assert model.fc8.weight.std().item() == pytest.approx(0.01, rel=0.05)
+    assert all(torch.all(p == 0) for n, p in model.named_parameters() if n.endswith("bias"))
+
+
+def test_widths_scale_and_stay_even():
+    assert ModelConfig().widths == (96, 256, 384, 384, 256, 4096, 4096)
+    assert ModelConfig(width=0.25).widths == (24, 64, 96, 96, 64, 1024, 1024)
+    assert all(c % 2 == 0 for c in ModelConfig(width=0.1).widths)
+
+
+def test_one_tower_has_the_same_width_without_grouping():
+    config = ModelConfig(towers=1)
+    model = AlexNet(config)
+    # conv2, conv4, conv5 see all input maps: 96, 384, 384 instead of 48, 192, 192.
+    extra = 256 * 48 * 25 + 384 * 192 * 9 + 256 * 192 * 9
+    assert count_parameters(model) == 60_965_224 + extra
+    assert len(model.conv2.towers) == 1 and model.conv2.towers[0].weight.shape == (256, 96, 5, 5)
+    assert model.fc6.towers[0].weight.shape == (4096, 9216)
+
+
+def test_lrn_runs_per_tower_and_switches_off(monkeypatch):
+    calls = []
+
+    def spy(x, groups=1):
+        calls.append((x.shape[1], groups))
+        return x
+
+    monkeypatch.setattr("alexrepro.model.local_response_norm", spy)
+    x = torch.randn(2, 3, 99, 99)
+    AlexNet(ModelConfig(**SMALL))(x)
+    assert calls == [(24, 2), (64, 2)]  # after conv1 and conv2, within each of the two towers
+    calls.clear()
+    AlexNet(ModelConfig(**SMALL, towers=1))(x)
+    assert calls == [(24, 1), (64, 1)]  # one tower: over all channels
+    calls.clear()
+    AlexNet(ModelConfig(**SMALL, lrn=False))(x)
+    assert calls == []
+
+
+@pytest.mark.parametrize(
+    ("crop", "overlap_pool", "side"),
+    [(227, True, 6), (224, True, 5), (224, False, 6), (67, True, 1), (99, False, 2), (39, False, 1)],
+)
+def test_fc6_input_follows_crop_and_pooling(crop, overlap_pool, side):
+    config = ModelConfig(num_classes=10, width=0.25, crop=crop, overlap_pool=overlap_pool)
+    model = AlexNet(config)
+    assert model.fc6.towers[0].in_features == 64 * side * side == config.fc6_inputs
+    assert model(torch.randn(1, 3, crop, crop)).shape == (1, 10)
+
+
+def test_pooling_switch_changes_the_pool():
+    assert AlexNet(ModelConfig(**SMALL)).pool.kernel_size == 3
+    assert AlexNet(ModelConfig(**SMALL, overlap_pool=False)).pool.kernel_size == 2
+
+
+def test_dropout_switch():
+    x = torch.randn(4, 3, 99, 99)
+    torch.manual_seed(0)
+    model = AlexNet(ModelConfig(**SMALL, dropout=0.0)).train()
+    assert torch.equal(model(x), model(x))
+    model = AlexNet(ModelConfig(**SMALL, dropout=0.5)).train()
+    assert not torch.equal(model(x), model(x))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("crop", 66, "key 'crop' must be at least 67"),
+        ("towers", 3, "key 'towers' must be 1 or 2"),
+        ("width", 0.0, "key 'width'"),
+        ("dropout", 1.0, "key 'dropout'"),
+        ("init", "xavier", "key 'init' must be one of paper, he"),
+        ("num_classes", 0, "key 'num_classes'"),
+    ],
+)
+def test_config_validation_names_the_key(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{key: value})
+
+
+def test_min_crop():
+    assert min_crop(True) == 67 and min_crop(False) == 39
+    ModelConfig(crop=39, overlap_pool=False)
+    with pytest.raises(ValueError, match="at least 39"):
+        ModelConfig(crop=38, overlap_pool=False)
+
+
+def test_two_devices_need_two_towers():
+    with pytest.raises(ConfigError, match="devices"):
+        AlexNet(ModelConfig(**SMALL, towers=1), devices=["cpu", "cpu"])
+    with pytest.raises(ConfigError, match="devices"):
+        AlexNet(ModelConfig(**SMALL), devices=["cpu", "cpu", "cpu"])
+
+
+# --- The two placements: one device (grouped) and one tower per device ---------------------------------------------
+
+
+class MaskStream:
+    """A dropout stand-in that hands out the columns of one fixed random mask in call order, so that both placements
+    drop the same units: on one device fc6's dropout takes its 4096 columns in one call, on two devices each tower
+    takes 2048 in turn, tower 0 first (real dropout would draw its random numbers in a different order)."""
+
+    def __init__(self, seed: int = 0, rows: int = 4, columns: int = 4 * 1024):
+        generator = torch.Generator().manual_seed(seed)
+        self.keep = torch.rand(rows, columns, generator=generator) >= 0.5
+        self.used = 0
+
+    def __call__(self, x, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return x
+        keep = self.keep[: x.shape[0], self.used : self.used + x.shape[1]].to(x.device)
+        self.used += x.shape[1]
+        return x * keep / (1 - p)
+
+
+def run(model: AlexNet, x: torch.Tensor, target: torch.Tensor, monkeypatch):
+    monkeypatch.setattr(F, "dropout", MaskStream())
+    model.zero_grad()
+    logits = model(x)
+    F.cross_entropy(logits, target).backward()
+    return logits.detach(), {n: p.grad.detach().cpu() for n, p in model.named_parameters()}
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, name: str = "") -> None:
+    """Equal up to float32 summation order (grouped vs separate convolutions), relative to the tensor's scale."""
+    a, b = a.detach().cpu(), b.detach().cpu()
+    scale = a.abs().max().item() + 1e-12
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * scale, msg=name or None)
+
+
+def assert_same_run(a, b):
+    (logits_a, grads_a), (logits_b, grads_b) = a, b
+    assert_close(logits_a, logits_b)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert_close(grads_a[name], grads_b[name], name)
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_placements_give_equal_outputs_and_gradients(mode, monkeypatch):
+    torch.manual_seed(0)
+    config = ModelConfig(**SMALL, init="he")  # He init: activations large enough that a wiring error would show
+    one = AlexNet(config)
+    two = AlexNet(config, devices=["cpu", "cpu"])
+    two.load_state_dict(one.state_dict())
+    assert two._device_towers == [(0,), (1,)] and one._device_towers == [(0, 1)]
+    getattr(one, mode)(), getattr(two, mode)()
+    x, target = torch.randn(4, 3, 99, 99) * 50, torch.tensor([1, 2, 3, 4])
+    assert_same_run(run(one, x, target, monkeypatch), run(two, x, target, monkeypatch))
+    if mode == "train":  # the stand-in dropout really dropped units
+        assert not torch.equal(run(one, x, target, monkeypatch)[0], one.eval()(x).detach())
+    with torch.no_grad():
+        assert_close(one.eval().fc7_features(x), two.eval().fc7_features(x))
+
+
+def test_state_dict_round_trip_between_placements():
+    torch.manual_seed(0)
+    config = ModelConfig(**SMALL)
+    two = AlexNet(config, devices=["cpu", "cpu"])
+    buffer = io.BytesIO()
+    torch.save(two.state_dict(), buffer)
+    buffer.seek(0)
+    one = AlexNet(config)
+    one.load_state_dict(torch.load(buffer, weights_only=True))  # strict: same keys, same shapes
+    back = AlexNet(config, devices=["cpu", "cpu"])
+    back.load_state_dict(one.state_dict())
+    for (name_a, a), (name_b, b) in zip(two.state_dict().items(), back.state_dict().items()):
+        assert name_a == name_b and torch.equal(a, b)
+    # Same parameters in the same order, so an optimizer's state also carries over between placements.
+    assert [(n, p.shape) for n, p in one.named_parameters()] == [(n, p.shape) for n, p in two.named_parameters()]
+
+
+# --- LRN against the paper's formula ------------------------------------------------------------------------------
+
+
+def paper_lrn(a: torch.Tensor, towers: int, k=2.0, n=5, alpha=1e-4, beta=0.75) -> torch.Tensor:
+    """§3.3 written out literally, one tower at a time:
+    b_i = a_i / (k + α Σ_{j=max(0, i-n/2)}^{min(N-1, i+n/2)} a_j²)^β, N = channels in the tower."""
+    out = torch.empty_like(a)
+    size = a.shape[1] // towers
+    for t in range(towers):
+        for i in range(size):
+            lo, hi = max(0, i - n // 2), min(size - 1, i + n // 2)
+            total = sum(a[:, t * size + j] ** 2 for j in range(lo, hi + 1))
+            out[:, t * size + i] = a[:, t * size + i] / (k + alpha * total) ** beta
+    return out
+
+
+@pytest.mark.parametrize("towers", [1, 2])
+def test_lrn_matches_the_papers_formula(towers):
+    torch.manual_seed(0)
+    a = torch.relu(torch.randn(3, 12, 5, 4, dtype=torch.float64)) * 100  # large enough that the sum matters
+    expected = paper_lrn(a, towers)
+    torch.testing.assert_close(local_response_norm(a.float(), towers).double(), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expected, a / 2.0**0.75)  # the normalisation term is not negligible here
+
+
+def test_lrn_gradient():
+    torch.manual_seed(0)
+    a = (torch.randn(2, 8, 3, 3, dtype=torch.float64) * 60).requires_grad_()
+    torch.autograd.gradcheck(lambda t: local_response_norm(t, 2), (a,))
+
+
+def test_lrn_on_one_tower_is_torchs_with_the_papers_constants():
+    x = torch.relu(torch.randn(2, 16, 6, 6)) * 100
+    reference = torch.nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)  # torch divides alpha by n
+    torch.testing.assert_close(local_response_norm(x, 1), reference(x))
+
+
+def test_plain_lrn_over_96_channels_mixes_the_towers():
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(2, 96, 5, 5)) * 100
+    ours = local_response_norm(x, 2)
+    plain = torch.nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)(x)
+    differs = (ours - plain).abs().amax(dim=(0, 2, 3)) > 1e-4
+    assert differs[47] and differs[48]  # the window crosses the tower boundary only in a plain LRN
+    assert differs.nonzero().flatten().tolist() == [46, 47, 48, 49]
+
+
+def test_lrn_runs_in_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    x = (torch.relu(torch.randn(2, 16, 4, 4)) * 100).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = local_response_norm(x, 2)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, local_response_norm(x.float(), 2).bfloat16())
+
+
+# --- CUDA ---------------------------------------------------------------------------------------------------------
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def no_tf32():
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.usefixtures("no_tf32")
+def test_cuda_and_cpu_towers_match_one_device(mode, monkeypatch):
+    torch.manual_seed(0)
+    config = ModelConfig(**SMALL, init="he")
+    one = AlexNet(config, devices=["cuda"])
+    two = AlexNet(config, devices=["cuda", "cpu"])
+    two.load_state_dict(one.state_dict())
+    assert [d.type for d in two.tower_devices] == ["cuda", "cpu"]
+    getattr(one, mode)(), getattr(two, mode)()
+    x, target = torch.randn(4, 3, 99, 99, device="cuda") * 50, torch.tensor([1, 2, 3, 4], device="cuda")
+    a, b = run(one, x, target, monkeypatch), run(two, x, target, monkeypatch)
+    assert b[0].device.type == "cuda"
+    assert_same_run(a, b)
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_bf16_autocast_keeps_lrn_in_float32():
+    torch.manual_seed(0)
+    model = AlexNet(ModelConfig(**SMALL), devices=["cuda"])
+    seen = []
+    handle = model.norm.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+    x = torch.randn(2, 3, 99, 99, device="cuda") * 50
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(x)
+    handle.remove()
+    assert logits.dtype == torch.bfloat16 and seen == [(torch.bfloat16, torch.bfloat16)] * 2
+    a = (torch.relu(torch.randn(2, 16, 4, 4, device="cuda")) * 100).bfloat16()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = local_response_norm(a, 2)
+    torch.testing.assert_close(y.float().cpu(), paper_lrn(a.double().cpu(), 2).bfloat16().float())
