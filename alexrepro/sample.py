@@ -30,6 +30,7 @@ import math
 import multiprocessing
 import os
 import tarfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -412,13 +413,9 @@ def _mark_odd_files(rng: np.random.Generator, train: dict[str, list[ImageSpec]],
     everywhere = [(wnid, i) for wnid, specs in train.items() for i in range(len(specs))]
     for kind, pick in zip(("png", "cmyk", "gray"), rng.choice(len(everywhere), 3, replace=False)):
         wnid, i = everywhere[int(pick)]
-        train[wnid][i] = _with_kind(train[wnid][i], kind)
+        train[wnid][i] = dataclasses.replace(train[wnid][i], kind=kind)
     pick = int(rng.integers(len(val)))
-    val[pick] = _with_kind(val[pick], "cmyk")
-
-
-def _with_kind(spec: ImageSpec, kind: str) -> ImageSpec:
-    return ImageSpec(spec.name, spec.split, spec.pattern, spec.width, spec.height, spec.quality, kind, spec.seed)
+    val[pick] = dataclasses.replace(val[pick], kind="cmyk")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -709,8 +706,7 @@ def _write_val_archive(handle, plan: SamplePlan, workers: int, progress: Progres
 def _write_devkit_archive(handle, plan: SamplePlan, config: SampleConfig) -> None:
     """devkit tar.gz: meta.mat, the validation ground truth, a readme; gzip header without name or time."""
     ground_truth = "".join(f"{spec.pattern + 1}\n" for spec in plan.val)  # ILSVRC2012_ID = pattern index + 1
-    meta = io.BytesIO()
-    scipy.io.savemat(meta, {"synsets": _synsets(plan, config)}, format="5", do_compression=False)
+    meta = _mat_file({"synsets": _synsets(plan, config)})
     readme = (
         "Built-in miniature ILSVRC-2012 written by `alexrepro sample` (synthetic images, not ImageNet).\n"
         f"{config.classes} classes, {config.train_per_class} train and {config.val_per_class} val images per class, "
@@ -722,8 +718,16 @@ def _write_devkit_archive(handle, plan: SamplePlan, config: SampleConfig) -> Non
             _add_folder(archive, f"{DEVKIT_DIR}/")
             _add_member(archive, f"{DEVKIT_DIR}/readme.txt", readme.encode())
             _add_folder(archive, f"{DEVKIT_DIR}/data/")
-            _add_member(archive, META_MEMBER, meta.getvalue())
+            _add_member(archive, META_MEMBER, meta)
             _add_member(archive, GROUND_TRUTH_MEMBER, ground_truth.encode())
+
+
+def _mat_file(variables: dict) -> bytes:
+    """A MATLAB 5 file, with the creation time savemat writes into its 116-byte text header replaced by fixed text."""
+    buffer = io.BytesIO()
+    scipy.io.savemat(buffer, variables, format="5", do_compression=False)
+    header = b"MATLAB 5.0 MAT-file, written by alexrepro sample".ljust(116)
+    return header + buffer.getvalue()[116:]
 
 
 def _synsets(plan: SamplePlan, config: SampleConfig) -> np.ndarray:

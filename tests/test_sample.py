@@ -96,6 +96,8 @@ def test_meta_mat_reads_like_the_real_one(tiny):
     assert internal and all(row["ILSVRC2012_ID"] > 3 and row["wordnet_height"] > 0 for row in internal)
     # A mapping bug shows: ILSVRC2012_ID order is not sorted WNID order (REFERENCE.md §5).
     assert wnids != sorted(wnids)
+    # savemat's header records the creation time; a reproducible devkit must not.
+    assert b"Created on" not in devkit(out)[META_MEMBER][:116]
 
 
 def test_ground_truth_gives_each_val_image_its_class(tiny):
