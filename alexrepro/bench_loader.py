@@ -1,0 +1,150 @@
+"""`alexrepro bench loader`: training-loader img/s per worker beside plain decoding of the same 256×256 shard JPEGs.
+
+Baselines, on one core each: Pillow decode only, torchvision decode only, and decode + crop + flip + to-tensor
+(what any loader must do per image). Then the real training loader (alexrepro.loader: tar streaming, shuffle buffer,
+per-rank/worker selection, decode, crop, flip, batching) with 0 workers (in-process), 1 worker and `workers`
+workers. Loader rates are steady-state: timed from the first batch to the last, so worker start-up is left out.
+Also measured: streaming the tars without decoding, which is what a reader pays for each sample it skips.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from alexrepro.bench_report import BenchReport, machine_description
+from alexrepro.loader import Augmentation, EpochPlan, ShardBatches, decode_pil, decode_torchvision, train_loader
+from alexrepro.shards import ClassInfo, Manifest, Sample, SplitInfo, write_manifest, write_shard
+
+
+def bench_loader(
+    images: int = 1000,
+    workers: int = 2,
+    crop: int = 227,
+    size: int = 256,
+    batch_size: int = 128,
+    decoder: str = "torchvision",
+    shards: Path | None = None,
+    seed: int = 0,
+) -> BenchReport:
+    """Measure the loader on `images` synthetic photo-like shard JPEGs (or on the train split of `shards`)."""
+    with tempfile.TemporaryDirectory(prefix="alexrepro-bench-loader-") as tmp:
+        folder = Path(shards) if shards else Path(tmp)
+        manifest = write_bench_shards(folder, images, size, seed) if shards is None else _read(folder)
+        jpegs = _jpegs(folder, manifest, images)
+        torch.set_num_threads(1)
+        rows = [
+            _per_image("Pillow decode only (1 core)", jpegs, decode_pil),
+            _per_image("torchvision decode only (1 core)", jpegs, decode_torchvision),
+            _per_image("decode + crop + flip + to-tensor (1 core)", jpegs, _crop_flip(crop)),
+            _stream_only(folder, manifest, images),
+        ]
+        counts = sorted({0, 1, workers})
+        for n in counts:
+            rows.append(_loader_row(folder, manifest, crop, batch_size, n, decoder, seed))
+    rate = {row["name"]: row["img_s"] for row in rows}
+    loader_one = rate[_loader_name(1)]
+    ratios = {
+        "loader, 1 worker / plain decode (1 core)": loader_one / rate["Pillow decode only (1 core)"],
+        "loader, 1 worker / decode + crop + flip (1 core)": loader_one / rate["decode + crop + flip + to-tensor (1 core)"],
+    }
+    if workers > 1:
+        ratios[f"loader, {workers} workers / ({workers} × 1 worker)"] = rate[_loader_name(workers)] / (workers * loader_one)
+    notes = [
+        machine_description(),
+        f"{len(jpegs)} images of {size}×{size}, crop {crop}, batch {batch_size}, decoder {decoder}",
+        f"torch {torch.__version__}; loader rates exclude worker start-up; each worker uses one thread",
+        "workers share the machine's cores with the training process and anything else running",
+    ]
+    return BenchReport("loader: img/s vs plain decode", rows, ratios, notes)
+
+
+def write_bench_shards(folder: Path, images: int, size: int, seed: int) -> Manifest:
+    """`images` photo-like size×size JPEGs (q90, as `prepare` writes them) in one train shard and a manifest."""
+    from alexrepro.bench_data import photo_like_jpeg
+
+    rng = np.random.default_rng(seed)
+    samples = [Sample(f"bench_{i:06d}", photo_like_jpeg(rng, size, size, quality=90), i % 10) for i in range(images)]
+    info = write_shard(folder / "train-000000.tar", samples)
+    manifest = Manifest(
+        settings={"size": size},
+        classes=tuple(ClassInfo(i, f"n{i:08d}", None, f"class {i}") for i in range(10)),
+        splits={"train": SplitInfo(images, (info,)), "val": SplitInfo(0, ())},
+    )
+    write_manifest(folder, manifest)
+    return manifest
+
+
+def _read(folder: Path) -> Manifest:
+    from alexrepro.shards import read_manifest
+
+    return read_manifest(folder)
+
+
+def _jpegs(folder: Path, manifest: Manifest, limit: int) -> list[bytes]:
+    from alexrepro.shards import iter_split
+
+    out = []
+    for sample in iter_split(folder, "train", manifest):
+        out.append(sample.jpeg)
+        if len(out) >= limit:
+            break
+    return out
+
+
+def _per_image(name: str, jpegs: list[bytes], work: Callable[[bytes], object]) -> dict:
+    work(jpegs[0])  # warm-up: library loading, first allocation
+    start = time.perf_counter()
+    for data in jpegs:
+        work(data)
+    seconds = time.perf_counter() - start
+    return {"name": name, "img_s": len(jpegs) / seconds, "workers": 1, "img_s_per_worker": len(jpegs) / seconds}
+
+
+def _crop_flip(crop: int) -> Callable[[bytes], torch.Tensor]:
+    rng = random.Random(0)
+
+    def work(data: bytes) -> torch.Tensor:
+        image = decode_pil(data)
+        y, x = rng.randrange(image.shape[1] - crop + 1), rng.randrange(image.shape[2] - crop + 1)
+        view = image[:, y : y + crop, x : x + crop]
+        return (view.flip(-1) if rng.random() < 0.5 else view).contiguous()
+
+    return work
+
+
+def _stream_only(folder: Path, manifest: Manifest, images: int) -> dict:
+    """Tar streaming and the shuffle buffer alone: the cost of a sample that a reader skips."""
+    plan = EpochPlan(manifest.split("train").count, 128)
+    dataset = ShardBatches([folder / s.name for s in manifest.split("train").shards], plan, None, 0, 0, 2000)
+    start = time.perf_counter()
+    count = sum(1 for _ in dataset._sequence())
+    seconds = time.perf_counter() - start
+    return {"name": "tar streaming + shuffle buffer, no decode (1 core)", "img_s": count / seconds, "workers": 1,
+            "img_s_per_worker": count / seconds}  # fmt: skip
+
+
+def _loader_name(workers: int) -> str:
+    return f"training loader, {workers} worker{'s' if workers != 1 else ''}" + (" (in-process)" if workers == 0 else "")
+
+
+def _loader_row(folder, manifest, crop, batch_size, workers, decoder, seed) -> dict:
+    loader = train_loader(
+        folder, manifest, Augmentation(crop), batch_size, seed, 0, workers, shuffle_buffer=2000, decoder=decoder
+    )
+    first = None
+    count = 0
+    for batch in loader:
+        if first is None:
+            first = time.perf_counter()  # steady state: from the first batch on
+            continue
+        count += batch.images.shape[0]
+    seconds = time.perf_counter() - first if first is not None else float("nan")
+    rate = count / seconds if count else float("nan")
+    return {"name": _loader_name(workers), "img_s": rate, "workers": workers, "img_s_per_worker": rate / max(workers, 1)}
