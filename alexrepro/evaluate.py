@@ -172,7 +172,7 @@ def split_parts(shards_dir: Path, manifest: shardlib.Manifest, split: str, limit
     return parts
 
 
-def _loader(parts: Sequence[ShardPart], ranks: Ranks, network: "TestNetwork", config: "EvaluateConfig") -> DataLoader:
+def _loader(parts: Sequence[ShardPart], ranks: Ranks, network: "InferenceNetwork", config: "EvaluateConfig") -> DataLoader:
     workers = min(8, os.cpu_count() or 1) if config.workers is None else config.workers
     return DataLoader(
         ShardImages(parts, ranks, network.decoder),
@@ -216,7 +216,7 @@ def ten_crop_windows(size: int, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
 CENTRE_VIEW = 4  # index of the unreflected centre patch among the ten
 
 
-class TestPatches:
+class TenCropPatches:
     """Turns decoded S×S images into the network's preprocessed input, exactly as training preprocesses its crops."""
 
     def __init__(self, normalization: dict, crop: int, device: torch.device):
@@ -245,7 +245,7 @@ class TestPatches:
 DECODERS = {"torchvision": decode_torchvision, "pil": decode_pil}  # TrainConfig.decoder → function
 
 
-class TestNetwork:
+class InferenceNetwork:
     """A checkpoint's network in eval mode, with the preprocessing, decoder and precision it was trained with."""
 
     def __init__(self, ckpt: dict, devices: Sequence[torch.device | str]):
@@ -253,7 +253,7 @@ class TestNetwork:
 
         self.device = torch.device(devices[0])
         self.model = model_from_checkpoint(ckpt, list(devices)).eval()
-        self.patches = TestPatches(ckpt["normalization"], int(ckpt["model_config"]["crop"]), self.device)
+        self.patches = TenCropPatches(ckpt["normalization"], int(ckpt["model_config"]["crop"]), self.device)
         train = ckpt.get("train_config") or {}
         self.decoder = str(train.get("decoder", "torchvision"))
         if self.decoder not in DECODERS:
@@ -401,7 +401,7 @@ def merge_nearest(lists: Sequence[Sequence[Neighbour]], k: int) -> list[Neighbou
 
 
 def nearest_training_images(
-    network: TestNetwork,
+    network: InferenceNetwork,
     queries: torch.Tensor,
     shards_dir: Path,
     manifest: shardlib.Manifest,
@@ -468,7 +468,7 @@ def evaluate(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, 
     check_classes(ckpt["classes"], manifest, checkpoint, shards)
 
     with distributed_ranks(config.devices, int(ckpt["model_config"].get("towers", 2))) as (ranks, devices):
-        network = TestNetwork(ckpt, devices)
+        network = InferenceNetwork(ckpt, devices)
         prepared_size = manifest.settings.get("size")
         if prepared_size is not None and int(prepared_size) != network.size:
             raise EvaluationError(
@@ -515,7 +515,7 @@ def evaluate(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, 
     return result
 
 
-def _score_split(network: TestNetwork, shards: Path, manifest, config: EvaluateConfig, ranks: Ranks,
+def _score_split(network: InferenceNetwork, shards: Path, manifest, config: EvaluateConfig, ranks: Ranks,
                  progress: Progress) -> Predictions:
     """This rank's share of the validation split, scored: top-k of the 10-crop average and of the centre patch."""
     k = min(TOP_K, manifest.num_classes)

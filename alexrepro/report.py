@@ -246,13 +246,13 @@ def results_section(inputs: ReportInputs) -> list[Block]:
         )
     blocks.append(
         Paragraph(
-            f"The submission file (submission.txt) lists five guesses per image as {inputs.submission_labels}s, "
-            "one line per validation image in file-name order, most confident first."
+            "The submission file (submission.txt) lists five guesses per image, one line per validation image in "
+            "file-name order, most confident first, "
             + (
-                ""
+                "as ILSVRC2012_IDs (the ILSVRC task-1 format)."
                 if inputs.submission_labels == "ILSVRC2012_ID"
-                else " These are class indices (WNIDs in sorted order), because the data has no ILSVRC2012_IDs: "
-                "prepare from the official devkit to get a file the ILSVRC server accepts."
+                else "as class indices (positions of the WNIDs in sorted order), because the data has no "
+                "ILSVRC2012_IDs: prepare from the official devkit to get a file the ILSVRC server accepts."
             )
         )
     )
@@ -328,7 +328,7 @@ def recipe_section(inputs: ReportInputs) -> list[Block]:
             f"Every setting of the training run, as stored in the checkpoint; {differing} differ from the paper's "
             "defaults (the defaults of TrainConfig and ModelConfig, which are the paper's values)."
         ),
-        Table(["setting", "this run", "paper", ""], rows),
+        Table(["setting", "this run", "default (the paper's)", ""], rows),
     ]
 
 

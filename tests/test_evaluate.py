@@ -45,8 +45,8 @@ def evaluated(data):
     return result, root / "out"
 
 
-def network(ckpt, devices=("cpu",)) -> ev.TestNetwork:
-    return ev.TestNetwork(ckpt, list(devices))
+def network(ckpt, devices=("cpu",)) -> ev.InferenceNetwork:
+    return ev.InferenceNetwork(ckpt, list(devices))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def test_ten_views_equal_torchvision_tencrop():
 
 def test_mean_is_cut_like_the_image_and_mirrored_with_it(data):
     *_, ckpt = data
-    patches = ev.TestPatches(ckpt["normalization"], CROP, torch.device("cpu"))
+    patches = ev.TenCropPatches(ckpt["normalization"], CROP, torch.device("cpu"))
     mean = ckpt["normalization"]["mean_image"].permute(2, 0, 1)
     assert torch.equal(patches.mean_views, ev.ten_crop_views(mean[None], CROP)[0])
 
