@@ -24,19 +24,21 @@ Caffe's ImageNet mean image averages to R 122.7, G 116.7, B 104.0.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import multiprocessing
 import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
 from alexrepro.atomic import atomic_open, atomic_write_bytes, atomic_write_text
 from alexrepro.errors import FormatError
-from alexrepro.imaging import UnreadableImage, decode_rgb
+from alexrepro.imaging import UnreadableImage, decode_rgb_planes
 from alexrepro.progress import Progress
 from alexrepro.shards import check_format, iter_shard, manifest_sha256, read_manifest, shard_paths
 
@@ -144,23 +146,33 @@ def load_stats(stats_dir: Path) -> Stats:
 
 
 class _Sums:
+    """Sums over images, kept planar (channel, y, x) because that is how the cheapest decode path delivers them."""
+
     def __init__(self):
         self.images = 0
-        self.pixel_sum: np.ndarray | None = None  # H×W×3 int64 (merged) or uint32 (inside a worker)
+        self.pixel_sum: np.ndarray | None = None  # 3×H×W: uint32 inside a worker, int64 once merged
         self.products = [0] * len(_PAIRS)  # Σ x_i x_j over every pixel, Python ints (unbounded, exact)
+        self._wide: np.ndarray | None = None  # scratch: the planes as uint16, so products cannot overflow
+        self._product: np.ndarray | None = None
+        self._sum_dtype = np.uint32
 
-    def add(self, image: np.ndarray) -> None:
-        """Add one H×W×3 uint8 image."""
+    def add(self, planes: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        """Add one image given as its R, G, B planes (H×W uint8 each)."""
         if self.pixel_sum is None:
-            self.pixel_sum = np.zeros(image.shape, np.uint32)
-        elif image.shape != self.pixel_sum.shape:
-            raise ValueError(f"image of shape {image.shape}, earlier images were {self.pixel_sum.shape}")
-        np.add(self.pixel_sum, image, out=self.pixel_sum)
-        # Channel planes as contiguous uint8; each product fits uint16 (255² < 2¹⁶), its sum fits uint64.
-        flat = image.reshape(-1, 3)
-        planes = [np.ascontiguousarray(flat[:, c]) for c in range(3)]
+            height, width = planes[0].shape
+            self.pixel_sum = np.zeros((3, height, width), np.uint32)
+            self._wide = np.empty((3, height * width), np.uint16)
+            self._product = np.empty(height * width, np.uint16)
+            # One image's Σ x_i x_j is at most H·W·255²: uint32 holds that up to 66 051 pixels (256² fits).
+            self._sum_dtype = np.uint32 if height * width * 255**2 < 2**32 else np.uint64
+        elif planes[0].shape != self.pixel_sum.shape[1:]:
+            raise ValueError(f"image of size {planes[0].shape}, earlier images were {self.pixel_sum.shape[1:]}")
+        for channel, plane in enumerate(planes):
+            np.add(self.pixel_sum[channel], plane, out=self.pixel_sum[channel])
+            self._wide[channel] = plane.reshape(-1)
         for k, (i, j) in enumerate(_PAIRS):
-            self.products[k] += int(np.multiply(planes[i], planes[j], dtype=np.uint16).sum(dtype=np.uint64))
+            np.multiply(self._wide[i], self._wide[j], out=self._product)  # ≤ 255² < 2¹⁶: exact in uint16
+            self.products[k] += int(self._product.sum(dtype=self._sum_dtype))
         self.images += 1
 
     def merge(self, other: "_Sums") -> None:
@@ -170,7 +182,7 @@ class _Sums:
             self.pixel_sum = other.pixel_sum.astype(np.int64)
         elif other.pixel_sum.shape != self.pixel_sum.shape:
             raise FormatError(
-                f"train images of sizes {self.pixel_sum.shape[:2]} and {other.pixel_sum.shape[:2]} in one dataset; "
+                f"train images of sizes {self.pixel_sum.shape[1:]} and {other.pixel_sum.shape[1:]} in one dataset; "
                 "rerun `alexrepro prepare --overwrite`"
             )
         else:
@@ -178,17 +190,24 @@ class _Sums:
         self.products = [a + b for a, b in zip(self.products, other.products)]
         self.images += other.images
 
+    def __getstate__(self):  # what a worker sends back: the sums, not the scratch buffers
+        return {"images": self.images, "pixel_sum": self.pixel_sum, "products": self.products}
+
+    def __setstate__(self, state):
+        self.__init__()
+        self.__dict__.update(state)
+
     def finish(self) -> Stats:
-        height, width, _ = self.pixel_sum.shape
+        _, height, width = self.pixel_sum.shape
         n = self.images * height * width
-        channel_sum = [int(s) for s in self.pixel_sum.sum(axis=(0, 1), dtype=np.int64)]
+        channel_sum = [int(s) for s in self.pixel_sum.sum(axis=(1, 2), dtype=np.int64)]
         cov = np.empty((3, 3))
         for (i, j), s_ij in zip(_PAIRS, self.products):
             # (1/N) Σ x_i x_j − μ_i μ_j  =  (N·Σ x_i x_j − Σ x_i · Σ x_j) / N², in exact integers until the division.
             cov[i, j] = cov[j, i] = (n * s_ij - channel_sum[i] * channel_sum[j]) / (n * n)
         eigval, eigvec = _eigen(cov)
         return Stats(
-            mean_image=(self.pixel_sum / self.images).astype(np.float32),
+            mean_image=(self.pixel_sum.transpose(1, 2, 0) / self.images).astype(np.float32),
             channel_mean=np.array(channel_sum, np.float64) / n,
             cov=cov,
             eigval=eigval,
@@ -251,25 +270,59 @@ def _run(tasks: list[_Task], workers: int):
     if workers <= 1 or len(tasks) <= 1:
         yield from map(_sum_task, tasks)
         return
-    with multiprocessing.get_context().Pool(min(workers, len(tasks))) as pool:
+    # Fresh interpreters, not fork: forking a parent that has imported torch (other stages, the CLI) can deadlock.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(min(workers, len(tasks))) as pool:
         yield from pool.imap_unordered(_sum_task, tasks)
 
 
 def _sum_task(task: _Task) -> _Sums:
     sums = _Sums()
-    for index, sample in enumerate(iter_shard(task.path)):
-        if index < task.start:
-            continue
-        if index >= task.stop:
-            break
+    for key, jpeg in _shard_jpegs(task.path, task.start, task.stop):
         try:
-            image = decode_rgb(sample.jpeg)
-            sums.add(image)
+            sums.add(decode_rgb_planes(jpeg))
         except (UnreadableImage, ValueError) as exc:
-            raise FormatError(f"{task.path}: sample {sample.key}: {exc}; rerun `alexrepro prepare --overwrite`") from None
+            raise FormatError(f"{task.path}: sample {key}: {exc}; rerun `alexrepro prepare --overwrite`") from None
         if sums.images >= _UINT32_SAFE_IMAGES:
             raise FormatError(f"{task.path}: more than {_UINT32_SAFE_IMAGES:,} images in one shard")
     return sums
+
+
+def _shard_jpegs(path: Path, start: int, stop: int) -> Iterator[tuple[str, bytes]]:
+    """The (key, jpeg) of samples start…stop-1 of a shard.
+
+    Shards are plain USTAR tars written by `shards.write_shard`, so their headers are read directly from one read
+    of the file: Python's tarfile spends more time per member than decoding a 256² JPEG takes. Anything else in
+    the file (a pax header, a link) sends us back to the general reader `shards.iter_shard`.
+    """
+    try:
+        data = memoryview(Path(path).read_bytes())
+    except OSError as exc:
+        raise FormatError(f"{path}: unreadable shard ({exc}); rerun `alexrepro prepare` to rewrite it") from None
+    members = []
+    offset = 0
+    while offset + 512 <= len(data):
+        header = data[offset : offset + 512]
+        if not any(header[:100]):
+            break  # the end-of-archive blocks
+        try:
+            size = int(bytes(header[124:136]).strip(b" \0") or b"0", 8)
+            name = bytes(header[:100]).rstrip(b"\0").decode("utf-8")
+        except ValueError:
+            members = None
+            break
+        if header[156:157] not in (b"0", b"\0") or header[345] != 0:  # not a regular file, or a long name
+            members = None
+            break
+        members.append((name, offset + 512, size))
+        offset += 512 + -(-size // 512) * 512
+    if members is None:
+        samples = itertools.islice(iter_shard(path), start, stop)
+        yield from ((s.key, s.jpeg) for s in samples)
+        return
+    jpegs = [(name.partition(".")[0], begin, size) for name, begin, size in members if name.endswith(".jpg")]
+    for key, begin, size in jpegs[start:stop]:
+        yield key, data[begin : begin + size]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -128,3 +128,23 @@ def test_missing_manifest_is_a_format_error(tmp_path):
 def test_config_ranges_are_checked(key, value):
     with pytest.raises(ConfigError, match=key):
         load_config(StatsConfig, None, {key: value})
+
+
+def test_shards_written_by_other_tar_tools_are_read_too(shards, tmp_path):
+    """A pax-format copy of the shards (as GNU tar or webdataset may write) gives the same statistics."""
+    import shutil
+    import tarfile
+
+    copy = tmp_path / "pax"
+    shutil.copytree(shards, copy)
+    for path in sorted(copy.glob("train-*.tar")):
+        with tarfile.open(path) as source:
+            members = [(m, source.extractfile(m).read()) for m in source.getmembers()]
+        with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as target:
+            for member, data in members:
+                member.pax_headers = {"comment": "rewritten"}
+                target.addfile(member, io.BytesIO(data))
+    original = _run(shards, tmp_path / "a", workers=1)
+    rewritten = _run(copy, tmp_path / "b", workers=1)
+    np.testing.assert_array_equal(original.cov, rewritten.cov)
+    np.testing.assert_array_equal(original.mean_image, rewritten.mean_image)
