@@ -1,0 +1,431 @@
+"""Find the images of a dataset on disk and label them, whatever layout it came in.
+
+`find_source(path)` recognises, in this order (REFERENCE.md §5):
+
+- the official ILSVRC-2012 download: `ILSVRC2012_img_train.tar` (one inner `nXXXXXXXX.tar` per class), optionally
+  `ILSVRC2012_img_val.tar` (flat) and `ILSVRC2012_devkit_t12.tar.gz`. The archives are read in place: only member
+  headers are read here, and each image becomes an (archive, offset, size) triple that a worker later reads with one
+  seek and one read. Nothing is unpacked to disk or held in memory whole.
+- the Kaggle layout: `ILSVRC/Data/CLS-LOC/{train,val}` with `LOC_synset_mapping.txt` and `LOC_val_solution.csv` at the top.
+- an extracted tree: `train/<wnid>/…` with `val/<wnid>/…` (the valprep layout) or a flat `val/` labelled by the devkit
+  (archive or extracted folder) or by Kaggle's `LOC_val_solution.csv`.
+- an ImageFolder tree of one's own classes: `train/<class>/…`, optionally `val/<class>/…`.
+
+Labels follow the Caffe/torchvision convention: the class index is the position of the WNID (or class folder name)
+in sorted order. The devkit's ILSVRC2012_ID is kept beside it, because the ID order differs (ID 1 is n02119789,
+sorted index 0 is n01440764). Files are recognised by content later, not by extension here: every regular file in a
+class folder is an input (names starting with '.', such as `.DS_Store`, are not), so a file that is not an image ends
+up in the rejected list instead of vanishing.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterable
+
+import numpy as np
+
+from alexrepro.errors import SourceError
+from alexrepro.shards import ClassInfo
+
+TRAIN_TAR = "ILSVRC2012_img_train.tar"
+VAL_TAR = "ILSVRC2012_img_val.tar"
+DEVKIT_TAR = "ILSVRC2012_devkit_t12.tar.gz"
+DEVKIT_DIR = "ILSVRC2012_devkit_t12"
+META_MAT = "data/meta.mat"
+GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
+KAGGLE_TREE = "ILSVRC/Data/CLS-LOC"
+LOC_MAPPING = "LOC_synset_mapping.txt"
+LOC_SOLUTION = "LOC_val_solution.csv"
+
+_WNID = re.compile(r"n\d{8}")
+_VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRef:
+    """One input image: where its bytes are, what to call it, and its class index.
+
+    The bytes are `size` bytes at `offset` in `file` (a plain image file has offset 0 and its whole size), so the
+    same reader serves images inside an archive and images on disk.
+    """
+
+    key: str  # shard key: the file stem with '.' replaced, so webdataset can split key from extension
+    label: int  # class index (position in sorted WNID order)
+    path: str  # where the image is, relative to the source folder, for people (the manifest's rejected list)
+    file: str  # absolute path of the file that holds the bytes
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """A recognised dataset: its layout, its classes and its images per split (train shuffled later, val sorted)."""
+
+    layout: str
+    classes: tuple[ClassInfo, ...]
+    splits: dict[str, tuple[ImageRef, ...]]
+
+
+@dataclass(frozen=True)
+class Devkit:
+    """What the ILSVRC-2012 devkit says: the 1000 leaf classes and the val ground truth (ILSVRC2012_IDs by image)."""
+
+    classes: tuple[ClassInfo, ...]
+    val_ids: tuple[int, ...]  # val_ids[i] is the ILSVRC2012_ID of ILSVRC2012_val_{i+1:08d}
+
+    def wnid_of_id(self) -> dict[int, str]:
+        return {c.ilsvrc_id: c.wnid for c in self.classes}
+
+
+def find_source(path: Path) -> Source:
+    """Recognise the layout of `path` and list its labelled images; raise SourceError saying what was looked for."""
+    path = Path(path)
+    if not path.is_dir():
+        raise SourceError(f"{path}: source folder not found; pass the folder that holds the ILSVRC-2012 download")
+    if (path / TRAIN_TAR).is_file():
+        return _from_archives(path)
+    if (path / KAGGLE_TREE / "train").is_dir():
+        return _from_tree(path, path / KAGGLE_TREE, "kaggle-cls-loc")
+    if (path / "train").is_dir():
+        return _from_tree(path, path, "extracted")
+    raise SourceError(
+        f"{path}: no known dataset layout; looked for {TRAIN_TAR} (the official archives), {KAGGLE_TREE}/train "
+        "(Kaggle) and train/<class>/ (an extracted tree or ImageFolder); point SOURCE at the folder holding one of them"
+    )
+
+
+def make_key(name: str) -> str:
+    """Shard key for a file name: its stem, with any '.' replaced by '_' (webdataset splits at the first '.')."""
+    stem = PurePosixPath(name).stem
+    return stem.replace(".", "_")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The devkit and Kaggle's label files
+
+
+def read_devkit(source: Path) -> Devkit | None:
+    """The devkit beside the data, as the original archive or extracted; None if neither is there."""
+    archive = source / DEVKIT_TAR
+    if archive.is_file():
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                members = {PurePosixPath(m.name).parts[1:]: m for m in tar.getmembers() if m.isfile()}
+                meta = _devkit_member(tar, members, META_MAT, archive)
+                truth = _devkit_member(tar, members, GROUND_TRUTH, archive)
+        except (tarfile.TarError, OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise SourceError(f"{archive}: unreadable devkit archive ({exc}); download it again") from None
+        return _parse_devkit(meta, truth, str(archive))
+    folder = source / DEVKIT_DIR
+    if (folder / META_MAT).is_file():
+        if not (folder / GROUND_TRUTH).is_file():
+            raise SourceError(f"{folder / GROUND_TRUTH}: missing from the extracted devkit; extract the whole devkit")
+        return _parse_devkit((folder / META_MAT).read_bytes(), (folder / GROUND_TRUTH).read_bytes(), str(folder))
+    return None
+
+
+def _devkit_member(tar: tarfile.TarFile, members: dict, name: str, archive: Path) -> bytes:
+    member = members.get(PurePosixPath(name).parts)
+    if member is None:
+        raise SourceError(f"{archive}: no {DEVKIT_DIR}/{name} inside; download the ILSVRC-2012 devkit (t12) again")
+    return tar.extractfile(member).read()
+
+
+def _parse_devkit(meta_mat: bytes, truth: bytes, where: str) -> Devkit:
+    import scipy.io
+
+    try:
+        synsets = np.atleast_1d(scipy.io.loadmat(io.BytesIO(meta_mat), squeeze_me=True)["synsets"])
+        leaves = [
+            (int(s["ILSVRC2012_ID"]), str(s["WNID"]), str(s["words"]))
+            for s in synsets
+            if int(s["num_children"]) == 0  # leaf synsets are the 1000 classes; the rest are internal nodes
+        ]
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise SourceError(f"{where}: {META_MAT} is not an ILSVRC-2012 meta.mat ({exc}); download the devkit again")
+    classes = _index_classes((wnid, ilsvrc_id, words) for ilsvrc_id, wnid, words in leaves)
+    try:
+        val_ids = tuple(int(line) for line in truth.decode("ascii").split())
+    except (UnicodeDecodeError, ValueError):
+        raise SourceError(f"{where}: {GROUND_TRUTH} must hold one ILSVRC2012_ID per line; download the devkit again")
+    known = {c.ilsvrc_id for c in classes}
+    unknown = sorted(set(val_ids) - known)
+    if unknown:
+        raise SourceError(f"{where}: ground truth uses ILSVRC2012_ID {unknown[0]}, not a leaf synset in meta.mat")
+    return Devkit(classes=classes, val_ids=val_ids)
+
+
+def read_loc_mapping(path: Path) -> dict[str, str]:
+    """Kaggle's `LOC_synset_mapping.txt`: one `n01440764 tench, Tinca tinca` a line → {wnid: words}."""
+    names = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        wnid, _, words = line.strip().partition(" ")
+        if not _WNID.fullmatch(wnid):
+            raise SourceError(f"{path}:{number}: expected '<wnid> <words>', got {line!r}")
+        names[wnid] = words.strip()
+    return names
+
+
+def read_loc_solution(path: Path) -> dict[str, str]:
+    """Kaggle's `LOC_val_solution.csv` → {image id: wnid}; the class is the first token of PredictionString."""
+    with open(path, newline="") as handle:
+        rows = csv.reader(handle)
+        header = next(rows, None)
+        if header != ["ImageId", "PredictionString"]:
+            raise SourceError(f"{path}: expected the header 'ImageId,PredictionString', got {header}")
+        labels = {}
+        for number, row in enumerate(rows, 2):
+            tokens = row[1].split() if len(row) == 2 else []
+            if not tokens or not _WNID.fullmatch(tokens[0]):
+                raise SourceError(f"{path}:{number}: expected '<image id>,<wnid> <box> …', got {','.join(row)!r}")
+            labels[row[0]] = tokens[0]
+    return labels
+
+
+def _index_classes(entries: Iterable[tuple[str, int | None, str]]) -> tuple[ClassInfo, ...]:
+    """ClassInfo for (wnid, ilsvrc_id, name) entries, indexed by sorted WNID (REFERENCE.md §5)."""
+    entries = sorted(entries)
+    wnids = [wnid for wnid, _, _ in entries]
+    if len(set(wnids)) != len(wnids):
+        duplicate = next(w for w in wnids if wnids.count(w) > 1)
+        raise SourceError(f"class {duplicate} is listed twice; check the devkit or label files")
+    return tuple(ClassInfo(index=i, wnid=w, ilsvrc_id=d, name=n) for i, (w, d, n) in enumerate(entries))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The official archives, read in place
+
+
+class _Window(io.RawIOBase):
+    """A read-only view of bytes [start, start + size) of an open file, so tarfile can walk an inner tar in place."""
+
+    def __init__(self, handle: io.BufferedReader, start: int, size: int):
+        self.handle, self.start, self.size, self.pos = handle, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self.size - self.pos))
+        self.handle.seek(self.start + self.pos)
+        data = self.handle.read(n)
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def _tar_members(tar_path: Path, handle, start: int = 0, size: int | None = None) -> list[tarfile.TarInfo]:
+    """Headers of the regular files in the tar at [start, start + size) of `handle`; offsets relative to `start`."""
+    window = _Window(handle, start, size if size is not None else os.fstat(handle.fileno()).st_size)
+    try:
+        with tarfile.open(fileobj=window, mode="r:") as tar:
+            return [m for m in tar.getmembers() if m.isfile()]
+    except (tarfile.TarError, EOFError) as exc:
+        raise SourceError(f"{tar_path}: not a readable tar archive ({exc}); download it again") from None
+
+
+def _from_archives(source: Path) -> Source:
+    devkit = read_devkit(source)
+    train_tar = source / TRAIN_TAR
+    found: list[tuple[str, str, str, int, int]] = []  # (wnid, member name, inner tar name, offset, size)
+    with open(train_tar, "rb") as handle:
+        for inner in _tar_members(train_tar, handle):
+            wnid = PurePosixPath(inner.name).name.removesuffix(".tar")
+            if not inner.name.endswith(".tar") or not _WNID.fullmatch(wnid):
+                raise SourceError(f"{train_tar}: unexpected member {inner.name!r}; expected one nXXXXXXXX.tar per class")
+            where = f"{train_tar}/{inner.name}"
+            for member in _tar_members(Path(where), handle, inner.offset_data, inner.size):
+                found.append((wnid, member.name, inner.name, inner.offset_data + member.offset_data, member.size))
+    folder_wnids = sorted({wnid for wnid, *_ in found})
+    classes = devkit.classes if devkit else _index_classes((w, None, w) for w in folder_wnids)
+    index = _class_index(classes, folder_wnids, f"{train_tar}", "devkit meta.mat")
+    train = [
+        ImageRef(make_key(name), index[wnid], f"{TRAIN_TAR}/{inner}/{name}", str(train_tar), offset, size)
+        for wnid, name, inner, offset, size in found
+    ]
+    splits = {"train": _checked(train)}
+    val_tar = source / VAL_TAR
+    if val_tar.is_file():
+        if devkit is None:
+            raise SourceError(f"{val_tar}: val labels need {DEVKIT_TAR} beside it; download the devkit (t12)")
+        with open(val_tar, "rb") as handle:
+            members = _tar_members(val_tar, handle)
+        names = [PurePosixPath(m.name).name for m in members]
+        labels = _devkit_val_labels(devkit, names, classes, str(val_tar))
+        splits["val"] = _checked(
+            [
+                ImageRef(make_key(name), label, f"{VAL_TAR}/{m.name}", str(val_tar), m.offset_data, m.size)
+                for m, name, label in zip(members, names, labels)
+            ]
+        )
+    return Source(layout="ilsvrc2012-archives", classes=classes, splits=splits)
+
+
+def _devkit_val_labels(devkit: Devkit, names: list[str], classes: tuple[ClassInfo, ...], where: str) -> list[int]:
+    """Class index of each val file, matched by the image number in its name (line i of the ground truth = image i)."""
+    index = {c.wnid: c.index for c in classes}
+    wnid_of = devkit.wnid_of_id()
+    labels = []
+    for name in names:
+        match = _VAL_NUMBER.match(name)
+        number = int(match.group(1)) if match else 0
+        if not 1 <= number <= len(devkit.val_ids):
+            raise SourceError(
+                f"{where}: {name!r} is not an ILSVRC2012_val_NNNNNNNN image covered by the devkit's "
+                f"{len(devkit.val_ids)} ground-truth lines; remove it or sort val into class folders"
+            )
+        labels.append(index[wnid_of[devkit.val_ids[number - 1]]])
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Extracted trees: ILSVRC or Kaggle, and ImageFolder trees of one's own classes
+
+
+def _from_tree(source: Path, root: Path, tree: str) -> Source:
+    train_dir, val_dir = root / "train", root / "val"
+    train_classes = _class_folders(train_dir)
+    if not train_classes:
+        raise SourceError(f"{train_dir}: no class folders; expected train/<class>/<image files>")
+    ilsvrc = all(_WNID.fullmatch(c) for c in train_classes)
+    devkit = read_devkit(source) if ilsvrc else None
+    mapping = source / LOC_MAPPING
+    names = read_loc_mapping(mapping) if ilsvrc and mapping.is_file() else {}
+    if devkit:
+        classes = devkit.classes
+    elif names:
+        classes = _index_classes((w, None, words) for w, words in names.items())
+    else:
+        classes = _index_classes((c, None, c) for c in train_classes)
+    layout = tree if ilsvrc else "imagefolder"
+
+    index = _class_index(classes, train_classes, str(train_dir), _label_file_name(devkit, names))
+    splits = {"train": _checked(_folder_images(source, train_dir, train_classes, index))}
+    if val_dir.is_dir():
+        val_classes = _class_folders(val_dir)
+        loose = _files_in(val_dir, recursive=False)
+        if val_classes and loose:
+            raise SourceError(
+                f"{val_dir}: holds both class folders and loose files ({loose[0].name}); use one or the other"
+            )
+        if val_classes:
+            index = _class_index(classes, val_classes, str(val_dir), "train/")
+            splits["val"] = _checked(_folder_images(source, val_dir, val_classes, index))
+            layout += ", val in class folders"
+        elif loose:
+            splits["val"], how = _flat_val(source, loose, classes, devkit)
+            layout += f", flat val labelled by {how}"
+    return Source(layout=layout, classes=classes, splits=splits)
+
+
+def _flat_val(source: Path, files: list[Path], classes, devkit: Devkit | None) -> tuple[tuple[ImageRef, ...], str]:
+    solution = source / LOC_SOLUTION
+    names = [f.name for f in files]
+    if devkit is not None:
+        labels = _devkit_val_labels(devkit, names, classes, str(files[0].parent))
+        how = "devkit"
+    elif solution.is_file():
+        wnids = read_loc_solution(solution)
+        index = {c.wnid: c.index for c in classes}
+        labels = []
+        for f in files:
+            wnid = wnids.get(f.stem)
+            if wnid is None:
+                raise SourceError(f"{f}: no row for {f.stem!r} in {solution}; remove the file or add its label")
+            if wnid not in index:
+                raise SourceError(f"{solution}: {f.stem} is labelled {wnid}, which is not one of the train classes")
+            labels.append(index[wnid])
+        how = LOC_SOLUTION
+    else:
+        raise SourceError(
+            f"{files[0].parent}: flat val/ needs labels: put {DEVKIT_TAR} (or the extracted {DEVKIT_DIR}/) or "
+            f"Kaggle's {LOC_SOLUTION} in {source}, or sort val into class folders"
+        )
+    refs = [_file_ref(source, f, label) for f, label in zip(files, labels)]
+    return _checked(refs), how
+
+
+def _class_index(classes: tuple[ClassInfo, ...], folders: Iterable[str], where: str, listed_in: str) -> dict[str, int]:
+    index = {c.wnid: c.index for c in classes}
+    for folder in folders:
+        if folder not in index:
+            raise SourceError(f"{where}: class {folder!r} is not listed in {listed_in}; remove it or fix the labels")
+    return index
+
+
+def _label_file_name(devkit: Devkit | None, names: dict[str, str]) -> str:
+    return "devkit meta.mat" if devkit else LOC_MAPPING if names else "train/"
+
+
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _files_in(folder: Path, recursive: bool = True) -> list[Path]:
+    """Regular files under `folder` (names starting with '.' left out), sorted by path."""
+    if not recursive:
+        return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    found = []
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.extend(Path(parent) / f for f in files if not f.startswith("."))
+    return sorted(found)
+
+
+def _folder_images(source: Path, split_dir: Path, folders: list[str], index: dict[str, int]) -> list[ImageRef]:
+    return [_file_ref(source, f, index[c]) for c in folders for f in _files_in(split_dir / c)]
+
+
+def _file_ref(source: Path, file: Path, label: int) -> ImageRef:
+    return ImageRef(
+        key=make_key(file.name),
+        label=label,
+        path=file.relative_to(source).as_posix(),
+        file=str(file.resolve()),
+        offset=0,
+        size=file.stat().st_size,
+    )
+
+
+def _checked(refs: list[ImageRef]) -> tuple[ImageRef, ...]:
+    """`refs` in file-name order, after checking that no two files share a shard key."""
+    refs = sorted(refs, key=lambda r: (PurePosixPath(r.path).name, r.path))
+    seen: dict[str, ImageRef] = {}
+    for ref in refs:
+        other = seen.setdefault(ref.key, ref)
+        if other is not ref:
+            raise SourceError(
+                f"{other.path} and {ref.path} both become shard key {ref.key!r}; rename one of them "
+                "(keys are file names without extension, '.' replaced by '_')"
+            )
+    return tuple(refs)
+
+
+def fingerprint(refs: Iterable[ImageRef]) -> str:
+    """sha256 over what identifies the inputs (key, label, relative path, offset, size), not where the source sits."""
+    digest = hashlib.sha256()
+    for r in refs:
+        digest.update(f"{r.key}\t{r.label}\t{r.path}\t{r.offset}\t{r.size}\n".encode())
+    return digest.hexdigest()
