@@ -1,0 +1,244 @@
+"""`prepare`: shards and manifest from tiny sources; rejected files; determinism; resume; settings guard."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import fixtures as fx
+from alexrepro import imaging
+from alexrepro.errors import OutputExistsError, TooManyRejectedError
+from alexrepro.prepare import PrepareConfig, prepare
+from alexrepro.progress import NullProgress
+from alexrepro.shards import iter_shard, read_manifest
+from alexrepro.sources import make_key
+
+BROKEN = {"n01000003_90.JPEG": "truncated", "n01000003_91.JPEG": "empty", "notes.txt": "text", "huge.png": "bomb"}
+CONFIG = PrepareConfig(size=32, shard_size=5, workers=1)  # tiny output images: these tests are about bookkeeping
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden bookkeeping included) by relative path."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return fx.tiny_set(broken=BROKEN)
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory, tiny):
+    return fx.write_archives(tmp_path_factory.mktemp("download"), tiny)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, archives):
+    """One uninterrupted run with one worker, which the other tests compare against (never modified)."""
+    out = tmp_path_factory.mktemp("reference") / "shards"
+    result = prepare(archives, out, CONFIG, overwrite=False, progress=NullProgress())
+    return out, result, tree_bytes(out)
+
+
+def test_shards_hold_every_readable_image_with_its_label(reference, tiny):
+    out, result, _ = reference
+    manifest = read_manifest(out)
+    assert manifest == result.manifest
+    labels = {make_key(n): tiny.label(w) for w, images in tiny.train.items() for n, _ in images}
+    labels.update({make_key(n): tiny.label(w) for n, w, _ in tiny.val})
+    seen = {}
+    for split in ("train", "val"):
+        info = manifest.splits[split]
+        for shard in info.shards:
+            samples = list(iter_shard(out / shard.name))
+            assert len(samples) == shard.count
+            seen.update({s.key: (split, s.label, imaging.decode_rgb(s.jpeg).shape) for s in samples})
+        assert sum(s.count for s in info.shards) == info.count == result.written[split]
+    assert all(shape == (32, 32, 3) for _, _, shape in seen.values())
+    assert {k: label for k, (_, label, _) in seen.items()} == {k: v for k, v in labels.items() if k in seen}
+    assert result.written == {"train": 12, "val": 6}
+    assert result.layout == "ilsvrc2012-archives" and result.pillow == imaging.pillow_build()
+    assert manifest.settings == {
+        "size": 32, "quality": 90, "resize_filter": imaging.RESIZE_FILTER, "seed": 0, "shard_size": 5,
+        "pillow": imaging.pillow_build(), "layout": "ilsvrc2012-archives",
+    }
+    assert [(c.wnid, c.ilsvrc_id) for c in manifest.classes] == [("n01000001", 2), ("n01000002", 3), ("n01000003", 1)]
+
+
+def test_broken_files_are_rejected_with_a_reason_and_counts_reconcile(reference, tiny):
+    _, result, _ = reference
+    rejected = {Path(r.path).name: r.reason for r in result.rejected}
+    assert set(rejected) == set(BROKEN)
+    assert rejected["n01000003_91.JPEG"] == "empty file"
+    assert "bomb" in rejected["huge.png"]
+    assert all(r.split == "train" for r in result.rejected)
+    inputs = sum(len(images) for images in tiny.train.values())
+    assert result.written["train"] + len(result.rejected) == inputs
+    assert result.written["val"] == len(tiny.val)
+
+
+def test_train_is_shuffled_across_shards_and_val_keeps_file_name_order(reference):
+    out, result, _ = reference
+    train = [s for shard in result.manifest.splits["train"].shards for s in iter_shard(out / shard.name)]
+    assert len({s.label for s in train[:5]}) > 1  # the first shard mixes classes
+    assert [s.key for s in train] != sorted(s.key for s in train)
+    val = [s.key for shard in result.manifest.splits["val"].shards for s in iter_shard(out / shard.name)]
+    assert val == sorted(val) and len(val) == 6
+
+
+def test_a_standard_webdataset_reader_reads_the_shards(reference):
+    import webdataset as wds
+
+    out, result, _ = reference
+    urls = [str(out / s.name) for s in result.manifest.splits["val"].shards]
+    dataset = wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("__key__", "jpg", "cls")
+    rows = list(dataset)
+    assert [key for key, _, _ in rows] == [f"ILSVRC2012_val_{i:08d}" for i in range(1, 7)]
+    assert all(image.size == (32, 32) and image.mode == "RGB" for _, image, _ in rows)
+    assert [label for _, _, label in rows] == [s.label for s in iter_shard(out / "val-000000.tar")] + [
+        s.label for s in iter_shard(out / "val-000001.tar")
+    ]
+
+
+def test_output_is_byte_identical_for_two_workers(tmp_path, archives, reference):
+    config = PrepareConfig(size=32, shard_size=5, workers=2)
+    prepare(archives, tmp_path / "shards", config, overwrite=False, progress=NullProgress())
+    assert tree_bytes(tmp_path / "shards") == reference[2]
+
+
+def test_resume_redoes_only_missing_or_damaged_shards(tmp_path, archives, reference):
+    out = tmp_path / "shards"
+    shutil.copytree(reference[0], out)
+    (out / "manifest.json").unlink()
+    (out / "train-000001.tar").unlink()  # lost shard
+    (out / ".prepare" / "val-000000.tar.json").unlink()  # shard written, record not: killed between the two
+    (out / "train-000002.tar").write_bytes(b"half a shard")  # damaged: its sha256 no longer matches
+    (out / ".train-000003.tar.tmp-12345").write_bytes(b"partial")  # left by a killed worker
+    result = prepare(archives, out, CONFIG, overwrite=False, progress=NullProgress())
+    assert result.reused_shards == 3  # of 6: train-000000, train-000003, val-000001
+    assert tree_bytes(out) == reference[2]
+
+
+def test_resume_after_kill_9_ends_byte_identical(tmp_path, archives, reference):
+    out = tmp_path / "shards"
+    code = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from alexrepro import imaging\n"
+        "from alexrepro.prepare import PrepareConfig, prepare\n"
+        "resize = imaging.resize_square_jpeg\n"
+        "def slow(*args):\n"
+        "    time.sleep(0.05)\n"
+        "    return resize(*args)\n"
+        "imaging.resize_square_jpeg = slow\n"
+        "prepare(Path(sys.argv[1]), Path(sys.argv[2]), PrepareConfig(size=32, shard_size=5, workers=1))\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code, str(archives), str(out)])
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (out / "train-000001.tar").exists():
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert not (out / "manifest.json").exists() and not (out / "val-000001.tar").exists()
+    result = prepare(archives, out, CONFIG, overwrite=False, progress=NullProgress())
+    assert result.reused_shards >= 2
+    assert tree_bytes(out) == reference[2]
+
+
+def test_other_settings_over_existing_output_need_overwrite(tmp_path, archives, reference):
+    out = tmp_path / "shards"
+    shutil.copytree(reference[0], out)
+    other = PrepareConfig(size=32, quality=80, shard_size=4, workers=1)
+    with pytest.raises(OutputExistsError, match=r"quality 90 → 80.*--overwrite"):
+        prepare(archives, out, other, overwrite=False, progress=NullProgress())
+    assert tree_bytes(out) == reference[2]  # untouched
+    (out / "notes.md").write_text("the user's own file")
+    result = prepare(archives, out, other, overwrite=True, progress=NullProgress())
+    assert [s.name for s in result.manifest.splits["train"].shards] == [f"train-00000{i}.tar" for i in range(4)]
+    fresh = tmp_path / "fresh"
+    prepare(archives, fresh, other, overwrite=False, progress=NullProgress())
+    assert tree_bytes(out) == {**tree_bytes(fresh), "notes.md": b"the user's own file"}
+
+
+def test_a_folder_not_written_by_prepare_is_not_overwritten_silently(tmp_path, archives):
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    with pytest.raises(OutputExistsError, match="not empty"):
+        prepare(archives, out, CONFIG, overwrite=False, progress=NullProgress())
+
+
+def test_too_many_rejected_fails_after_writing_the_manifest(tmp_path, archives):
+    out = tmp_path / "shards"
+    config = PrepareConfig(size=32, shard_size=5, workers=1, max_rejected=3)
+    with pytest.raises(TooManyRejectedError, match=r"4 images.*max_rejected=3.*manifest.json"):
+        prepare(archives, out, config, overwrite=False, progress=NullProgress())
+    assert len(read_manifest(out).rejected) == 4
+
+
+def test_progress_counts_every_input_image(tmp_path, archives, tiny):
+    class Recorder(NullProgress):
+        def __init__(self):
+            self.total, self.done = None, 0
+
+        def start(self, description, total):
+            self.total = total
+
+        def advance(self, units=1, **fields):
+            self.done += units
+
+    recorder = Recorder()
+    prepare(archives, tmp_path / "shards", CONFIG, overwrite=False, progress=recorder)
+    inputs = sum(len(images) for images in tiny.train.values()) + len(tiny.val)
+    assert recorder.total == recorder.done == inputs
+
+
+def test_the_same_images_give_the_same_shards_from_an_extracted_tree(tmp_path, tiny, reference):
+    """Layouts differ only in where bytes come from: the shards are the same (the manifest names the layout)."""
+    fx.write_tree(tmp_path / "tree", tiny, val="flat")
+    fx.write_devkit_archive(tmp_path / "tree", tiny.classes, tiny.val_ids)
+    result = prepare(tmp_path / "tree", tmp_path / "shards", CONFIG, overwrite=False, progress=NullProgress())
+    assert result.layout == "extracted, flat val labelled by devkit"
+    shards = {k: v for k, v in tree_bytes(tmp_path / "shards").items() if k.endswith(".tar")}
+    assert shards == {k: v for k, v in reference[2].items() if k.endswith(".tar")}
+    assert [r.path for r in result.rejected] == sorted(f"train/n01000003/{name}" for name in BROKEN)
+
+
+def test_own_classes_imagefolder(tmp_path):
+    source = fx.write_own_classes(tmp_path / "mine")
+    result = prepare(source, tmp_path / "shards", CONFIG, overwrite=False, progress=NullProgress())
+    assert result.written == {"train": 9, "val": 3} and result.rejected == []
+    assert [c.name for c in result.manifest.classes] == ["Mango", "apple", "zebra"]
+    assert [s.key for s in iter_shard(tmp_path / "shards" / "val-000000.tar")] == [
+        "Mango_val_0", "apple_val_0", "zebra_val_0"
+    ]
+
+
+def test_prepares_the_built_in_sample(tmp_path):
+    from alexrepro.sample import SampleConfig, write_sample
+
+    sample = write_sample(tmp_path / "sample", SampleConfig.tiny(), NullProgress())
+    result = prepare(tmp_path / "sample", tmp_path / "shards", CONFIG, overwrite=False, progress=NullProgress())
+    assert result.rejected == []  # its odd files (PNG named .JPEG, CMYK, grayscale) are all readable
+    assert result.written == {"train": sample.counts["train"], "val": sample.counts["val"]}
+    ids = {c.wnid: c.ilsvrc_id for c in sample.classes}
+    assert {c.wnid: c.ilsvrc_id for c in result.manifest.classes} == ids
+    assert [c.wnid for c in result.manifest.classes] == sorted(ids)
+
+
+def test_config_ranges_name_the_key():
+    with pytest.raises(ValueError, match="key 'quality'"):
+        PrepareConfig(quality=0)
+    with pytest.raises(ValueError, match="key 'shard_size'"):
+        PrepareConfig(shard_size=0)
+    assert PrepareConfig().size == 256
