@@ -119,7 +119,9 @@ def prepare(
 ) -> PrepareResult:
     """Resize every image of `source` to config.size² JPEGs in webdataset shards under `out`, plus manifest.json."""
     out = Path(out)
+    progress.start("listing the source's images", None)  # archives: reads every member header, minutes at full scale
     found = find_source(Path(source))
+    progress.finish()
     tasks = plan_shards(found, config.shard_size, config.seed)
     settings = {
         "size": config.size,
@@ -225,8 +227,17 @@ def run_shard_task(task: ShardTask, out: Path, size: int, quality: int) -> dict:
         for handle in handles.values():
             handle.close()
     record = {"name": info.name, "count": info.count, "sha256": info.sha256, "rejected": rejected}
-    atomic_write_text(_record_path(Path(out), task), json.dumps(record, indent=1) + "\n")
+    _write_record(_record_path(Path(out), task), record)
     return record
+
+
+def _write_record(path: Path, record: dict) -> None:
+    """Temp file + rename, without the fsync of `atomic_write_text`: a record that a power cut leaves empty, or
+    one whose shard did not reach the disk, fails the sha256 check on resume and the shard is redone. This saves
+    one of the two fsyncs per shard (about 10 ms each here)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def _stable(reason: str) -> str:
@@ -256,8 +267,12 @@ def _map(work, tasks: list[ShardTask], workers: int) -> Iterator[dict]:
         yield from map(work, tasks)
         return
     # Fresh interpreters, not fork: forking a parent that has imported torch (the CLI's other stages) can deadlock.
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers) as pool:
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])  # workers start with this module and Pillow already imported
+    else:
+        context = multiprocessing.get_context("spawn")
+    with context.Pool(workers) as pool:
         yield from pool.imap_unordered(work, tasks)
 
 
