@@ -127,8 +127,9 @@ class ShardPart:
 class ShardImages(IterableDataset):
     """(key, label, image uint8 3×S×S) for every sample of `parts`, each decoded by exactly one reader.
 
-    Readers are the DataLoader workers of every rank. With at least as many shards as readers each reader takes whole
-    shards (no shard is read twice); with fewer, every reader walks all shards and decodes every n-th sample.
+    Readers are the DataLoader workers of every rank. With at least as many shards as readers, each reader takes whole
+    shards. With fewer, each shard is shared by the readers r ≡ shard (mod shards), which take every k-th sample of it;
+    either way no reader reads more than its own shards.
     """
 
     def __init__(self, parts: Sequence[ShardPart], ranks: Ranks = Ranks(), decoder: str = "torchvision"):
@@ -136,25 +137,26 @@ class ShardImages(IterableDataset):
         self.ranks = ranks
         self.decoder = decoder  # by name: the dataset travels to worker processes
 
+    def assignments(self, reader: int, readers: int) -> list[tuple[ShardPart, int, int]]:
+        """(part, stride, phase) for one reader: it keeps the samples at positions ≡ phase (mod stride)."""
+        n = len(self.parts)
+        if n >= readers:
+            return [(part, 1, 0) for part in self.parts[reader::readers]]
+        shard = reader % n
+        return [(self.parts[shard], len(range(shard, readers, n)), reader // n)]
+
     def __iter__(self):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         readers = self.ranks.world_size * workers
         reader = self.ranks.rank * workers + worker
-        if len(self.parts) >= readers:
-            mine = self.parts[reader::readers]
-            stride, phase = 1, 0
-        else:
-            mine, stride, phase = self.parts, readers, reader
         decode = DECODERS[self.decoder]
-        index = 0
-        for part in mine:
+        for part, stride, phase in self.assignments(reader, readers) if self.parts else []:
             for position, sample in enumerate(shardlib.iter_shard(part.path)):
                 if part.truncated and position >= part.count:
                     break
-                if index % stride == phase:
+                if position % stride == phase:
                     yield sample.key, sample.label, decode(sample.jpeg)
-                index += 1
 
 
 def split_parts(shards_dir: Path, manifest: shardlib.Manifest, split: str, limit: int | None = None) -> list[ShardPart]:
@@ -441,7 +443,7 @@ def fetch_images(
 
 
 def pick_spread(labels: np.ndarray, n: int) -> list[int]:
-    """Indices of the first `n` images (file-name order) with distinct true classes, topped up in order if too few."""
+    """Indices of the first `n` images (file-name order) with distinct true classes, then others in order if too few."""
     chosen: list[int] = []
     seen: set[int] = set()
     for i, label in enumerate(labels.tolist()):
@@ -450,8 +452,8 @@ def pick_spread(labels: np.ndarray, n: int) -> list[int]:
             seen.add(label)
             if len(chosen) == n:
                 return chosen
-    rest = [i for i in range(len(labels)) if i not in set(chosen)]
-    return sorted(chosen + rest[: n - len(chosen)])
+    taken = set(chosen)
+    return chosen + [i for i in range(len(labels)) if i not in taken][: n - len(chosen)]
 
 
 # --------------------------------------------------------------------------------------------------------------

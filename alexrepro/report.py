@@ -377,7 +377,10 @@ def curves_section(inputs: ReportInputs) -> list[Block]:
             ax_lr.plot(epochs, positive, marker=".", label=key)
             ax_lr.set_yscale("log")
     for ax, title, unit in ((ax_loss, "loss", "cross-entropy"), (ax_err, "error", "%"), (ax_lr, "learning rate", "")):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if 0 < len(epochs) <= 20:
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_ylabel(unit)

@@ -117,9 +117,11 @@ def test_readers_split_every_image_exactly_once(data):
     manifest = read_manifest(shards)
     parts = ev.split_parts(shards, manifest, "val")
     assert len(parts) == 3
-    for world in (1, 2, 3, 5):  # fewer shards than readers (5) reads by sample, otherwise by shard
+    for world in (1, 2, 3, 5, 7):  # more readers than shards (5, 7) share shards, otherwise each reads whole ones
         keys = [key for rank in range(world) for key, _, _ in ev.ShardImages(parts, ev.Ranks(rank, world))]
         assert sorted(keys) == [f"ILSVRC2012_val_{i + 1:08d}" for i in range(VAL_IMAGES)]
+        reads = [len(ev.ShardImages(parts).assignments(r, world)) for r in range(world)]
+        assert sum(reads) == max(world, len(parts))  # no shard is read by more readers than needed
     subset = ev.split_parts(shards, read_manifest(shards), "train", limit=13)
     assert [p.count for p in subset] == [12, 1] and len(list(ev.ShardImages(subset))) == 13
 
