@@ -135,30 +135,23 @@ def prepare(
     _claim_output(out, settings, _plan_hash(tasks), overwrite)
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # present only when every shard it names is complete
 
-    records: dict[str, dict] = {}
-    todo = []
-    for task in tasks:
-        record = _finished_record(out, task)
-        if record is None:
-            todo.append(task)
-        else:
-            records[task.name] = record
-    reused = len(records)
-
-    progress.start("prepare", total=sum(len(t.refs) for t in tasks))
-    progress.advance(sum(len(t.refs) for t in tasks if t.name in records))
+    total = sum(len(t.refs) for t in tasks)
+    progress.start("resizing into shards", total=total)
     work = partial(run_shard_task, out=out, size=config.size, quality=config.quality)
-    for record in _map(work, todo, _worker_count(config.workers, len(todo))):
+    records: dict[str, dict] = {}
+    reused = 0
+    for record, kept in _map(work, tasks, _worker_count(config.workers, len(tasks))):
         records[record["name"]] = record
+        reused += kept
         progress.advance(record["count"] + len(record["rejected"]))
     progress.finish()
 
     manifest = _manifest(found, tasks, records, settings)
-    write_manifest(out, manifest)
     written = {split: info.count for split, info in manifest.splits.items()}
     rejected = list(manifest.rejected)
     for split, refs in found.splits.items():
         assert written[split] + sum(r.split == split for r in rejected) == len(refs), f"{split}: images lost"
+    write_manifest(out, manifest)
     progress.log(
         f"prepared {', '.join(f'{n:,} {s}' for s, n in written.items())} images; {len(rejected)} rejected; "
         f"{reused} of {len(tasks)} shards kept from an earlier run"
@@ -207,8 +200,12 @@ def _plan_hash(tasks: list[ShardTask]) -> str:
 # One shard, in a worker process
 
 
-def run_shard_task(task: ShardTask, out: Path, size: int, quality: int) -> dict:
-    """Write one shard and its record; return the record (name, count, sha256, rejected files)."""
+def run_shard_task(task: ShardTask, out: Path, size: int, quality: int) -> tuple[dict, bool]:
+    """Write one shard and its record, unless an earlier run did; return the record (name, count, sha256, rejected
+    files) and whether it was kept from an earlier run."""
+    record = _finished_record(Path(out), task)
+    if record is not None:
+        return record, True
     rejected: list[dict] = []
     handles: dict[str, object] = {}
 
@@ -228,7 +225,7 @@ def run_shard_task(task: ShardTask, out: Path, size: int, quality: int) -> dict:
             handle.close()
     record = {"name": info.name, "count": info.count, "sha256": info.sha256, "rejected": rejected}
     _write_record(_record_path(Path(out), task), record)
-    return record
+    return record, False
 
 
 def _write_record(path: Path, record: dict) -> None:
@@ -261,7 +258,7 @@ def _read(ref: ImageRef, handles: dict) -> bytes:
     return data
 
 
-def _map(work, tasks: list[ShardTask], workers: int) -> Iterator[dict]:
+def _map(work, tasks: list[ShardTask], workers: int) -> Iterator:
     """Results of `work` over `tasks` as they finish: in this process for one worker, else in a process pool."""
     if workers <= 1:
         yield from map(work, tasks)
