@@ -14,6 +14,7 @@ round of each counts: the ratios then compare each pipeline at its least disturb
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import tempfile
 import time
@@ -111,9 +112,12 @@ def bench_prepare(
         data = write_image_folder(tmp / "source", images, seed)
         progress.finish()
 
+        runs = itertools.count()
+
         def run_prepare(n: int) -> Callable[[], None]:
+            # A fresh output folder every time: prepare would otherwise resume and keep the shards already there.
             config = PrepareConfig(size=size, quality=quality, workers=n, shard_size=_shard_size(images, n))
-            return lambda: prepare(tmp / "source", tmp / f"out-{n}", config, overwrite=True, progress=NullProgress())
+            return lambda: prepare(tmp / "source", tmp / f"out-{next(runs)}", config, progress=NullProgress())
 
         pipelines = {
             "plain decode (full size)": (1, lambda: _each(data, imaging.decode_only)),
