@@ -207,12 +207,12 @@ def run_shard_task(task: ShardTask, out: Path, size: int, quality: int) -> tuple
     if record is not None:
         return record, True
     rejected: list[dict] = []
-    handles: dict[str, object] = {}
+    reader = _Reader()
 
     def samples() -> Iterator[Sample]:
         for ref in task.refs:
             try:
-                jpeg = imaging.resize_square_jpeg(_read(ref, handles), size, quality)
+                jpeg = imaging.resize_square_jpeg(reader.read(ref), size, quality)
             except imaging.UnreadableImage as exc:
                 rejected.append({"split": task.split, "path": ref.path, "reason": _stable(exc.reason)})
                 continue
@@ -221,8 +221,7 @@ def run_shard_task(task: ShardTask, out: Path, size: int, quality: int) -> tuple
     try:
         info = write_shard(Path(out) / task.name, samples())
     finally:
-        for handle in handles.values():
-            handle.close()
+        reader.close()
     record = {"name": info.name, "count": info.count, "sha256": info.sha256, "rejected": rejected}
     _write_record(_record_path(Path(out), task), record)
     return record, False
@@ -243,19 +242,31 @@ def _stable(reason: str) -> str:
     return _ADDRESS.sub("", reason)
 
 
-def _read(ref: ImageRef, handles: dict) -> bytes:
-    """The image's bytes: one seek and one read of the file (an archive or the image itself), kept open per task."""
-    try:
-        handle = handles.get(ref.file)
-        if handle is None:
-            handle = handles[ref.file] = open(ref.file, "rb", buffering=0)
-        handle.seek(ref.offset)
-        data = handle.read(ref.size)
-    except OSError as exc:
-        raise imaging.UnreadableImage(f"cannot read the file: {exc.strerror or exc}") from None
-    if len(data) != ref.size:
-        raise imaging.UnreadableImage(f"file shorter than indexed: {len(data)} of {ref.size} bytes")
-    return data
+class _Reader:
+    """Reads an image's bytes with one seek and one read. The file stays open while consecutive images come from
+    it (an archive: a whole shard's worth), and only one file is open at a time (a tree: one file per image)."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.handle = None
+
+    def read(self, ref: ImageRef) -> bytes:
+        try:
+            if ref.file != self.name:
+                self.close()
+                self.handle, self.name = open(ref.file, "rb", buffering=0), ref.file
+            self.handle.seek(ref.offset)
+            data = self.handle.read(ref.size)
+        except OSError as exc:
+            raise imaging.UnreadableImage(f"cannot read the file: {exc.strerror or exc}") from None
+        if len(data) != ref.size:
+            raise imaging.UnreadableImage(f"file shorter than indexed: {len(data)} of {ref.size} bytes")
+        return data
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        self.handle = self.name = None
 
 
 def _map(work, tasks: list[ShardTask], workers: int) -> Iterator:
@@ -286,6 +297,8 @@ def _worker_count(workers: int, tasks: int) -> int:
 def _claim_output(out: Path, settings: dict, plan_hash: str, overwrite: bool) -> None:
     """Make `out` ready for this plan: resume if it holds the same plan, else refuse (or clear it with overwrite)."""
     plan = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "settings": settings, "plan_sha256": plan_hash}
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: is a file, not a folder; choose a folder for the shards")
     plan_path = out / STATE_DIR / "plan.json"
     previous = _read_json(plan_path)
     if previous != plan and not overwrite:
