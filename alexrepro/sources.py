@@ -6,7 +6,8 @@
   `ILSVRC2012_img_val.tar` (flat) and `ILSVRC2012_devkit_t12.tar.gz`. The archives are read in place: only member
   headers are read here, and each image becomes an (archive, offset, size) triple that a worker later reads with one
   seek and one read. Nothing is unpacked to disk or held in memory whole.
-- the Kaggle layout: `ILSVRC/Data/CLS-LOC/{train,val}` with `LOC_synset_mapping.txt` and `LOC_val_solution.csv` at the top.
+- the Kaggle layout: `ILSVRC/Data/CLS-LOC/{train,val}` with `LOC_synset_mapping.txt` and `LOC_val_solution.csv`
+  at the top.
 - an extracted tree: `train/<wnid>/…` with `val/<wnid>/…` (the valprep layout) or a flat `val/` labelled by the devkit
   (archive or extracted folder) or by Kaggle's `LOC_val_solution.csv`.
 - an ImageFolder tree of one's own classes: `train/<class>/…`, optionally `val/<class>/…`.
@@ -254,7 +255,9 @@ def _from_archives(source: Path) -> Source:
         for inner in _tar_members(train_tar, handle):
             wnid = PurePosixPath(inner.name).name.removesuffix(".tar")
             if not inner.name.endswith(".tar") or not _WNID.fullmatch(wnid):
-                raise SourceError(f"{train_tar}: unexpected member {inner.name!r}; expected one nXXXXXXXX.tar per class")
+                raise SourceError(
+                    f"{train_tar}: unexpected member {inner.name!r}; expected one nXXXXXXXX.tar per class"
+                )
             where = f"{train_tar}/{inner.name}"
             for member in _tar_members(Path(where), handle, inner.offset_data, inner.size):
                 found.append((wnid, member.name, inner.name, inner.offset_data + member.offset_data, member.size))

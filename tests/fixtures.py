@@ -55,7 +55,8 @@ def decompression_bomb() -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)  # 8-bit grayscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    pixels = chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + pixels + chunk(b"IEND", b"")
 
 
 BROKEN = {"truncated": truncated_jpeg, "empty": lambda: b"", "text": not_an_image, "bomb": decompression_bomb}
@@ -101,10 +102,11 @@ def tiny_set(train_per_class: int = 4, val_images: int = 6, broken: dict[str, st
 
 def meta_mat_bytes(leaves, internal=(INTERNAL_NODE,)) -> bytes:
     """meta.mat as the devkit has it: a struct array `synsets` with the real field names, leaves and internal nodes."""
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height", "num_train_images"]
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height"]
+    fields.append("num_train_images")
     rows = [(float(i), w, words, f"gloss of {w}", 0.0, np.zeros((1, 0)), 0.0, 4.0) for w, i, words in leaves]
     rows += [
-        (float(i), w, words, "an internal node", float(len(leaves)), np.arange(1, len(leaves) + 1, dtype=float), 1.0, 0.0)
+        (float(i), w, words, "an internal node", float(len(leaves)), np.arange(1.0, len(leaves) + 1), 1.0, 0.0)
         for w, i, words in internal
     ]
     synsets = np.empty((len(rows), 1), dtype=[(f, object) for f in fields])

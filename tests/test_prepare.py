@@ -242,3 +242,13 @@ def test_config_ranges_name_the_key():
     with pytest.raises(ValueError, match="key 'shard_size'"):
         PrepareConfig(shard_size=0)
     assert PrepareConfig().size == 256
+
+
+def test_changed_source_over_existing_output_needs_overwrite(tmp_path):
+    source = fx.write_own_classes(tmp_path / "mine")
+    prepare(source, tmp_path / "shards", CONFIG, overwrite=False, progress=NullProgress())
+    (source / "train" / "apple" / "apple-new.jpg").write_bytes(fx.image_bytes(7))
+    with pytest.raises(OutputExistsError, match="source has changed"):
+        prepare(source, tmp_path / "shards", CONFIG, overwrite=False, progress=NullProgress())
+    result = prepare(source, tmp_path / "shards", CONFIG, overwrite=True, progress=NullProgress())
+    assert result.written["train"] == 10

@@ -55,7 +55,13 @@ def test_archives_are_indexed_in_place_and_labelled_by_the_devkit(tmp_path, tiny
 
 @pytest.mark.parametrize(
     "layout",
-    ["imagefolder+devkit", "flat-val+devkit-archive", "flat-val+devkit-folder", "flat-val+kaggle-csv", "kaggle-cls-loc"],
+    [
+        "imagefolder+devkit",
+        "flat-val+devkit-archive",
+        "flat-val+devkit-folder",
+        "flat-val+kaggle-csv",
+        "kaggle-cls-loc",
+    ],
 )
 def test_every_extracted_layout_gives_the_same_labels(tmp_path, tiny, layout):
     if layout == "imagefolder+devkit":
