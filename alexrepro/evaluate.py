@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from alexrepro import shards as shardlib
-from alexrepro.augment import center_offset, crop_mean, normalize, ten_crop_offsets
-from alexrepro.loader import decode_pil, decode_torchvision
 from alexrepro.atomic import atomic_write_text
+from alexrepro.augment import center_offset, crop_mean, normalize, ten_crop_offsets
 from alexrepro.distributed import Ranks, init_distributed, ranks_from_env, resolve_devices, shutdown_distributed
 from alexrepro.errors import EvaluationError
+from alexrepro.loader import decode_pil, decode_torchvision
 from alexrepro.progress import Progress
 
 TOP_K = 5  # ILSVRC scores five guesses per image (REFERENCE.md §5)
@@ -174,7 +174,7 @@ def split_parts(shards_dir: Path, manifest: shardlib.Manifest, split: str, limit
     return parts
 
 
-def _loader(parts: Sequence[ShardPart], ranks: Ranks, network: "InferenceNetwork", config: "EvaluateConfig") -> DataLoader:
+def _loader(parts: Sequence[ShardPart], ranks: Ranks, network: "InferenceNetwork", config: EvaluateConfig) -> DataLoader:
     workers = min(8, os.cpu_count() or 1) if config.workers is None else config.workers
     return DataLoader(
         ShardImages(parts, ranks, network.decoder),
@@ -259,9 +259,15 @@ class InferenceNetwork:
         train = ckpt.get("train_config") or {}
         self.decoder = str(train.get("decoder", "torchvision"))
         if self.decoder not in DECODERS:
-            raise EvaluationError(f"checkpoint train_config: unknown decoder {self.decoder!r}; known: {sorted(DECODERS)}")
-        # bf16 autocast on CUDA unless training ran in fp32 (DESIGN.md "Training"); softmax always in fp32.
-        self.bf16 = self.device.type == "cuda" and train.get("precision", "auto") != "fp32"
+            raise EvaluationError(
+                f"checkpoint train_config: unknown decoder {self.decoder!r} (known: {sorted(DECODERS)}); "
+                "evaluate with the alexrepro version that trained it"
+            )
+        # bf16 autocast and channels_last on CUDA, as training ran (DESIGN.md "Training"); softmax always in fp32.
+        cuda = self.device.type == "cuda"
+        self.bf16 = cuda and train.get("precision", "auto") != "fp32"
+        self.memory_format = torch.channels_last if cuda and train.get("channels_last", True) else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
 
     @property
     def size(self) -> int:
@@ -271,6 +277,7 @@ class InferenceNetwork:
         return DECODERS[self.decoder](jpeg)
 
     def _run(self, forward, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=self.memory_format)
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return forward(x).float()
 
@@ -429,7 +436,11 @@ def nearest_training_images(
 
 
 def fetch_images(
-    shards_dir: Path, manifest: shardlib.Manifest, split: str, keys: Sequence[str], decode: Callable[[bytes], torch.Tensor]
+    shards_dir: Path,
+    manifest: shardlib.Manifest,
+    split: str,
+    keys: Sequence[str],
+    decode: Callable[[bytes], torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """Decode the samples named `keys`, reading the split from its start only until all are found."""
     wanted = set(keys)
@@ -486,7 +497,7 @@ def evaluate(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, 
         images = fetch_images(shards, manifest, "val", examples, network.decode)
         query_keys = examples[:NEIGHBOUR_QUERIES]
         neighbours: list[list[Neighbour]] = []
-        if config.neighbours_max_train != 0 and query_keys and manifest.split("train").count > 0:
+        if config.neighbours_max_train != 0 and query_keys and "train" in manifest.splits:
             queries = torch.stack([images[k] for k in query_keys])
             neighbours = nearest_training_images(network, queries, shards, manifest, config, ranks, progress)
 
@@ -504,10 +515,10 @@ def evaluate(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, 
 
     progress.start("writing report", None)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     id_kind = write_submission(out / "submission.txt", predictions, manifest)
     write_predictions_csv(out / "predictions.csv", predictions, manifest)
     _write_report(out, predictions, metrics, ckpt, manifest, images, examples, query_keys, neighbours, id_kind, config)
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: present means complete
     progress.finish()
     progress.log(
         f"{metrics['images']:,} images ({metrics['dataset']}): 10-crop top-1 {metrics['10crop']['top1_error']:.2%}, "
@@ -551,6 +562,8 @@ def _score_split(network: InferenceNetwork, shards: Path, manifest, config: Eval
 
 
 def _check_count(predictions: Predictions, expected: int, num_classes: int, shards: Path) -> None:
+    if expected == 0:
+        raise EvaluationError(f"{shards / shardlib.MANIFEST_NAME} lists no val images; prepare a source with a val split")
     seen = len(predictions.keys)
     unique = len(set(predictions.keys))
     if seen != expected or unique != seen:
@@ -658,7 +671,9 @@ def _write_report(out, predictions, metrics, ckpt, manifest, images, examples, q
         )
         for key, found in zip(query_keys, neighbours)
     ]
-    scanned = "all" if config.neighbours_max_train is None else f"the first {config.neighbours_max_train:,}"
+    train_count = manifest.split("train").count if "train" in manifest.splits else 0
+    limit = config.neighbours_max_train
+    scanned = f"all {train_count:,}" if limit is None or limit >= train_count else f"{limit:,} of the {train_count:,}"
     inputs = report.ReportInputs(
         metrics=metrics,
         classes=[dataclasses.asdict(c) for c in manifest.classes],

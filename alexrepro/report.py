@@ -95,7 +95,7 @@ class ReportInputs:
     examples: list[Example]
     neighbours: list[NeighbourRow]
     submission_labels: str  # "ILSVRC2012_ID" or "class index"
-    neighbours_scanned: str = "all"  # how many training images the neighbour search looked at
+    neighbours_scanned: str = "all"  # how many training images the neighbour search looked at ("all 1,281,167")
     checkpoint_manifest_sha256: str | None = None
 
 
@@ -256,6 +256,13 @@ def results_section(inputs: ReportInputs) -> list[Block]:
             )
         )
     )
+    if len(inputs.classes) <= 5:
+        blocks.append(
+            Paragraph(
+                f"With {len(inputs.classes)} classes every class is among the five guesses: top-5 error is 0 by "
+                "construction here."
+            )
+        )
     trained_on = inputs.checkpoint_manifest_sha256
     if trained_on and trained_on != metrics["data"]["manifest_sha256"]:
         blocks.append(
@@ -396,9 +403,8 @@ def curves_section(inputs: ReportInputs) -> list[Block]:
 
 def conv1_weights(state_dict: dict[str, Any]) -> np.ndarray:
     """The conv1 kernels (out×3×h×w) from a model state_dict, towers in order."""
-    keys = sorted(
-        k for k, v in state_dict.items() if k.split(".")[0].startswith("conv1") and k.endswith("weight") and v.dim() == 4
-    )
+    # "conv1.towers.0.weight", "conv1.towers.1.weight": one tensor per tower, in tower order
+    keys = sorted(k for k, v in state_dict.items() if k.split(".")[0] == "conv1" and k.endswith("weight") and v.dim() == 4)
     if not keys:
         raise KeyError("the checkpoint's model has no conv1 weight")
     return np.concatenate([state_dict[k].detach().float().cpu().numpy() for k in keys])
@@ -475,7 +481,7 @@ def examples_section(inputs: ReportInputs) -> list[Block]:
 def neighbours_section(inputs: ReportInputs) -> list[Block]:
     rows = inputs.neighbours
     heading = Heading("Nearest training images in fc7 space")
-    if not rows:
+    if not any(row.neighbours for row in rows):
         return [heading, Paragraph("Not computed (no training images were scanned).")]
     columns = 1 + max(len(r.neighbours) for r in rows)
     size = rows[0].query.image.shape[0]

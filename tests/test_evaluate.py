@@ -80,7 +80,8 @@ def test_averaged_softmax_matches_a_manual_computation(data):
         views = TenCrop(CROP)(images[n].float())
         mean_views = TenCrop(CROP)(mean)
         with torch.no_grad():
-            manual = sum(F.softmax(net.model(((v - m) * scale)[None]), dim=1)[0] for v, m in zip(views, mean_views)) / 10
+            softmaxes = [F.softmax(net.model(((v - m) * scale)[None]), dim=1)[0] for v, m in zip(views, mean_views)]
+            manual = sum(softmaxes) / 10
         torch.testing.assert_close(averaged[n], manual, rtol=1e-5, atol=1e-6)
 
 
