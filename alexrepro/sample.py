@@ -656,7 +656,8 @@ def write_sample(out: Path, config: SampleConfig, progress: Progress) -> SampleR
         progress.advance(1)
         progress.finish()
     except OSError as exc:
-        raise SampleOutputError(f"{out}: cannot write the sample ({exc.strerror or exc}); check free space and permissions") from None
+        reason = exc.strerror or exc
+        raise SampleOutputError(f"{out}: cannot write the sample ({reason}); check free space and permissions") from None
 
     progress.log(f"sample: {n_train} train and {len(plan.val)} val images of {config.classes} classes in {out}")
     return SampleResult(
@@ -673,7 +674,8 @@ def _make_output_folder(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise SampleOutputError(f"{out}: cannot create the folder ({exc.strerror or exc}); choose a writable path") from None
+        reason = exc.strerror or exc
+        raise SampleOutputError(f"{out}: cannot create the folder ({reason}); choose a writable path") from None
 
 
 def _write_train_archive(handle, plan: SamplePlan, workers: int, progress: Progress, odd_files: dict) -> None:

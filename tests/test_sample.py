@@ -132,7 +132,8 @@ def test_odd_files_are_really_png_cmyk_and_grayscale(tiny):
     assert modes == {"png": ("PNG", "RGB"), "cmyk": ("JPEG", "CMYK"), "gray": ("JPEG", "L")}
     assert any(m.startswith("ILSVRC2012_val_") and k == "cmyk" for m, k in result.odd_files.items())
     # Everything else is an ordinary photo-like JPEG: RGB with 4:2:0 chroma subsampling.
-    ordinary = [d for files in train.values() for n, d in files.items() if not any(m.endswith(n) for m in result.odd_files)]
+    odd_names = {member.rpartition("/")[2] for member in result.odd_files}
+    ordinary = [data for files in train.values() for name, data in files.items() if name not in odd_names]
     for data in ordinary:
         image = Image.open(io.BytesIO(data))
         assert (image.format, image.mode) == ("JPEG", "RGB")
@@ -243,3 +244,18 @@ def test_default_sample_is_the_demo_size():
     config = SampleConfig()
     assert (config.classes, config.val_per_class) == (10, 50)
     assert config.train_per_class >= 250
+
+
+def test_torchvision_reads_the_devkit(tiny, tmp_path, monkeypatch):
+    """An independent reader: torchvision's ImageNet devkit parser (its checksum check switched off)."""
+    imagenet = pytest.importorskip("torchvision.datasets.imagenet")
+    import torch
+
+    out, result = tiny
+    (tmp_path / DEVKIT_ARCHIVE).write_bytes((out / DEVKIT_ARCHIVE).read_bytes())
+    monkeypatch.setattr(imagenet, "_verify_archive", lambda *args: None)
+    imagenet.parse_devkit_archive(str(tmp_path))
+    wnid_to_words, val_wnids = torch.load(tmp_path / imagenet.META_FILE, weights_only=False)
+    assert wnid_to_words == {c.wnid: tuple(c.name.split(", ")) for c in result.classes}
+    plan = plan_sample(SampleConfig.tiny(seed=7))
+    assert val_wnids == [PATTERNS[spec.pattern].wnid for spec in plan.val]
