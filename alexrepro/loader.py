@@ -1,32 +1,36 @@
-"""Input pipelines over the shards: webdataset readers, split by rank and by loader worker, batched in the workers.
+"""Input pipelines over the shards: split by rank and by loader worker, read by offset, batched in the workers.
 
 How an epoch's data is laid out (the same on 1 process or on many):
 
-1. The epoch's *global sequence*: the train shards in an order shuffled by (seed, epoch), streamed through a
-   webdataset shuffle buffer seeded by (seed, epoch). Validation: every shard in manifest order, no shuffle.
+1. The epoch's *global sequence*, a permutation of the split's samples: for train, the shards in an order shuffled
+   by (seed, epoch), then a shuffle buffer of `shuffle_buffer` samples seeded by (seed, epoch) (webdataset's
+   shard-shuffle + buffer-shuffle recipe, applied to sample numbers); for validation, manifest order.
 2. The global sequence is cut into global batches of `batch_size` (the last one may be smaller); the epoch length
    comes from the manifest's counts, so every process knows every batch's size without reading anything.
-3. Each global batch is split evenly across ranks (torch.distributed), each rank's share is one *rank batch*;
+3. Each global batch is split evenly across ranks (torch.distributed); each rank's share is one *rank batch*;
    a rank's DataLoader worker w builds the rank batches k with k % workers == w, and DataLoader's in-order
-   round robin hands them to the training loop in order.
+   round robin hands them to the training loop in step order.
 
 So no sample is duplicated or dropped, and the union of the ranks' batches at step k is exactly the global batch a
 single process sees at step k: a 2-rank run and a 1-rank run with the same global batch train on the same data.
 
-The split is at the sample level, never by shard: every reader streams every shard's bytes and keeps its share.
-That works whatever the number of shards (the built-in sample has one or two) and costs a tar read per skipped
-sample, small beside a JPEG decode (docs/benchmarks.md "Loader" has the numbers). Decoding happens only for the
-samples a reader keeps.
+The split is at the sample level, never by shard, so it works whatever the number of shards (the built-in sample has
+a handful) and whatever ranks × workers. What makes that cheap is a `ShardIndex`: the byte offset of every sample's
+members in the (webdataset-format) tars, read once per run from the tar headers. Each worker then reads only its
+own samples, by offset; a streaming reader would have to stream every shard's bytes and throw most away, a cost that
+grows with ranks × workers (docs/benchmarks.md "Loader").
 
 Randomness is per sample: the crop position, the reflection and the PCA lighting coefficients of the image at
 position i of epoch e come from a generator seeded by (seed, e, i). An epoch's data is therefore the same for any
-number of ranks or workers, and a run resumed mid-epoch skips the batches it already did (without decoding them)
+number of ranks or workers, and a run resumed mid-epoch skips the batches it already did (without reading them)
 and sees exactly the data an uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +38,10 @@ from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from alexrepro.augment import center_offset
+from alexrepro.errors import FormatError
 from alexrepro.shards import Manifest, shard_paths
 
 Decoder = Literal["torchvision", "pil"]
@@ -102,12 +106,93 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return random.Random(f"alexrepro/{seed}/{epoch}").getrandbits(63)
 
 
+@dataclass(frozen=True)
+class ShardIndex:
+    """Where each sample of a split lies in its shards: sample i is `paths[shard[i]]` at these byte offsets."""
+
+    paths: tuple[str, ...]
+    shard: np.ndarray  # int32, one per sample, in stored order
+    jpg: np.ndarray  # int64 n×2: (offset, size) of the JPEG bytes
+    cls: np.ndarray  # int64 n×2: (offset, size) of the class index text
+    key_header: np.ndarray  # int64: offset of the .jpg member's tar header (its name is the sample's key)
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    @classmethod
+    def build(cls, paths: Sequence[Path], counts: Sequence[int] | None = None) -> "ShardIndex":
+        """Read the tar headers (not the data) of every shard; check each shard's count against the manifest's."""
+        shard, jpg, label, header = [], [], [], []
+        for number, path in enumerate(paths):
+            members = _members(Path(path))
+            if counts is not None and len(members) != counts[number]:
+                raise FormatError(
+                    f"{path}: holds {len(members)} samples but the manifest lists {counts[number]}; rerun `alexrepro prepare`"
+                )
+            for jpg_info, cls_info in members:
+                shard.append(number)
+                jpg.append((jpg_info.offset_data, jpg_info.size))
+                label.append((cls_info.offset_data, cls_info.size))
+                header.append(jpg_info.offset)
+        return cls(
+            tuple(str(p) for p in paths),
+            np.asarray(shard, dtype=np.int32),
+            np.asarray(jpg, dtype=np.int64).reshape(-1, 2),
+            np.asarray(label, dtype=np.int64).reshape(-1, 2),
+            np.asarray(header, dtype=np.int64),
+        )
+
+    def shard_starts(self) -> np.ndarray:
+        """Number of the first sample of each shard."""
+        return np.searchsorted(self.shard, np.arange(len(self.paths)))
+
+
+def _members(path: Path) -> list[tuple[tarfile.TarInfo, tarfile.TarInfo]]:
+    """(jpg, cls) member pairs of one shard, in stored order (shards.py: `<key>.jpg` then `<key>.cls`)."""
+    pairs: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:  # seekable mode: headers are read, data skipped
+            for member in tar:
+                if member.isfile():
+                    key, _, ext = member.name.partition(".")
+                    pairs.setdefault(key, {})[ext] = member
+    except (tarfile.TarError, OSError) as exc:
+        raise FormatError(f"{path}: unreadable shard ({exc}); rerun `alexrepro prepare` to rewrite it") from None
+    incomplete = [k for k, p in pairs.items() if "jpg" not in p or "cls" not in p]
+    if incomplete:
+        raise FormatError(f"{path}: samples {incomplete[:3]} lack a .jpg or .cls member; rerun `alexrepro prepare`")
+    return [(p["jpg"], p["cls"]) for p in pairs.values()]
+
+
+def global_sequence(index: ShardIndex, seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
+    """The epoch's order of sample numbers: shard shuffle + buffer shuffle, seeded by (seed, epoch); 0 = stored order."""
+    if not shuffle_buffer:
+        return np.arange(len(index))
+    rng = random.Random(epoch_seed(seed, epoch))
+    starts = list(index.shard_starts()) + [len(index)]
+    order = list(range(len(index.paths)))
+    rng.shuffle(order)
+    out: list[int] = []
+    buffer: list[int] = []
+    for shard in order:
+        for sample in range(starts[shard], starts[shard + 1]):
+            if len(buffer) < shuffle_buffer:
+                buffer.append(sample)
+                continue
+            slot = rng.randrange(shuffle_buffer)
+            out.append(buffer[slot])
+            buffer[slot] = sample
+    rng.shuffle(buffer)
+    out.extend(buffer)
+    return np.asarray(out, dtype=np.int64)
+
+
 class ShardBatches(IterableDataset):
     """The rank batches of one epoch, built in DataLoader workers (or in the main process with 0 workers)."""
 
     def __init__(
         self,
-        paths: Sequence[Path],
+        index: ShardIndex,
         plan: EpochPlan,
         augmentation: Augmentation | None,
         seed: int,
@@ -115,60 +200,37 @@ class ShardBatches(IterableDataset):
         shuffle_buffer: int,
         start_step: int = 0,
         decoder: Decoder = "torchvision",
+        crop: int | None = None,
     ):
-        self.paths = [str(p) for p in paths]
+        self.index = index
         self.plan = plan
-        self.augmentation = augmentation  # None: validation, centre crop or the whole image
+        self.augmentation = augmentation  # None: evaluation, the centre `crop` (or the whole image if crop is None)
         self.seed = seed
         self.epoch = epoch
         self.shuffle_buffer = shuffle_buffer  # 0: the shards' stored order
         self.start_step = start_step
         self.decoder = decoder
-        self.crop: int | None = augmentation.crop if augmentation else None
-
-    def with_center_crop(self, crop: int | None) -> "ShardBatches":
-        """Evaluation view: the centre `crop` of every image, or the whole image when `crop` is None."""
-        self.crop = crop
-        return self
+        self.crop: int | None = augmentation.crop if augmentation else crop
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        steps = [k for k in range(self.start_step, self.plan.steps) if k % workers == worker]
+        sequence = global_sequence(self.index, self.seed, self.epoch, self.shuffle_buffer)
         decode = _decoders()[self.decoder]
-        wanted = iter(steps)
-        step = next(wanted, None)
-        if step is None:
-            return
-        start, end = self.plan.rank_batch(step)
-        pending: list = []
-        for index, sample in enumerate(self._sequence()):
-            while step is not None and index >= end:  # also flushes empty shares (a rank with nothing at a step)
-                yield self._collate(pending, step)
-                pending = []
-                step = next(wanted, None)
-                if step is not None:
-                    start, end = self.plan.rank_batch(step)
-            if step is None:
-                return
-            if start <= index < end:
-                pending.append(self._load(sample, index, decode))
-        while step is not None:  # the sequence ended: the last share(s)
-            yield self._collate(pending, step)
-            pending = []
-            step = next(wanted, None)
+        with _Files(self.index.paths) as files:
+            for step in range(self.start_step, self.plan.steps):
+                if step % workers != worker:
+                    continue
+                start, end = self.plan.rank_batch(step)
+                items = [self._load(files, int(sequence[i]), i, decode) for i in range(start, end)]
+                yield self._collate(items, step)
 
-    def _sequence(self) -> Iterator[dict]:
-        paths = list(self.paths)
-        stages: list = []
-        if self.shuffle_buffer:
-            random.Random(epoch_seed(self.seed, self.epoch)).shuffle(paths)
-            stages = [wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=epoch_seed(self.seed, self.epoch))]
-        pipeline = wds.DataPipeline(wds.SimpleShardList(paths), wds.tarfile_to_samples(), *stages)
-        return iter(pipeline)
-
-    def _load(self, sample: dict, index: int, decode: Callable[[bytes], torch.Tensor]):
-        image = decode(sample["jpg"])  # 3×H×W uint8
+    def _load(self, files: "_Files", sample: int, position: int, decode: Callable[[bytes], torch.Tensor]):
+        index = self.index
+        path = int(index.shard[sample])
+        image = decode(files.read(path, *index.jpg[sample]))  # 3×H×W uint8
+        label = int(files.read(path, *index.cls[sample]))
+        key = _key(files.read(path, int(index.key_header[sample]), 512))
         size = image.shape[1]
         aug = self.augmentation
         alphas = (0.0, 0.0, 0.0)
@@ -178,14 +240,14 @@ class ShardBatches(IterableDataset):
             y, x = center_offset(size, crop)
         else:
             crop = aug.crop
-            rng = random.Random(f"{self.seed}/{self.epoch}/{index}")  # per sample: independent of ranks and workers
+            rng = random.Random(f"{self.seed}/{self.epoch}/{position}")  # per sample: independent of ranks, workers
             y, x = (rng.randrange(size - crop + 1), rng.randrange(image.shape[2] - crop + 1)) if aug.random_crop else center_offset(size, crop)
             flipped = aug.flip and rng.random() < 0.5
             if aug.lighting_std > 0:
                 alphas = tuple(rng.gauss(0.0, aug.lighting_std) for _ in range(3))
         view = image[:, y : y + crop, x : x + crop]
         view = view.flip(-1) if flipped else view
-        return view, int(sample["cls"]), (y, x), flipped, alphas, sample["__key__"]
+        return view, label, (y, x), flipped, alphas, key
 
     def _collate(self, items: list, step: int) -> Batch:
         crop = self.crop or 0
@@ -206,6 +268,11 @@ class ShardBatches(IterableDataset):
         )
 
 
+def split_index(shards: Path, manifest: Manifest, split: str) -> ShardIndex:
+    """The ShardIndex of one split (build it once per run and pass it to every epoch's loader)."""
+    return ShardIndex.build(shard_paths(shards, manifest, split), [s.count for s in manifest.split(split).shards])
+
+
 def train_loader(
     shards: Path,
     manifest: Manifest,
@@ -220,12 +287,12 @@ def train_loader(
     start_step: int = 0,
     pin_memory: bool = False,
     decoder: Decoder = "torchvision",
+    index: ShardIndex | None = None,
 ) -> DataLoader:
     """The rank batches of train epoch `epoch` (0-based), from `start_step` on. `batch_size` is the global batch."""
-    plan = EpochPlan(manifest.split("train").count, batch_size, rank, world_size)
-    dataset = ShardBatches(
-        shard_paths(shards, manifest, "train"), plan, augmentation, seed, epoch, shuffle_buffer, start_step, decoder
-    )
+    index = index or split_index(shards, manifest, "train")
+    plan = EpochPlan(len(index), batch_size, rank, world_size)
+    dataset = ShardBatches(index, plan, augmentation, seed, epoch, shuffle_buffer, start_step, decoder)
     return _loader(dataset, workers, pin_memory)
 
 
@@ -239,11 +306,13 @@ def val_loader(
     world_size: int = 1,
     pin_memory: bool = False,
     decoder: Decoder = "torchvision",
+    index: ShardIndex | None = None,
 ) -> DataLoader:
     """Every validation image exactly once, in manifest order, centre-cropped to `crop` (None: the whole image)."""
-    plan = EpochPlan(manifest.split("val").count, batch_size, rank, world_size)
-    dataset = ShardBatches(shard_paths(shards, manifest, "val"), plan, None, 0, 0, 0, 0, decoder)
-    return _loader(dataset.with_center_crop(crop), workers, pin_memory)
+    index = index or split_index(shards, manifest, "val")
+    plan = EpochPlan(len(index), batch_size, rank, world_size)
+    dataset = ShardBatches(index, plan, None, 0, 0, 0, 0, decoder, crop=crop)
+    return _loader(dataset, workers, pin_memory)
 
 
 def _loader(dataset: ShardBatches, workers: int, pin_memory: bool) -> DataLoader:
@@ -267,6 +336,38 @@ def _identity(batch: Batch) -> Batch:
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # a worker decodes one image at a time; extra threads only contend for cores
+
+
+class _Files:
+    """Open shard files of one reader, read by offset (os.pread: no shared file position between threads)."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = paths
+        self.fds: dict[int, int] = {}
+
+    def __enter__(self) -> "_Files":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def read(self, shard: int, offset, size) -> bytes:
+        fd = self.fds.get(shard)
+        if fd is None:
+            fd = self.fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        data = os.pread(fd, int(size), int(offset))
+        if len(data) != int(size):
+            raise FormatError(f"{self.paths[shard]}: truncated shard; rerun `alexrepro prepare` to rewrite it")
+        return data
+
+
+def _key(header: bytes) -> str:
+    """The sample key from a ustar header: the member name `<key>.jpg` (with the prefix field, if any)."""
+    name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
+    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")
+    return (f"{prefix}/{name}" if prefix else name).partition(".")[0]
 
 
 def _decoders() -> dict[str, Callable[[bytes], torch.Tensor]]:

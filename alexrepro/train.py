@@ -46,7 +46,7 @@ from alexrepro.distributed import (
     wrap_model,
 )
 from alexrepro.errors import FormatError, OutputExistsError, TrainingError
-from alexrepro.loader import Augmentation, Batch, train_loader, val_loader
+from alexrepro.loader import Augmentation, Batch, ShardIndex, split_index, train_loader, val_loader
 from alexrepro.progress import NullProgress, Progress
 from alexrepro.shards import Manifest, manifest_sha256, read_manifest
 
@@ -337,6 +337,7 @@ class Run:
     out: Path
     config: TrainConfig
     manifest: Manifest
+    indexes: dict[str, ShardIndex]  # "train", "val": where each sample lies in the shards, read once per run
     ranks: Ranks
     devices: list[torch.device]
     net: torch.nn.Module  # the AlexNet itself (its state_dict is what checkpoints hold)
@@ -419,7 +420,8 @@ def build_run(shards, out, config, manifest, normalization, stats, ranks, device
         "switches": config.switches(),
     }
     return Run(
-        shards=shards, out=out, config=config, manifest=manifest, ranks=ranks, devices=devices, net=net, model=model,
+        shards=shards, out=out, config=config, manifest=manifest, ranks=ranks,
+        indexes={split: split_index(shards, manifest, split) for split in ("train", "val")}, devices=devices, net=net, model=model,
         optimizer=optimizer, preprocess=make_preprocess(normalization, config, devices[0], channels_last),
         autocast=lambda: torch.autocast(device_type=devices[0].type, dtype=torch.bfloat16, enabled=bf16),
         base_state=base_state, progress=progress if ranks.is_main else NullProgress(),
@@ -465,6 +467,7 @@ def train_epoch(run: Run, epoch: int, position: dict, stop: StopRequest) -> Sums
     loader = train_loader(
         run.shards, run.manifest, config.augmentation(), config.batch_size, config.seed, epoch, config.workers,
         ranks.rank, ranks.world_size, config.shuffle_buffer, position["step"], device.type == "cuda", config.decoder,
+        run.indexes["train"],
     )  # fmt: skip
     steps = -(-run.manifest.split("train").count // config.batch_size)
     sums = Sums.from_state(position["sums"], device) if position["sums"] else Sums.zeros(device)
@@ -570,7 +573,7 @@ def validate(run: Run) -> tuple[float, float, float]:
     config, ranks, device = run.config, run.ranks, run.devices[0]
     loader = val_loader(
         run.shards, run.manifest, config.crop, config.batch_size, config.workers, ranks.rank, ranks.world_size,
-        device.type == "cuda", config.decoder,
+        device.type == "cuda", config.decoder, run.indexes["val"],
     )  # fmt: skip
     expected = run.manifest.split("val").count
     sums = Sums.zeros(device)
