@@ -302,10 +302,13 @@ def _same(a: Any, b: Any) -> bool:
 def recipe_rows(inputs: ReportInputs) -> list[list[str]]:
     """[setting, this run, paper default, mark] for every train setting, switch and model setting of the run."""
     from alexrepro.model import ModelConfig
-    from alexrepro.train import TrainConfig
+    from alexrepro.train import RESUMABLE_CHANGES, TrainConfig
 
     train_defaults = config_defaults(TrainConfig)
     model_defaults = config_defaults(ModelConfig)
+    # Settings that decide how fast a run goes, not what it computes (those a resumed run may change), except the
+    # number of epochs, which is part of the paper's recipe.
+    speed_only = set(RESUMABLE_CHANGES) - {"epochs"}
     rows = []
     seen = set()
     for source, defaults in (
@@ -319,21 +322,31 @@ def recipe_rows(inputs: ReportInputs) -> list[list[str]]:
             seen.add(key)
             if key in defaults:
                 paper = defaults[key]
-                mark = "" if _same(value, paper) else "differs from the paper"
+                if _same(value, paper):
+                    mark = ""
+                elif key in speed_only:
+                    mark = DIFFERS_SPEED_ONLY
+                else:
+                    mark = DIFFERS
                 rows.append([key, _fmt(value), _fmt(paper), mark])
             else:
                 rows.append([key, _fmt(value), "—", ""])
     return rows
 
 
+DIFFERS = "differs from the paper"
+DIFFERS_SPEED_ONLY = "other than the default (speed only)"
+
+
 def recipe_section(inputs: ReportInputs) -> list[Block]:
     rows = recipe_rows(inputs)
-    differing = sum(1 for r in rows if r[3])
+    differing = sum(1 for r in rows if r[3] == DIFFERS)
     return [
         Heading("Recipe"),
         Paragraph(
-            f"Every setting of the training run, as stored in the checkpoint; {differing} differ from the paper's "
-            "defaults (the defaults of TrainConfig and ModelConfig, which are the paper's values)."
+            f"Every setting of the training run, as stored in the checkpoint, beside its default (TrainConfig and "
+            f"ModelConfig, whose defaults are the paper's values). {differing} of the recipe's settings differ from "
+            "the paper; settings that only change the speed (devices, workers, precision…) are marked apart."
         ),
         Table(["setting", "this run", "default (the paper's)", ""], rows),
     ]

@@ -123,9 +123,12 @@ def test_results_table_names_the_dataset_on_every_row(written):
 
 
 def test_no_warning_when_the_data_is_ilsvrc_2012(tmp_path):
-    md, _ = report.write_report(tmp_path, make_inputs("ILSVRC-2012 val", "ILSVRC2012_ID"))
+    inputs = make_inputs("ILSVRC-2012 val", "ILSVRC2012_ID")
+    inputs.towers = 1  # the single-tower ablation draws its kernels as one block
+    md, _ = report.write_report(tmp_path, inputs)
     text = md.read_text()
     assert "not comparable" not in text and "as ILSVRC2012_IDs" in text
+    assert "one tower (the paper's Figure 3)" in text
 
 
 def test_recipe_marks_what_differs_from_the_paper(written):
@@ -136,6 +139,15 @@ def test_recipe_marks_what_differs_from_the_paper(written):
     assert rows["lr"][1:] == ["0.01", "0.01", ""]
     assert rows["num_classes"][1:] == ["6", "1000", "differs from the paper"]
     assert rows["width"][3] == "differs from the paper" and rows["lrn"][3] == ""
+
+
+def test_speed_only_settings_are_not_counted_as_recipe_changes(tmp_path):
+    inputs = make_inputs()
+    inputs.train_config.update(devices="cpu", workers=0)
+    md, _ = report.write_report(tmp_path, inputs)
+    rows = {row[0]: row for row in table_rows(md.read_text(), "setting")}
+    assert rows["devices"][3] == rows["workers"][3] == report.DIFFERS_SPEED_ONLY
+    assert "4 of the recipe's settings differ from the paper" in md.read_text()  # epochs, crop, width, num_classes
 
 
 def test_per_class_error_and_confused_pairs_match_brute_force():
