@@ -356,6 +356,8 @@ def train(shards: Path, stats: Path, out: Path, config: TrainConfig, resume: boo
     """
     ranks = ranks_from_env()
     devices = resolve_devices(config.devices, config.towers, ranks.local_rank)
+    if devices[0].type == "cuda":
+        torch.cuda.set_device(devices[0])  # NCCL and the default CUDA stream follow this rank's (first) GPU
     init_distributed(ranks, devices[0].type)
     try:
         return _train(Path(shards), Path(stats), Path(out), config, resume, ranks, devices, progress)
@@ -481,7 +483,7 @@ def train_epoch(run: Run, epoch: int, position: dict, stop: StopRequest) -> Sums
         loss_sum = train_step(run, batch, epoch, sums)
         window += loss_sum.detach().double()
         sums.wait += waited
-        stopping = any_rank(stop.signal is not None, device, ranks)  # every rank stops at the same step
+        stopping = should_stop(stop, batch.step, config.log_every, device, ranks)
         if (batch.step + 1) % config.log_every == 0 or stopping or batch.step == steps - 1:
             loss_value = read_loss(window, batch, run, epoch)
             window.zero_()
@@ -495,6 +497,14 @@ def train_epoch(run: Run, epoch: int, position: dict, stop: StopRequest) -> Sums
         tick = time.perf_counter()
     run.progress.finish()
     return sums
+
+
+def should_stop(stop: StopRequest, step: int, log_every: int, device: torch.device, ranks: Ranks) -> bool:
+    """Whether to stop after this step. One process: as soon as a signal came. Several: every rank must stop at the
+    same step, so they agree by an all-reduce, every `log_every` steps (each one waits for the device)."""
+    if not ranks.distributed:
+        return stop.signal is not None
+    return (step + 1) % log_every == 0 and any_rank(stop.signal is not None, device, ranks)
 
 
 def train_step(run: Run, batch: Batch, epoch: int, sums: Sums) -> torch.Tensor:

@@ -135,3 +135,47 @@ def test_sigterm_writes_a_checkpoint_that_resumes_exactly(two_epochs, data, tmp_
     train(*data, out, TrainConfig(epochs=2, **TINY), True, NullProgress())  # finishing epoch 2 …
     a, b = weights(two_epochs[0] / "checkpoint-last.pt"), weights(out / "checkpoint-last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)  # … ends where the uninterrupted run did
+
+
+def test_paper_update_rule_matches_the_papers_formula_across_an_lr_change():
+    """v ← 0.9·v − 0.0005·ε·w − ε·g; w ← w + v (§5), written out by hand, against SGD + apply_lr("paper")."""
+    from alexrepro.train import apply_lr
+
+    torch.manual_seed(0)
+    grads = [torch.randn(4) for _ in range(6)]
+    lrs = [0.1, 0.1, 0.1, 0.01, 0.01, 0.001]
+    w_ref, v = torch.ones(4), torch.zeros(4)
+    for g, eps in zip(grads, lrs):
+        v = 0.9 * v - 0.0005 * eps * w_ref - eps * g
+        w_ref = w_ref + v
+    w = torch.nn.Parameter(torch.ones(4))
+    sgd = torch.optim.SGD([w], lr=lrs[0], momentum=0.9, weight_decay=0.0005)
+    for g, eps in zip(grads, lrs):
+        apply_lr(sgd, eps, "paper")
+        w.grad = g.clone()
+        sgd.step()
+    assert torch.allclose(w.detach(), w_ref, atol=1e-6)
+
+
+def test_plateau_schedule_divides_by_ten_and_stops_after_max_drops():
+    from alexrepro.train import LrSchedule
+
+    config = TrainConfig(lr=0.01, lr_patience=2, lr_min_improvement=0.01, max_lr_drops=2)
+    schedule = LrSchedule(config.lr)
+    errors = [0.9, 0.8, 0.795, 0.8, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7]
+    lrs = [schedule.after_epoch(config, epoch + 1, error) for epoch, error in enumerate(errors)]
+    assert lrs == pytest.approx([0.01, 0.01, 0.01, 0.001, 0.001, 0.001, 0.0001, 0.0001, 0.0001, 0.0001])
+    step = TrainConfig(lr=0.01, lr_schedule="step", lr_milestones=(2, 4))
+    assert [LrSchedule(0.01).after_epoch(step, e, 0.5) for e in (1, 2, 3, 4)] == pytest.approx([0.01, 0.001, 0.001, 0.0001])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("devices", ["cuda", "cuda:0,cuda:1"])
+def test_cuda_run_with_bf16_and_channels_last(data, tmp_path, devices):
+    if "," in devices and torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    config = TrainConfig(epochs=2, **{**TINY, "devices": devices, "workers": 2})
+    result = train(*data, tmp_path, config, False, NullProgress())
+    assert all(math.isfinite(row["train_loss"]) for row in result.history)
+    assert load_checkpoint(result.checkpoint_last)["model"]["fc8.weight"].device.type == "cpu"
