@@ -13,6 +13,7 @@ Outputs in OUT (all written atomically, rewritten whole; only rank 0 writes):
     metrics.json      1-crop and 10-crop top-1/top-5 error (fractions), image count, checkpoint and data identity
     submission.txt    ILSVRC task-1 file: one line per val image in file-name order, five labels, most confident first
     predictions.csv   key, true class, 10-crop top-5 classes and probabilities
+    per_class.csv     every class's 10-crop and 1-crop top-1/top-5 error
     report.md, report.html, figures/*.png   (see alexrepro.report)
 """
 
@@ -517,6 +518,7 @@ def evaluate(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, 
     out.mkdir(parents=True, exist_ok=True)
     id_kind = write_submission(out / "submission.txt", predictions, manifest)
     write_predictions_csv(out / "predictions.csv", predictions, manifest)
+    write_per_class_csv(out / "per_class.csv", predictions, manifest)
     _write_report(out, predictions, metrics, ckpt, manifest, images, examples, query_keys, neighbours, id_kind, config)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: present means complete
     progress.finish()
@@ -644,6 +646,27 @@ def write_predictions_csv(path: Path, predictions: Predictions, manifest: shardl
         for c, p in zip(top, prob):
             row += [c, f"{p:.6f}"]
         writer.writerow(row)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def write_per_class_csv(path: Path, predictions: Predictions, manifest: shardlib.Manifest) -> None:
+    """Every class's 10-crop and 1-crop error (the report shows only the best and worst)."""
+    from alexrepro.report import per_class_error
+
+    k = predictions.top10.shape[1]
+    counts = np.bincount(predictions.labels, minlength=manifest.num_classes)
+    columns = {
+        "top1_error_10crop": per_class_error(predictions.top10, predictions.labels, manifest.num_classes, 1),
+        f"top{k}_error_10crop": per_class_error(predictions.top10, predictions.labels, manifest.num_classes, k),
+        "top1_error_1crop": per_class_error(predictions.top1, predictions.labels, manifest.num_classes, 1),
+        f"top{k}_error_1crop": per_class_error(predictions.top1, predictions.labels, manifest.num_classes, k),
+    }
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["class", "wnid", "name", "images", *columns])
+    for c in manifest.classes:
+        errors = ["" if np.isnan(v[c.index]) else f"{v[c.index]:.6f}" for v in columns.values()]
+        writer.writerow([c.index, c.wnid, c.name, int(counts[c.index]), *errors])
     atomic_write_text(path, buffer.getvalue())
 
 

@@ -154,6 +154,15 @@ def test_metrics_match_brute_force_over_every_image(evaluated, data):
     for row in rows:
         probs = [float(row[f"prob{j}"]) for j in range(1, 6)]
         assert probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-5
+    with open(out / "per_class.csv", newline="") as handle:
+        per_class = list(csv.DictReader(handle))
+    assert [int(r["class"]) for r in per_class] == list(range(NUM_CLASSES))
+    for r in per_class:
+        mine = [row for row in rows if int(row["true_class"]) == int(r["class"])]
+        assert int(r["images"]) == len(mine)
+        if mine:
+            wrong = sum(row["class1"] != row["true_class"] for row in mine)
+            assert float(r["top1_error_10crop"]) == pytest.approx(wrong / len(mine))
 
     # Recompute every image's 10-crop and centre-crop top-5 directly from the shards.
     from alexrepro.shards import iter_split
@@ -197,7 +206,8 @@ def read_manifest_like(classes):
 
 def test_report_files_are_written(evaluated):
     result, out = evaluated
-    for path in (result.report_md, result.report_html, result.submission, result.predictions, out / "metrics.json"):
+    for path in (result.report_md, result.report_html, result.submission, result.predictions, out / "metrics.json",
+                 out / "per_class.csv"):
         assert path.is_file() and path.stat().st_size > 0
     assert sorted(p.name for p in (out / "figures").iterdir()) == [
         "conv1.png", "curves.png", "examples.png", "neighbours.png", "per_class.png"]
