@@ -19,7 +19,7 @@ from torchvision.transforms import TenCrop
 from alexrepro import evaluate as ev
 from alexrepro.errors import EvaluationError
 from alexrepro.progress import NullProgress
-from alexrepro.shards import read_manifest, write_manifest
+from alexrepro.shards import iter_split, read_manifest, write_manifest
 from evaluate_helpers import (
     CROP, NUM_CLASSES, SIZE, VAL_IMAGES, save_tiny_checkpoint, tiny_checkpoint, tiny_classes, write_tiny_shards,
 )
@@ -67,6 +67,21 @@ def test_mean_is_cut_like_the_image_and_mirrored_with_it(data):
     patches = ev.TenCropPatches(ckpt["normalization"], CROP, torch.device("cpu"))
     mean = ckpt["normalization"]["mean_image"].permute(2, 0, 1)
     assert torch.equal(patches.mean_views, ev.ten_crop_views(mean[None], CROP)[0])
+
+
+def test_centre_patch_is_what_training_validates_on(data):
+    """Evaluation's 1-crop input equals the training loop's validation input, image for image."""
+    from alexrepro.loader import val_loader
+    from alexrepro.train import TrainConfig, make_preprocess
+
+    _, shards, _, ckpt = data
+    net = network(ckpt)
+    config = TrainConfig(crop=CROP, input_scale=ckpt["normalization"]["input_scale"])
+    preprocess = make_preprocess(ckpt["normalization"], config, torch.device("cpu"), channels_last=False)
+    val = {s.key: s for s in iter_split(shards, "val")}
+    for batch in val_loader(shards, read_manifest(shards), CROP, batch_size=5, workers=0):
+        ours = net.patches.centre(torch.stack([net.decode(val[key].jpeg) for key in batch.keys]))
+        torch.testing.assert_close(ours, preprocess(batch, train=False), rtol=0, atol=1e-6)
 
 
 def test_averaged_softmax_matches_a_manual_computation(data):
@@ -165,8 +180,6 @@ def test_metrics_match_brute_force_over_every_image(evaluated, data):
             assert float(r["top1_error_10crop"]) == pytest.approx(wrong / len(mine))
 
     # Recompute every image's 10-crop and centre-crop top-5 directly from the shards.
-    from alexrepro.shards import iter_split
-
     net = network(ckpt)
     wrong1 = 0
     for sample, row in zip(iter_split(data[1], "val"), rows):
@@ -216,8 +229,6 @@ def test_report_files_are_written(evaluated):
 def test_neighbours_match_brute_force_fc7_distances(evaluated, data):
     result, _ = evaluated
     _, shards, _, ckpt = data
-    from alexrepro.shards import iter_split
-
     net = network(ckpt)
     train = list(iter_split(shards, "train"))
     images = torch.stack([net.decode(s.jpeg) for s in train])
