@@ -176,15 +176,21 @@ def split_parts(shards_dir: Path, manifest: shardlib.Manifest, split: str, limit
 
 
 def _loader(parts: Sequence[ShardPart], ranks: Ranks, network: "InferenceNetwork", config: EvaluateConfig) -> DataLoader:
-    workers = min(8, os.cpu_count() or 1) if config.workers is None else config.workers
+    workers = min(8, _usable_cores()) if config.workers is None else config.workers
     return DataLoader(
         ShardImages(parts, ranks, network.decoder),
         batch_size=config.batch_size,
         num_workers=workers,
         pin_memory=network.device.type == "cuda",
-        prefetch_factor=4 if workers else None,
         worker_init_fn=_worker_init,
     )
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may use (containers, taskset), not the machine's
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def _worker_init(_worker_id: int) -> None:
