@@ -138,6 +138,11 @@ def test_readers_split_every_image_exactly_once(data):
         assert sorted(keys) == [f"ILSVRC2012_val_{i + 1:08d}" for i in range(VAL_IMAGES)]
         reads = [len(ev.ShardImages(parts).assignments(r, world)) for r in range(world)]
         assert sum(reads) == max(world, len(parts))  # no shard is read by more readers than needed
+    from_workers = []  # two ranks of two DataLoader workers each: 4 readers for 3 shards
+    for rank in (0, 1):
+        loader = torch.utils.data.DataLoader(ev.ShardImages(parts, ev.Ranks(rank, 2)), batch_size=4, num_workers=2)
+        from_workers += [key for keys, _, _ in loader for key in keys]
+    assert sorted(from_workers) == [f"ILSVRC2012_val_{i + 1:08d}" for i in range(VAL_IMAGES)]
     subset = ev.split_parts(shards, read_manifest(shards), "train", limit=13)
     assert [p.count for p in subset] == [12, 1] and len(list(ev.ShardImages(subset))) == 13
 
