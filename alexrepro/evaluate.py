@@ -483,8 +483,8 @@ def evaluate(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, 
     from alexrepro.checkpoint import load_checkpoint
 
     checkpoint, shards, out = Path(checkpoint), Path(shards), Path(out)
-    manifest = shardlib.read_manifest(shards)
     ckpt = load_checkpoint(checkpoint)
+    manifest = shardlib.read_manifest(shards)
     check_classes(ckpt["classes"], manifest, checkpoint, shards)
 
     with distributed_ranks(config.devices, int(ckpt["model_config"].get("towers", 2))) as (ranks, devices):
