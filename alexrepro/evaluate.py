@@ -708,7 +708,6 @@ def _write_report(out, predictions, metrics, ckpt, manifest, images, examples, q
         classes=[dataclasses.asdict(c) for c in manifest.classes],
         labels=predictions.labels,
         top10=predictions.top10,
-        top1=predictions.top1,
         model_config=dict(ckpt.get("model_config", {})),
         train_config=dict(ckpt.get("train_config", {})),
         switches=dict(ckpt.get("switches", {})),

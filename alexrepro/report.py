@@ -85,7 +85,6 @@ class ReportInputs:
     classes: list[dict[str, Any]]  # {index, wnid, ilsvrc_id, name}
     labels: np.ndarray  # N true classes, file-name order
     top10: np.ndarray  # N×k 10-crop guesses
-    top1: np.ndarray  # N×k centre-crop guesses
     model_config: dict[str, Any]
     train_config: dict[str, Any]
     switches: dict[str, Any]

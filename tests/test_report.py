@@ -51,7 +51,6 @@ def make_inputs(dataset: str = "own data (6 classes, 30 val images)", submission
                  for i in range(NUM_CLASSES)],
         labels=labels,
         top10=top10,
-        top1=top10[:, ::-1].copy(),
         model_config=model_config,
         train_config=train_config,
         switches={"lrn": True, "towers": 2},
