@@ -128,3 +128,30 @@ def save_tiny_checkpoint(path: Path, ckpt: dict) -> Path:
 
     save_checkpoint(path, ckpt)
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def evaluate_rank(rank: int, world: int, port: int, checkpoint: str, shards: str, out: str, queue) -> None:
+    """One `torchrun`-like rank (a spawned process) running evaluate; puts (rank, (metrics, neighbours)) on `queue`.
+
+    Lives here rather than in the test module so that a rank imports only what evaluation needs.
+    """
+    import os
+
+    from alexrepro import evaluate as ev
+    from alexrepro.progress import NullProgress
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ev._write_report = lambda *args, **kwargs: None  # figures are tested elsewhere; here only ranks and counts
+    config = ev.EvaluateConfig(batch_size=4, devices="cpu", workers=0)
+    result = ev.evaluate(Path(checkpoint), Path(shards), Path(out), config, NullProgress())
+    queue.put((rank, (result.metrics, result.neighbours)))

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,7 +19,8 @@ from alexrepro.errors import EvaluationError
 from alexrepro.progress import NullProgress
 from alexrepro.shards import iter_split, read_manifest, write_manifest
 from evaluate_helpers import (
-    CROP, NUM_CLASSES, SIZE, VAL_IMAGES, save_tiny_checkpoint, tiny_checkpoint, tiny_classes, write_tiny_shards,
+    CROP, NUM_CLASSES, SIZE, VAL_IMAGES, evaluate_rank, free_port, save_tiny_checkpoint, tiny_checkpoint, tiny_classes,
+    write_tiny_shards,
 )
 
 torch.set_num_threads(1)
@@ -274,21 +273,6 @@ def test_two_tower_placement_gives_the_same_probabilities(data):
                                network(ckpt).ten_crop_probabilities(images))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, world: int, port: int, checkpoint: str, shards: str, out: str, queue) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    ev._write_report = lambda *args, **kwargs: None  # figures are tested elsewhere; here only ranks and counts
-    result = ev.evaluate(Path(checkpoint), Path(shards), Path(out), CONFIG, NullProgress())
-    queue.put((rank, (result.metrics, result.neighbours)))
-
-
 def test_two_ranks_under_torchrun_agree_with_one_process(evaluated, data, tmp_path):
     import torch.multiprocessing as mp
 
@@ -296,8 +280,8 @@ def test_two_ranks_under_torchrun_agree_with_one_process(evaluated, data, tmp_pa
     root, shards, checkpoint, _ = data
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
-    port = _free_port()
-    procs = [context.Process(target=_rank_main, args=(r, 2, port, str(checkpoint), str(shards), str(tmp_path), queue))
+    port = free_port()
+    procs = [context.Process(target=evaluate_rank, args=(r, 2, port, str(checkpoint), str(shards), str(tmp_path), queue))
              for r in range(2)]
     for p in procs:
         p.start()
