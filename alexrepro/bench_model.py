@@ -59,7 +59,7 @@ def bench_train(
         for step in (paper, reference):
             for _ in range(warmup):
                 step()
-        times = _interleaved({"paper": paper, "torchvision": reference}, steps, unit, cuda)
+        times, cpu_times = _interleaved({"paper": paper, "torchvision": reference}, steps, unit, cuda)
         suffix = ", compiled" if compiled else ""
         for name, label in (("paper", "paper AlexNet (2 towers, LRN)"), ("torchvision", "torchvision alexnet")):
             median = statistics.median(times[name]) / unit
@@ -67,18 +67,23 @@ def bench_train(
                 "name": label + suffix,
                 "img_s": batch_size / median,
                 "step_ms": median * 1e3,
+                "cpu_ms": statistics.median(cpu_times[name]) / unit * 1e3,
                 "steps": steps * unit,
             })
-        ratios[f"paper / torchvision{suffix}"] = statistics.median(times["torchvision"]) / statistics.median(
+        ratios[f"paper / torchvision img/s{suffix}"] = statistics.median(times["torchvision"]) / statistics.median(
             times["paper"]
         )
+        if not cuda:  # CPU seconds per step: what each model costs, less disturbed by other work on the machine
+            ratios[f"paper / torchvision by CPU time{suffix}"] = statistics.median(
+                cpu_times["torchvision"]
+            ) / statistics.median(cpu_times["paper"])
 
     notes = [
         _device_description(dev),
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} CPU threads",
         f"batch {batch_size}, {precision}, channels_last={channels_last}, synthetic input "
         f"(paper {ModelConfig().crop}², torchvision {TORCHVISION_CROP}²); timed steps alternate between the models; "
-        "img/s from the median step",
+        "img/s from the median step; cpu_ms = process CPU time per step (all threads)",
     ]
     return BenchReport(title=f"bench train ({device})", rows=rows, ratios=ratios, notes=notes)
 
@@ -106,20 +111,23 @@ class _TrainStep:
         self.optimizer.step()
 
 
-def _interleaved(steps: dict[str, _TrainStep], rounds: int, unit: int, cuda: bool) -> dict[str, list[float]]:
-    """Seconds per timed unit of `unit` steps for each model, the models taking turns (order flipped each round)."""
+def _interleaved(steps: dict[str, _TrainStep], rounds: int, unit: int, cuda: bool):
+    """Wall and process CPU seconds per timed unit of `unit` steps for each model, the models taking turns (the
+    order flipped each round)."""
     times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu_times: dict[str, list[float]] = {name: [] for name in steps}
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     names = list(steps)
     for round_ in range(rounds):
         for name in names if round_ % 2 == 0 else reversed(names):
             sync()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(unit):
                 steps[name]()
             sync()
             times[name].append(time.perf_counter() - start)
-    return times
+            cpu_times[name].append(time.process_time() - cpu_start)
+    return times, cpu_times
 
 
 def _device_description(device: torch.device) -> str:

@@ -128,87 +128,46 @@ def local_response_norm(x: Tensor, groups: int = 1) -> Tensor:
 
 
 class _LocalResponseNorm(torch.autograd.Function):
-    """LRN with a hand-written backward pass, run a few images at a time.
+    """LRN as nine whole-tensor operations with a hand-written backward pass.
 
-    Autograd's chain of elementwise ops made LRN a third of a CPU training step: every op wrote a new
-    full-size tensor (on Linux each one over 32 MB is fresh mmap'd memory, paid for again in page faults) and read
-    it back from RAM. Here the only full-size tensors are the output, d = k + α Σ a² (kept for the backward pass)
-    and the input's gradient; the temporaries of a chunk of images stay small and in cache. On CUDA the whole batch
-    is one chunk.
+    Autograd through the obvious formulation (torch's own LocalResponseNorm: pad, avg_pool3d, pow, div) made LRN a
+    third of a CPU training step: a dozen elementwise passes each way, each writing a new full-size tensor. Here the
+    window sums are one matrix product each way and the rest is five elementwise operations. Fewer, larger operations
+    also matter on a CPU shared with other work, where each parallel operation waits for all its threads.
     """
 
     @staticmethod
     def forward(ctx, a: Tensor, groups: int) -> Tensor:
-        out, d = torch.empty_like(a), torch.empty_like(a)
-        for batch in _chunks(a):
-            torch.mul(_window_sum(a[batch] * a[batch], groups), LRN_ALPHA, out=d[batch]).add_(LRN_K)  # k + α Σ a²
-            torch.mul(a[batch], _pow_minus_beta(d[batch]), out=out[batch])
+        d = _window_sums(a * a, groups, scale=LRN_ALPHA, offset=LRN_K)  # k + α Σ_j a_j²
+        r = d.pow(-LRN_BETA)
         ctx.groups = groups
-        ctx.save_for_backward(a, d)
-        return out
+        ctx.save_for_backward(a, d, r)
+        return a * r
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        a, d = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=_memory_format(a))
-        grad_a = torch.empty_like(a)
-        for batch in _chunks(a):
-            # b_i = a_i r_i with r_i = d_i^-β, so ∂L/∂a_j = g_j r_j − 2αβ a_j Σ_{i: j in window(i)} g_i a_i r_i / d_i,
-            # and j is in window(i) exactly when i is in window(j): the forward window sum serves here too.
-            a_, d_ = a[batch], d[batch]
-            gr = grad[batch] * _pow_minus_beta(d_)
-            back = _window_sum(torch.mul(gr, a_).div_(d_), ctx.groups)
-            torch.addcmul(gr, a_, back, value=-2 * LRN_ALPHA * LRN_BETA, out=grad_a[batch])
-        return grad_a, None
+        a, d, r = ctx.saved_tensors
+        # b_i = a_i r_i with r_i = d_i^-β, so ∂L/∂a_j = g_j r_j − 2αβ a_j Σ_{i: j in window(i)} g_i a_i r_i / d_i,
+        # and j is in window(i) exactly when i is in window(j): the forward window sum serves here too.
+        gr = grad.contiguous(memory_format=_memory_format(a)) * r
+        back = _window_sums(torch.mul(gr, a).div_(d), ctx.groups, scale=-2 * LRN_ALPHA * LRN_BETA)
+        return gr.addcmul_(a, back), None
 
 
-def _pow_minus_beta(d: Tensor) -> Tensor:
-    """d^-β for the paper's β = 0.75, as 1/√(d·√d): square roots are CPU instructions, pow a library call (2.5×
-    slower on the CPUs measured)."""
-    return torch.sqrt(d).mul_(d).rsqrt_()
-
-
-def _chunks(x: Tensor) -> list[slice]:
-    """Slices of the batch holding about 4 MB each on a CPU (cache-sized temporaries); the whole batch on a GPU."""
-    per_image = x[0].numel() * x.element_size() if len(x) else 1
-    step = max(1, len(x) if x.is_cuda else (4 << 20) // per_image)
-    return [slice(i, i + step) for i in range(0, len(x), step)]
-
-
-def _window_sum(x: Tensor, groups: int) -> Tensor:
-    """Σ of x over each channel's LRN window (n=5, cut at the edges of its group); keeps x's memory format.
-
-    Two equivalent ways, chosen by what was fastest: on a CPU, where x is a cache-sized chunk, five shifted adds;
-    on a GPU, where x is the whole batch, one banded matrix product instead of six full passes through memory.
-    """
-    return _window_sum_by_matmul(x, groups) if x.is_cuda else _window_sum_by_shifts(x, groups)
-
-
-def _window_sum_by_shifts(x: Tensor, groups: int) -> Tensor:
-    n, c, h, w = x.shape
-    size = c // groups
-    channels_last = _memory_format(x) == torch.channels_last
-    if channels_last:  # pixels × towers × channels
-        maps = x.permute(0, 2, 3, 1).reshape(n * h * w, groups, size)
-    else:  # images × towers × channels × pixels
-        maps = x.reshape(n, groups, size, h * w)
-    total = maps.clone()
-    for shift in range(1, LRN_SIZE // 2 + 1):  # add the neighbours `shift` channels away, within the tower
-        total.narrow(2, shift, size - shift).add_(maps.narrow(2, 0, size - shift))
-        total.narrow(2, 0, size - shift).add_(maps.narrow(2, shift, size - shift))
-    return total.view(n, h, w, c).permute(0, 3, 1, 2) if channels_last else total.view(n, c, h, w)
-
-
-def _window_sum_by_matmul(x: Tensor, groups: int) -> Tensor:
+def _window_sums(x: Tensor, groups: int, scale: float, offset: float = 0.0) -> Tensor:
+    """offset + scale · Σ of x over each channel's LRN window (n=5, cut at the edges of its group), in x's memory
+    format: one matrix product with a banded matrix, faster than shifted adds or avg_pool3d."""
     n, c, h, w = x.shape
     size = c // groups
     index = torch.arange(size, device=x.device)
-    band = ((index[:, None] - index[None, :]).abs() <= LRN_SIZE // 2).to(x.dtype)  # symmetric
-    if _memory_format(x) == torch.channels_last:
+    band = ((index[:, None] - index[None, :]).abs() <= LRN_SIZE // 2).to(x.dtype) * scale  # symmetric
+    if _memory_format(x) == torch.channels_last:  # (pixels × channels) @ block-diagonal band
         pixels = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view: channels are the fastest dimension
-        return (pixels @ torch.block_diag(*[band] * groups)).view(n, h, w, c).permute(0, 3, 1, 2)
-    return torch.matmul(band, x.reshape(n * groups, size, h * w)).view(n, c, h, w)
+        sums = (pixels @ torch.block_diag(*[band] * groups)).view(n, h, w, c).permute(0, 3, 1, 2)
+    else:  # band @ (channels × pixels), for each image and tower
+        sums = torch.matmul(band, x.reshape(n * groups, size, h * w)).view(n, c, h, w)
+    return sums.add_(offset) if offset else sums
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
