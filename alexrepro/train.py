@@ -45,7 +45,7 @@ from alexrepro.distributed import (
     shutdown_distributed,
     wrap_model,
 )
-from alexrepro.errors import FormatError, OutputExistsError, TrainingError
+from alexrepro.errors import ConfigError, FormatError, OutputExistsError, TrainingError
 from alexrepro.loader import Augmentation, Batch, ShardIndex, split_index, train_loader, val_loader
 from alexrepro.progress import NullProgress, Progress
 from alexrepro.shards import Manifest, manifest_sha256, read_manifest
@@ -393,7 +393,7 @@ def check_sizes(manifest: Manifest, normalization: dict, crop: int, stats: Path)
             "rerun `alexrepro stats` on these shards"
         )
     if crop > mean_side:
-        raise FormatError(f"key 'crop' ({crop}) is larger than the {mean_side}×{mean_side} images; use a smaller --crop")
+        raise ConfigError(f"key 'crop' ({crop}) is larger than the {mean_side}×{mean_side} images; use a smaller --crop")
 
 
 def build_run(shards, out, config, manifest, normalization, stats, ranks, devices, progress) -> Run:
@@ -630,8 +630,10 @@ def _to_cpu(value):
 
 
 def write_history(out: Path, history: list[dict]) -> None:
-    """history.json (a list of rows) and history.csv, rewritten whole (DVC plots read either)."""
+    """history.json (a list of rows) and history.csv, rewritten whole (DVC plots read either), and
+    last_epoch.json (the latest row, a flat mapping for `dvc metrics`)."""
     atomic_write_text(out / "history.json", json.dumps(history, indent=2) + "\n")
+    atomic_write_text(out / "last_epoch.json", json.dumps(history[-1], indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
     writer.writeheader()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -53,6 +54,7 @@ def test_tiny_run_learns_and_writes_its_outputs(data, tmp_path):
     assert (tmp_path / "history.csv").read_text().splitlines()[0] == ",".join(HISTORY_FIELDS)
     assert len((tmp_path / "history.csv").read_text().splitlines()) == 6
     assert (tmp_path / "checkpoint-best.pt").is_file() and result.checkpoint_last.is_file()
+    assert json.loads((tmp_path / "last_epoch.json").read_text()) == result.history[-1]
 
 
 def test_checkpoint_is_weights_only_and_self_contained(two_epochs, data):
