@@ -1,8 +1,8 @@
 """Per-batch float work on the training device: mean-image subtraction at each crop's offset, PCA lighting.
 
 Loader workers hand over uint8 crops together with where each crop came from (y, x, flipped) and the lighting
-coefficients α drawn for it (alexrepro.loader); everything that needs floats happens here, on the device, one batch
-at a time (DESIGN.md "Training").
+coefficients α drawn for it (alexrepro.loader); everything that needs floats, and the reflection, happens here, on
+the device, one batch at a time (DESIGN.md "Training").
 
 Units: pixels are RGB 0–255 until `input_scale` is applied last; the stats stage gives the covariance of 0–255
 values (alexrepro.stats).
@@ -51,6 +51,12 @@ def crop_mean(
         cols = torch.where(flipped.to(device=device, dtype=torch.bool)[:, None], cols.flip(1), cols)
     crops = mean_image[:, rows[:, :, None], cols[:, None, :]]  # 3×N×c×c
     return crops.permute(1, 0, 2, 3)  # N×3×c×c
+
+
+def flip_where(batch: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the images (N×C×H×W) whose `flipped` flag is set: the paper's reflections (§4.1)."""
+    flipped = flipped.to(device=batch.device, dtype=torch.bool)[:, None, None, None]
+    return torch.where(flipped, batch.flip(-1), batch)
 
 
 def normalize(batch_uint8: torch.Tensor, mean_crops: torch.Tensor, input_scale: float) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from alexrepro.atomic import atomic_write_text
-from alexrepro.augment import crop_mean, normalize, pca_lighting
+from alexrepro.augment import crop_mean, flip_where, normalize, pca_lighting
 from alexrepro.checkpoint import check_resumable, load_checkpoint, save_checkpoint
 from alexrepro.config import config_to_dict
 from alexrepro.distributed import (
@@ -167,8 +167,8 @@ class Preprocess:
 
     def __call__(self, batch: Batch, train: bool) -> torch.Tensor:
         images = batch.images.to(self.device, non_blocking=True)
-        mean = crop_mean(self.mean_image, batch.offsets, self.crop, batch.flipped)  # N×3×c×c
-        x = normalize(images, mean, 1.0)
+        mean = crop_mean(self.mean_image, batch.offsets, self.crop)  # N×3×c×c, each crop's own window
+        x = flip_where(normalize(images, mean, 1.0), batch.flipped)  # mirror image and mean together
         if train:  # α is all zero when lighting is switched off: then this adds nothing
             x = pca_lighting(x, self.eigval, self.eigvec, alphas=batch.alphas, scale=self.lighting_scale)
         return (x * self.input_scale).contiguous(memory_format=self.memory_format)

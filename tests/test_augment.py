@@ -6,7 +6,15 @@ import pytest
 import torch
 from train_helpers import make_shards
 
-from alexrepro.augment import center_offset, crop_mean, lighting_shift, normalize, pca_lighting, ten_crop_offsets
+from alexrepro.augment import (
+    center_offset,
+    crop_mean,
+    flip_where,
+    lighting_shift,
+    normalize,
+    pca_lighting,
+    ten_crop_offsets,
+)
 from alexrepro.loader import Augmentation, train_loader
 
 
@@ -42,6 +50,8 @@ def test_mean_is_cut_at_each_crops_window_and_mirrored_with_it():
     assert torch.equal(crops[0], mean[:, 0:6, 0:6])
     assert torch.equal(crops[1], mean[:, 2:8, 3:9].flip(-1))
     assert torch.equal(crops[2], mean[:, 4:10, 4:10])
+    flipped_back = flip_where(crops, flipped)
+    assert torch.equal(flipped_back[1], mean[:, 2:8, 3:9]) and torch.equal(flipped_back[0], crops[0])
     images = (crops + 1).round().clamp(0, 255).to(torch.uint8)
     out = normalize(images, crops, 0.5)
     assert out.dtype == torch.float32
