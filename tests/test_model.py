@@ -241,16 +241,19 @@ def assert_same_run(a, b):
         assert_close(grads_a[name], grads_b[name], name)
 
 
-@pytest.mark.parametrize("mode", ["eval", "train"])
-def test_placements_give_equal_outputs_and_gradients(mode, monkeypatch):
+@pytest.mark.parametrize(("mode", "memory_format"), [
+    ("eval", torch.contiguous_format), ("train", torch.contiguous_format), ("train", torch.channels_last)
+])
+def test_placements_give_equal_outputs_and_gradients(mode, memory_format, monkeypatch):
     torch.manual_seed(0)
     config = ModelConfig(**SMALL, init="he")  # He init: activations large enough that a wiring error would show
-    one = AlexNet(config)
-    two = AlexNet(config, devices=["cpu", "cpu"])
+    one = AlexNet(config).to(memory_format=memory_format)
+    two = AlexNet(config, devices=["cpu", "cpu"]).to(memory_format=memory_format)
     two.load_state_dict(one.state_dict())
     assert two._device_towers == [(0,), (1,)] and one._device_towers == [(0, 1)]
     getattr(one, mode)(), getattr(two, mode)()
-    x, target = torch.randn(4, 3, 99, 99) * 50, torch.tensor([1, 2, 3, 4])
+    x = (torch.randn(4, 3, 99, 99) * 50).contiguous(memory_format=memory_format)
+    target = torch.tensor([1, 2, 3, 4])
     assert_same_run(run(one, x, target, monkeypatch), run(two, x, target, monkeypatch))
     if mode == "train":  # the stand-in dropout really dropped units
         assert not torch.equal(run(one, x, target, monkeypatch)[0], one.eval()(x).detach())
@@ -364,6 +367,25 @@ def test_both_lrn_window_sums_agree(channels_last):
         torch.testing.assert_close(lrn.double(), paper_lrn(x.double(), 2), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lrn_matches_torch_per_tower_in_both_memory_formats(channels_last):
+    """Forward and backward against autograd through torch's LocalResponseNorm applied to each tower separately."""
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(9, 96, 13, 13)) * 100
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(9, 96, 13, 13)
+    ours, ref = x.clone().requires_grad_(), x.clone().contiguous().requires_grad_()
+    out = local_response_norm(ours, 2)
+    out.backward(grad)
+    torch_lrn = torch.nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
+    expected = torch_lrn(ref.view(18, 48, 13, 13)).view(9, 96, 13, 13)
+    expected.backward(grad)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-4, atol=1e-6)
+
+
 # --- CUDA ---------------------------------------------------------------------------------------------------------
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -415,20 +437,10 @@ def test_cuda_bf16_autocast_keeps_lrn_in_float32():
     torch.testing.assert_close(y.double().cpu(), paper_lrn(a.double().cpu(), 2), rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_lrn_matches_torch_per_tower_in_both_memory_formats(channels_last):
-    """Forward and backward against autograd through torch's LocalResponseNorm applied to each tower separately."""
-    torch.manual_seed(0)
-    x = torch.relu(torch.randn(9, 96, 13, 13)) * 100
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(9, 96, 13, 13)
-    ours, ref = x.clone().requires_grad_(), x.clone().contiguous().requires_grad_()
-    out = local_response_norm(ours, 2)
-    out.backward(grad)
-    torch_lrn = torch.nn.LocalResponseNorm(5, alpha=5e-4, beta=0.75, k=2.0)
-    expected = torch_lrn(ref.view(18, 48, 13, 13)).view(9, 96, 13, 13)
-    expected.backward(grad)
-    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-4, atol=1e-6)
+def test_bench_train_runs_and_reports_a_ratio():
+    from alexrepro.bench_model import bench_train
+
+    report = bench_train(batch_size=2, steps=1, warmup=0)
+    assert [row["name"] for row in report.rows] == ["paper AlexNet (2 towers, LRN)", "torchvision alexnet"]
+    assert all(row["img_s"] > 0 for row in report.rows)
+    assert report.ratios["paper / torchvision img/s"] > 0
