@@ -216,7 +216,7 @@ class LrSchedule:
         """The learning rate for the next epoch, given the `completed` epochs and the latest validation error."""
         if config.lr_schedule == "step":
             self.drops = sum(1 for m in config.lr_milestones if completed >= m)
-            self.lr = config.lr * 0.1**self.drops
+            self.lr = config.lr / 10**self.drops
             return self.lr
         if val_top1_error < self.best_error - config.lr_min_improvement:
             self.best_error, self.bad_epochs = val_top1_error, 0
