@@ -102,3 +102,17 @@ def test_val_is_every_sample_once_in_order(shards):
     assert [k for b in val_loader(out, manifest, 64, 4, workers=2) for k in b.keys] == stored
     two = [[k for b in val_loader(out, manifest, 64, 4, 0, rank=r, world_size=2) for k in b.keys] for r in range(2)]
     assert sorted(two[0] + two[1]) == sorted(stored) and not set(two[0]) & set(two[1])
+
+
+def test_shard_that_disagrees_with_the_manifest_is_refused(shards, tmp_path):
+    import dataclasses
+
+    from alexrepro.errors import FormatError
+    from alexrepro.loader import split_index
+
+    out, manifest = shards
+    train = manifest.split("train")
+    wrong = dataclasses.replace(train.shards[0], count=train.shards[0].count + 1)
+    bad = dataclasses.replace(manifest, splits={**manifest.splits, "train": dataclasses.replace(train, shards=(wrong, *train.shards[1:]))})
+    with pytest.raises(FormatError, match="rerun `alexrepro prepare`"):
+        split_index(out, bad, "train")
