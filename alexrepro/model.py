@@ -164,7 +164,7 @@ def _window_sums(x: Tensor, groups: int, scale: float, offset: float = 0.0) -> T
     """offset + scale · Σ of x over each channel's LRN window (n=5, cut at the edges of its tower), in x's memory
     format. Two equivalent ways, each the fastest measured where it is used: on a CPU, shifted adds (a 5-tap sum
     does 5 multiply-adds per value, a matrix product with the band matrix 48–128); on a GPU, one matrix product per
-    tower (a single pass through memory, where the adds take five)."""
+    tower (a single pass through memory, where the adds take five; in fp32 unless TF32 matmuls are switched on)."""
     sums = _window_sums_by_matmul if x.is_cuda else _window_sums_by_shifts
     return sums(x, groups, scale, offset)
 
