@@ -1,8 +1,8 @@
 """The `train` stage: the paper's SGD recipe (§5) with its augmentation (§4.1), checkpoints, resume, torch.distributed.
 
 Per step: the loader workers hand over uint8 crops (alexrepro.loader); on the device the batch becomes float, loses
-the mean image cut at each crop's window, gains the PCA lighting shift and is scaled by `input_scale`
-(alexrepro.augment); then one SGD step. Per epoch: validation on the centre crops, checkpoint-last.pt (and
+the mean image cut at each crop's window, is mirrored where the loader drew a reflection, gains the PCA lighting
+shift and is scaled by `input_scale` (alexrepro.augment); then one SGD step. Per epoch: validation on the centre crops, checkpoint-last.pt (and
 checkpoint-best.pt on a new best top-1 error), history.json and history.csv rewritten whole, the learning-rate
 schedule.
 
