@@ -1,0 +1,122 @@
+"""The DVC project: dvc.yaml agrees with the stage configs, and `dvc repro` / `dvc exp run` work on a tiny sample."""
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alexrepro.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_CLASSES = {
+    "sample": ("alexrepro.sample", "SampleConfig"),
+    "prepare": ("alexrepro.prepare", "PrepareConfig"),
+    "stats": ("alexrepro.stats", "StatsConfig"),
+    "train": ("alexrepro.train", "TrainConfig"),
+    "evaluate": ("alexrepro.evaluate", "EvaluateConfig"),
+}
+
+
+def config_class(stage: str):
+    module, name = CONFIG_CLASSES[stage]
+    return getattr(importlib.import_module(module), name)
+
+
+def dvc_stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def test_pipeline_has_the_five_stages_in_order():
+    assert list(dvc_stages()) == ["sample", "prepare", "stats", "train", "evaluate"]
+
+
+@pytest.mark.parametrize("stage", list(CONFIG_CLASSES))
+def test_each_stage_reads_its_own_params_file_with_config(stage):
+    spec = dvc_stages()[stage]
+    params_file = f"stages/{stage}.yaml"
+    assert f"--config {params_file}" in spec["cmd"]
+    assert spec["params"] == [{params_file: None}]
+    assert spec["cmd"].startswith(f"alexrepro {stage} ")
+
+
+@pytest.mark.parametrize("folder", ["stages", "stages/imagenet"])
+@pytest.mark.parametrize("stage", list(CONFIG_CLASSES))
+def test_every_param_key_exists_in_the_config_class(folder, stage):
+    # load_config raises ConfigError on any unknown key or wrong type.
+    load_config(config_class(stage), ROOT / folder / f"{stage}.yaml")
+
+
+def test_imagenet_train_params_are_the_papers_defaults():
+    cls = config_class("train")
+    paper = load_config(cls, ROOT / "stages/imagenet/train.yaml")
+    speed_only = {"devices", "workers"}
+    default = cls()
+    differing = {k for k in vars(default) if getattr(paper, k) != getattr(default, k)}
+    assert differing <= speed_only
+
+
+TINY = {
+    "sample": {"classes": 3, "train_per_class": 8, "val_per_class": 2, "seed": 0, "image_scale": 0.25, "workers": 1},
+    "prepare": {"size": 80, "quality": 90, "shard_size": 10, "workers": 1, "max_rejected": 0, "seed": 0},
+    "stats": {"workers": 1, "max_images": None},
+    "train": {"epochs": 1, "batch_size": 8, "lr": 0.01, "crop": 67, "width": 0.125, "init": "he",
+              "input_scale": 0.015625, "devices": "cpu", "workers": 0, "seed": 0, "lr_schedule": "step", "lrn": True},
+    "evaluate": {"batch_size": 8, "devices": "cpu", "workers": 0, "neighbours_max_train": None},
+}
+
+
+def run(args, cwd, env):
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture
+def tiny_repo(tmp_path):
+    """A copy of this project's tracked files in a fresh git repository, with tiny stage parameters."""
+    repo = tmp_path / "repo"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    for stage, params in TINY.items():
+        (repo / "stages" / f"{stage}.yaml").write_text(yaml.safe_dump(params))
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
+               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com", DVC_NO_ANALYTICS="1")
+    run(["git", "init", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "tiny pipeline"], repo, env)
+    return repo, env
+
+
+@pytest.mark.slow
+def test_dvc_repro_then_experiment_on_a_tiny_sample(tiny_repo):
+    repo, env = tiny_repo
+    run(["dvc", "repro", "--quiet"], repo, env)
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert metrics["images"] == 3 * 2
+    assert 0.0 <= metrics["10crop"]["top1_error"] <= 1.0
+    assert (repo / "reports" / "report.html").stat().st_size > 10_000
+    assert "up to date" in run(["dvc", "status"], repo, env)
+    assert "didn't change" in run(["dvc", "repro"], repo, env)  # a second repro does nothing
+
+    # An ablation is one experiment: no LRN.
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "baseline results"], repo, env)
+    run(["dvc", "exp", "run", "-n", "no-lrn", "-S", "stages/train.yaml:lrn=false"], repo, env)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
+    text = json.dumps(shown)
+    assert "no-lrn" in text
+    ablated = load_config(config_class("train"), repo / "stages" / "train.yaml")
+    assert ablated.lrn is False  # dvc exp run applies the experiment's params to the workspace
+    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert metrics["switches"]["lrn"] is False
