@@ -430,7 +430,7 @@ JsonOption = typer.Option(None, "--json-out", help="Also write the report as JSO
 
 @bench_app.command("prepare")
 def bench_prepare(
-    images: int = typer.Option(200, help="Number of ImageNet-sized JPEGs to time."),
+    images: int = typer.Option(800, help="Number of ImageNet-sized JPEGs to time (enough to amortise starting the pool)."),
     workers: int = typer.Option(2, help="Worker processes for the parallel measurement."),
     json_out: Optional[Path] = JsonOption,
 ) -> None:
@@ -447,8 +447,8 @@ def bench_prepare(
 
 @bench_app.command("stats")
 def bench_stats(
-    images: int = typer.Option(500, help="Number of 256×256 shard images to time."),
-    workers: int = typer.Option(1, help="Worker processes."),
+    images: int = typer.Option(2000, help="Number of 256×256 shard images to time."),
+    workers: int = typer.Option(2, help="Worker processes for the parallel measurement (1 is always measured)."),
     json_out: Optional[Path] = JsonOption,
 ) -> None:
     """stats vs plain decode of the same 256×256 shard JPEGs.
@@ -486,7 +486,7 @@ def bench_train(
 
 @bench_app.command("loader")
 def bench_loader(
-    images: int = typer.Option(1000, help="Number of 256×256 shard images to stream."),
+    images: int = typer.Option(1500, help="Number of 256×256 shard images to stream."),
     workers: int = typer.Option(2, help="Loader worker processes (also measured with 1)."),
     json_out: Optional[Path] = JsonOption,
 ) -> None:
