@@ -11,6 +11,7 @@ Every validation image is counted exactly once, on one device, on two (the two-t
 
 Outputs in OUT (all written atomically, rewritten whole; only rank 0 writes):
     metrics.json      1-crop and 10-crop top-1/top-5 error (fractions), image count, checkpoint and data identity
+                      (manifest sha256 and prepared image size)
     submission.txt    ILSVRC task-1 file: one line per val image in file-name order, five labels, most confident first
     predictions.csv   key, true class, 10-crop top-5 classes and probabilities
     per_class.csv     every class's 10-crop and 1-crop top-1/top-5 error
@@ -604,7 +605,7 @@ def _metrics(predictions: Predictions, checkpoint: Path, ckpt: dict, shards: Pat
         "images": len(predictions.keys),
         "dataset": dataset_name(manifest),
         "checkpoint": {"path": str(checkpoint), "sha256": sha256_file(checkpoint), "epoch": int(ckpt["epoch"])},
-        "data": {"manifest_sha256": shardlib.manifest_sha256(shards)},
+        "data": {"manifest_sha256": shardlib.manifest_sha256(shards), "size": manifest.settings.get("size")},
         "switches": _plain(ckpt.get("switches", {})),
     }
 
@@ -719,5 +720,6 @@ def _write_report(out, predictions, metrics, ckpt, manifest, images, examples, q
         submission_labels=id_kind,
         neighbours_scanned=scanned,
         checkpoint_manifest_sha256=(ckpt.get("data") or {}).get("manifest_sha256"),
+        prepare_settings=dict(manifest.settings),
     )
     report.write_report(out, inputs)

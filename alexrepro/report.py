@@ -3,8 +3,9 @@
 Contents (DESIGN.md "Evaluation and report"):
 - the results table: this run's 1-crop and 10-crop errors beside the paper's and other systems' (REFERENCE.md §4), with
   the dataset named on every row so that a run on the built-in sample is never read as an ImageNet result;
-- the run's recipe: every hyper-parameter and switch, each one that differs from the paper's default marked; the
-  defaults come from the `TrainConfig` and `ModelConfig` dataclasses, whose defaults are the paper's values;
+- the run's recipe: the data stage's settings (from the val manifest) and every hyper-parameter and switch, each one
+  that differs from the paper's default marked; the defaults come from the `PrepareConfig`, `TrainConfig` and
+  `ModelConfig` dataclasses, whose defaults are the paper's values;
 - training curves (loss; train and val top-1/top-5 error; learning rate on a log scale);
 - the conv1 kernels as RGB tiles, one block per tower (the paper's Figure 3);
 - validation images with their 10-crop top-5 as bars, the true label marked (Figure 4, left);
@@ -96,6 +97,7 @@ class ReportInputs:
     submission_labels: str  # "ILSVRC2012_ID" or "class index"
     neighbours_scanned: str = "all"  # how many training images the neighbour search looked at ("all 1,281,167")
     checkpoint_manifest_sha256: str | None = None
+    prepare_settings: dict[str, Any] = field(default_factory=dict)  # the val manifest's settings (size, quality…)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -333,17 +335,41 @@ def recipe_rows(inputs: ReportInputs) -> list[list[str]]:
     return rows
 
 
+# The prepare settings that decide what the evaluated images look like (seed and shard_size only order and group the
+# images). Only the size is the paper's (§2: 256×256); the others are shown for information.
+PREPARE_SHOWN = ("size", "quality", "resize_filter", "pillow", "layout")
+NOT_IN_PAPER = {"quality", "resize_filter", "pillow"}
+
+
+def prepare_rows(settings: dict[str, Any]) -> list[list[str]]:
+    """[setting, this run, paper default, mark] for the data stage's settings recorded in a manifest."""
+    from alexrepro.prepare import PrepareConfig
+
+    paper_size = config_defaults(PrepareConfig)["size"]
+    rows = []
+    for key in PREPARE_SHOWN:
+        if key not in settings:
+            continue
+        value = settings[key]
+        if key == "size":
+            rows.append([f"prepare.{key}", _fmt(value), _fmt(paper_size), "" if value == paper_size else DIFFERS])
+        else:
+            rows.append([f"prepare.{key}", _fmt(value), "not given in the paper" if key in NOT_IN_PAPER else "—", ""])
+    return rows
+
+
 DIFFERS = "differs from the paper"
 DIFFERS_SPEED_ONLY = "other than the default (speed only)"
 
 
 def recipe_section(inputs: ReportInputs) -> list[Block]:
-    rows = recipe_rows(inputs)
+    rows = prepare_rows(inputs.prepare_settings) + recipe_rows(inputs)
     differing = sum(1 for r in rows if r[3] == DIFFERS)
     return [
         Heading("Recipe"),
         Paragraph(
-            f"Every setting of the training run, as stored in the checkpoint, beside its default (TrainConfig and "
+            "The data stage's settings (prepare.*, from the validation shards' manifest) and every setting of the "
+            "training run, as stored in the checkpoint, beside its default (PrepareConfig, TrainConfig and "
             f"ModelConfig, whose defaults are the paper's values). {differing} of the recipe's settings differ from "
             "the paper; settings that only change the speed (devices, workers, precision…) are marked apart."
         ),

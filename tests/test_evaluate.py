@@ -164,6 +164,7 @@ def test_metrics_match_brute_force_over_every_image(evaluated, data):
     assert metrics["checkpoint"]["epoch"] == 3 and len(metrics["checkpoint"]["sha256"]) == 64
     assert metrics["switches"] == json.loads(json.dumps(ckpt["switches"]))
     assert metrics["dataset"] == f"own data ({NUM_CLASSES} classes, {VAL_IMAGES} val images)"
+    assert metrics["data"]["size"] == SIZE and len(metrics["data"]["manifest_sha256"]) == 64
 
     rows = read_predictions(out)
     assert [r["key"] for r in rows] == [f"ILSVRC2012_val_{i + 1:08d}" for i in range(VAL_IMAGES)]

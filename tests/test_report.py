@@ -140,6 +140,24 @@ def test_recipe_marks_what_differs_from_the_paper(written):
     assert rows["width"][3] == "differs from the paper" and rows["lrn"][3] == ""
 
 
+@pytest.mark.parametrize("size", [112, 256])
+def test_recipe_shows_the_prepared_image_size_beside_the_papers(tmp_path, size):
+    from alexrepro.prepare import PrepareConfig
+
+    inputs = make_inputs()
+    inputs.prepare_settings = {"size": size, "quality": 90, "resize_filter": "bilinear", "seed": 0,
+                               "shard_size": 250, "pillow": "Pillow 13.0.0", "layout": "ilsvrc2012-archives"}
+    md, html = report.write_report(tmp_path, inputs)
+    rows = {row[0]: row for row in table_rows(md.read_text(), "setting")}
+    paper = PrepareConfig().size
+    mark = "" if size == paper else "differs from the paper"
+    assert rows["prepare.size"][1:] == [str(size), str(paper), mark]
+    assert rows["prepare.quality"][1:] == ["90", "not given in the paper", ""]
+    assert rows["prepare.pillow"][1] == "Pillow 13.0.0" and "prepare.layout" in rows
+    assert f"{4 + bool(mark)} of the recipe's settings differ from the paper" in md.read_text()
+    assert "<td>prepare.size</td>" in html.read_text()
+
+
 def test_speed_only_settings_are_not_counted_as_recipe_changes(tmp_path):
     inputs = make_inputs()
     inputs.train_config.update(devices="cpu", workers=0)
