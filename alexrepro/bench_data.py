@@ -7,6 +7,12 @@
   - the real `prepare()` end to end (read files, resize, write shards and manifest) with 1 and with N workers.
 `bench_stats` times plain decode of the 256² shard JPEGs against the real `compute_stats()`.
 
+Steady state. A whole run of a stage pays fixed costs once (starting the worker pool, importing numpy and Pillow in
+each worker, listing the source, writing the manifest or the outputs). Over the 1.28 M images of ILSVRC-2012 they
+vanish; over a few hundred they do not. So each stage runs whole on N images and on 2N images (the first N and all
+2N, same shard size), and its steady-state rate is N / (t(2N) − t(N)): the fixed costs cancel in the difference,
+and what is left is the cost of N more images, shard writing included. The whole-run rates are reported too.
+
 The machine may be shared, so every pipeline runs `rounds` times, interleaved with the others, and the fastest
 round of each counts: the ratios then compare each pipeline at its least disturbed, in the same run.
 """
@@ -20,7 +26,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -81,18 +87,25 @@ def imagenet_like_sizes(count: int, seed: int) -> list[tuple[int, int]]:
     return [IMAGENET_SIZES[i][:2] for i in picks]
 
 
-def write_image_folder(root: Path, count: int, seed: int) -> list[bytes]:
-    """An ImageFolder tree `root/train/<wnid>/<wnid>_<i>.JPEG` of `count` photo-like JPEGs; returns their bytes."""
+def photo_like_jpegs(count: int, seed: int) -> list[bytes]:
+    """`count` photo-like JPEGs of the ImageNet size mix."""
     rng = np.random.default_rng(seed)
-    images = []
-    for i, (width, height) in enumerate(imagenet_like_sizes(count, seed)):
+    return [photo_like_jpeg(rng, width, height) for width, height in imagenet_like_sizes(count, seed)]
+
+
+def write_image_folder(root: Path, images: list[bytes]) -> None:
+    """An ImageFolder tree `root/train/<wnid>/<wnid>_<i>.JPEG` holding `images`."""
+    for i, data in enumerate(images):
         wnid = f"n{i % _CLASSES:08d}"
-        data = photo_like_jpeg(rng, width, height)
         folder = root / "train" / wnid
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{wnid}_{i}.JPEG").write_bytes(data)
-        images.append(data)
-    return images
+
+
+class _Pipeline(NamedTuple):
+    processes: int
+    images: int
+    run: Callable[[], None]
 
 
 def bench_prepare(
@@ -110,46 +123,56 @@ def bench_prepare(
     with tempfile.TemporaryDirectory(prefix="alexrepro-bench-") as tmp:
         tmp = Path(tmp)
         progress.start("writing photo-like JPEGs", None)
-        data = write_image_folder(tmp / "source", images, seed)
+        data = photo_like_jpegs(2 * images, seed)
+        for count in (images, 2 * images):
+            write_image_folder(tmp / f"source-{count}", data[:count])
+        data = data[:images]  # what the one-process baselines time
         progress.finish()
 
         runs = itertools.count()
 
-        def run_prepare(n: int) -> Callable[[], None]:
+        def run_prepare(n: int, count: int) -> Callable[[], None]:
+            # The same shard size for N and 2N images, so that per-shard costs count in the steady state.
             # A fresh output folder every time: prepare would otherwise resume and keep the shards already there.
             config = PrepareConfig(size=size, quality=quality, workers=n, shard_size=_shard_size(images, n))
-            return lambda: prepare(tmp / "source", tmp / f"out-{next(runs)}", config, progress=NullProgress())
+            return lambda: prepare(tmp / f"source-{count}", tmp / f"out-{next(runs)}", config, progress=NullProgress())
 
-        pipelines = {
-            "plain decode (full size)": (1, lambda: _each(data, imaging.decode_only)),
-            "obvious way (LANCZOS, q95)": (1, lambda: _each(data, imaging.resize_obvious_way)),
-            "resize step only (in memory)": (1, lambda: _each(data, lambda b: imaging.resize_square_jpeg(b, size, quality))),
-            "prepare, 1 worker": (1, run_prepare(1)),
-            f"prepare, {workers} workers": (workers, run_prepare(workers)),
+        baselines = {
+            "plain decode (full size)": _Pipeline(1, images, lambda: _each(data, imaging.decode_only)),
+            "obvious way (LANCZOS, q95)": _Pipeline(1, images, lambda: _each(data, imaging.resize_obvious_way)),
+            "resize step only (in memory)": _Pipeline(
+                1, images, lambda: _each(data, lambda b: imaging.resize_square_jpeg(b, size, quality))
+            ),
         }
-        seconds = _best_of(pipelines, rounds, progress)
+        whole = _whole_runs("prepare", _worker_counts(workers), images, run_prepare)
+        seconds = _best_of({**baselines, **whole}, rounds, progress)
 
-    rows, core = _rates(pipelines, seconds, images)
-    wall = {row["name"]: row["img_s"] for row in rows}
-    decode = core["plain decode (full size)"]
+    rows, core = _rates(baselines, seconds)
+    steady_rows, steady = _steady_state("prepare", _worker_counts(workers), images, seconds)
+    whole_rows, whole_core = _rates(whole, seconds)
+    decode, obvious = core["plain decode (full size)"], core["obvious way (LANCZOS, q95)"]
+    one, many = _workers_name(1), _workers_name(workers)
+    whole_one, whole_many = _whole_name("prepare", 1, images), _whole_name("prepare", workers, images)
     ratios = {
-        "prepare (1 worker) / plain decode, per core": core["prepare, 1 worker"] / decode,
-        "prepare (1 worker) / obvious way": core["prepare, 1 worker"] / core["obvious way (LANCZOS, q95)"],
-        f"prepare {workers} workers / 1 worker (wall clock)": wall[f"prepare, {workers} workers"]
-        / wall["prepare, 1 worker"],
+        "prepare (1 worker) / plain decode, per core, steady state": steady[one]["core"] / decode,
+        "prepare (1 worker) / obvious way, steady state": steady[one]["core"] / obvious,
+        f"prepare {many} / 1 worker (wall clock), steady state": steady[many]["wall"] / steady[one]["wall"],
         "resize step / plain decode, per core": core["resize step only (in memory)"] / decode,
+        f"whole run of {images}: prepare (1 worker) / plain decode, per core": whole_core[whole_one] / decode,
+        f"whole run of {images}: prepare (1 worker) / obvious way": whole_core[whole_one] / obvious,
+        f"whole run of {images}: prepare {many} / 1 worker (wall clock)": seconds[whole_one]["wall"]
+        / seconds[whole_many]["wall"],
     }
     notes = [
         f"machine: {machine_description()}",
         f"Pillow build: {imaging.pillow_build()}",
         f"{images} photo-like JPEGs (q{SOURCE_QUALITY}, mean {np.mean([len(d) for d in data]) / 1e3:.0f} KB), "
         f"sizes {_size_mix()}; output {size}×{size} q{quality}",
-        f"best of {rounds} interleaved rounds; per-core figures from CPU time, the workers ratio from wall time; "
-        "prepare rows include reading files, writing shards and, with more than one worker, starting the pool",
+        f"best of {rounds} interleaved rounds; per-core figures from CPU time, the workers ratio from wall time",
+        _steady_note(images),
         _load_note(),
     ]
-    return BenchReport("bench prepare", rows, ratios, notes)
-
+    return BenchReport("bench prepare", rows + steady_rows + whole_rows, ratios, notes)
 
 
 def bench_stats(
@@ -161,43 +184,51 @@ def bench_stats(
     seed: int = 0,
     progress: Progress = NullProgress(),
 ) -> BenchReport:
-    """stats vs plain decode of the same size² shard JPEGs (per core), in one run."""
+    """stats vs plain decode of the same size² shard JPEGs (per core), and N workers vs 1, in one run."""
     from alexrepro.stats import StatsConfig, compute_stats
 
+    workers = max(workers, 1)
     with tempfile.TemporaryDirectory(prefix="alexrepro-bench-") as tmp:
         tmp = Path(tmp)
         progress.start("writing shards", None)
-        jpegs = _write_shards(tmp / "shards", images, workers, size, quality, seed)
+        jpegs = _shard_images(2 * images, size, quality, seed)
+        # One shard folder of 2N images; the N-image run reads its first half (max_images), whole shards either way.
+        _write_shards(tmp / "shards", jpegs, _shard_size(images, workers), size, quality)
+        jpegs = jpegs[:images]  # what plain decode times
         progress.finish()
 
-        def run_stats(n: int) -> Callable[[], None]:
-            return lambda: compute_stats(tmp / "shards", tmp / f"stats-{n}", StatsConfig(workers=n), NullProgress())
+        def run_stats(n: int, count: int) -> Callable[[], None]:
+            config = StatsConfig(workers=n, max_images=count)
+            return lambda: compute_stats(tmp / "shards", tmp / f"stats-{n}-{count}", config, NullProgress())
 
-        pipelines = {
-            f"plain decode ({size}² shard JPEGs)": (1, lambda: _each(jpegs, imaging.decode_only)),
-            "stats, 1 worker": (1, run_stats(1)),
-        }
-        if workers > 1:
-            pipelines[f"stats, {workers} workers"] = (workers, run_stats(workers))
-        seconds = _best_of(pipelines, rounds, progress)
+        decode_name = f"plain decode ({size}² shard JPEGs)"
+        baselines = {decode_name: _Pipeline(1, images, lambda: _each(jpegs, imaging.decode_only))}
+        whole = _whole_runs("stats", _worker_counts(workers), images, run_stats)
+        seconds = _best_of({**baselines, **whole}, rounds, progress)
 
-    rows, core = _rates(pipelines, seconds, images)
-    wall = {row["name"]: row["img_s"] for row in rows}
-    decode = core[f"plain decode ({size}² shard JPEGs)"]
-    ratios = {"stats (1 worker) / plain decode, per core": core["stats, 1 worker"] / decode}
+    rows, core = _rates(baselines, seconds)
+    steady_rows, steady = _steady_state("stats", _worker_counts(workers), images, seconds)
+    whole_rows, whole_core = _rates(whole, seconds)
+    decode = core[decode_name]
+    one, whole_one = _workers_name(1), _whole_name("stats", 1, images)
+    ratios = {"stats (1 worker) / plain decode, per core, steady state": steady[one]["core"] / decode}
+    whole_ratios = {f"whole run of {images}: stats (1 worker) / plain decode, per core": whole_core[whole_one] / decode}
     if workers > 1:
-        ratios[f"stats {workers} workers / 1 worker (wall clock)"] = (
-            wall[f"stats, {workers} workers"] / wall["stats, 1 worker"]
+        many, whole_many = _workers_name(workers), _whole_name("stats", workers, images)
+        ratios[f"stats {many} / 1 worker (wall clock), steady state"] = steady[many]["wall"] / steady[one]["wall"]
+        whole_ratios[f"whole run of {images}: stats {many} / 1 worker (wall clock)"] = (
+            seconds[whole_one]["wall"] / seconds[whole_many]["wall"]
         )
+    ratios.update(whole_ratios)
     notes = [
         f"machine: {machine_description()}",
         f"Pillow build: {imaging.pillow_build()}",
         f"{images} shard images ({size}×{size} q{quality}, made by resize_square_jpeg from photo-like JPEGs)",
-        f"best of {rounds} interleaved rounds; per-core figures from CPU time, the workers ratio from wall time; "
-        "stats rows include reading the tar shards and writing the outputs",
+        f"best of {rounds} interleaved rounds; per-core figures from CPU time, the workers ratio from wall time",
+        _steady_note(images),
         _load_note(),
     ]
-    return BenchReport("bench stats", rows, ratios, notes)
+    return BenchReport("bench stats", rows + steady_rows + whole_rows, ratios, notes)
 
 
 def _each(items: list[bytes], work: Callable[[bytes], object]) -> None:
@@ -205,7 +236,59 @@ def _each(items: list[bytes], work: Callable[[bytes], object]) -> None:
         work(item)
 
 
-def _best_of(pipelines: dict[str, tuple[int, Callable[[], None]]], rounds: int, progress: Progress) -> dict[str, dict]:
+def _worker_counts(workers: int) -> list[int]:
+    return sorted({1, workers})
+
+
+def _workers_name(n: int) -> str:
+    return f"{n} worker" if n == 1 else f"{n} workers"
+
+
+def _whole_name(stage: str, n: int, images: int) -> str:
+    return f"{stage}, {_workers_name(n)}, whole run of {images}"
+
+
+def _whole_runs(stage: str, worker_counts: list[int], images: int, make_run) -> dict[str, _Pipeline]:
+    """A whole run of the stage on N and on 2N images, for each worker count; `make_run(workers, images)`."""
+    return {
+        _whole_name(stage, n, count): _Pipeline(n, count, make_run(n, count))
+        for n in worker_counts
+        for count in (images, 2 * images)
+    }
+
+
+def _steady_state(stage: str, worker_counts: list[int], images: int, seconds: dict[str, dict]):
+    """Rows and rates of the images a whole run of 2N does beyond one of N: N / (t(2N) − t(N)), fixed costs cancelled.
+
+    Returns the table rows and, per worker count name, {"wall": img/s, "core": img/s per core}. A difference that is
+    not positive (a run of N images too short to time) gives nan.
+    """
+    rows, rates = [], {}
+    for n in worker_counts:
+        one, two = seconds[_whole_name(stage, n, images)], seconds[_whole_name(stage, n, 2 * images)]
+        wall = _rate(images, two["wall"] - one["wall"])
+        core = _rate(images, two["cpu"] - one["cpu"]) if n == 1 else wall / n
+        row = {"name": f"{stage}, {_workers_name(n)}, steady state", "processes": n, "img_s": round(wall, 1)}
+        if n == 1:
+            row["img_s_per_cpu_second"] = round(core, 1)
+        rows.append(row)
+        rates[_workers_name(n)] = {"wall": wall, "core": core}
+    return rows, rates
+
+
+def _rate(images: int, seconds: float) -> float:
+    return images / seconds if seconds > 0 else math.nan
+
+
+def _steady_note(images: int) -> str:
+    return (
+        f"steady state = {images} / (t(whole run of {2 * images}) − t(whole run of {images})): the fixed costs of a "
+        "run (starting workers, listing the input, writing the manifest or outputs) cancel; headline ratios use it. "
+        "Whole-run rows include those costs"
+    )
+
+
+def _best_of(pipelines: dict[str, _Pipeline], rounds: int, progress: Progress) -> dict[str, dict]:
     """Run every pipeline once per round, in turn, after one warm-up round; keep each one's fastest run.
 
     Two clocks: wall time, and this process's CPU time. On a machine shared with other work the CPU clock is the
@@ -215,9 +298,9 @@ def _best_of(pipelines: dict[str, tuple[int, Callable[[], None]]], rounds: int, 
     best = {name: {"wall": math.inf, "cpu": math.inf} for name in pipelines}
     progress.start("timing", (rounds + 1) * len(pipelines))
     for round_index in range(rounds + 1):
-        for name, (_, run) in pipelines.items():
+        for name, pipeline in pipelines.items():
             wall, cpu = time.perf_counter(), time.process_time()
-            run()
+            pipeline.run()
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             if round_index > 0:  # round 0 warms caches, imports and the page cache
                 best[name]["wall"] = min(best[name]["wall"], wall)
@@ -227,17 +310,17 @@ def _best_of(pipelines: dict[str, tuple[int, Callable[[], None]]], rounds: int, 
     return best
 
 
-def _rates(pipelines, seconds: dict[str, dict], images: int) -> tuple[list[dict], dict[str, float]]:
+def _rates(pipelines: dict[str, _Pipeline], seconds: dict[str, dict]) -> tuple[list[dict], dict[str, float]]:
     """Table rows, and each pipeline's speed per core: CPU clock for one process, wall clock ÷ processes otherwise."""
     rows, per_core = [], {}
-    for name, (processes, _) in pipelines.items():
-        wall_rate = images / seconds[name]["wall"]
-        row = {"name": name, "processes": processes, "img_s": round(wall_rate, 1)}
-        if processes == 1:
-            per_core[name] = images / seconds[name]["cpu"]
+    for name, pipeline in pipelines.items():
+        wall_rate = pipeline.images / seconds[name]["wall"]
+        row = {"name": name, "processes": pipeline.processes, "img_s": round(wall_rate, 1)}
+        if pipeline.processes == 1:
+            per_core[name] = pipeline.images / seconds[name]["cpu"]
             row["img_s_per_cpu_second"] = round(per_core[name], 1)
         else:
-            per_core[name] = wall_rate / processes
+            per_core[name] = wall_rate / pipeline.processes
         rows.append(row)
     return rows, per_core
 
@@ -259,20 +342,24 @@ def _size_mix() -> str:
     return ", ".join(f"{w}×{h} {share:.0%}" for w, h, share in IMAGENET_SIZES)
 
 
-def _write_shards(root: Path, images: int, workers: int, size: int, quality: int, seed: int) -> list[bytes]:
-    """Train shards of size² JPEGs as `prepare` writes them, plus a manifest; returns the JPEG bytes."""
+def _shard_images(count: int, size: int, quality: int, seed: int) -> list[bytes]:
+    """`count` size² JPEGs as `prepare` writes them, from photo-like sources of the ImageNet size mix."""
     rng = np.random.default_rng(seed)
     jpegs = []
-    for width, height in imagenet_like_sizes(images, seed):
+    for width, height in imagenet_like_sizes(count, seed):
         # Drawn at a third of the area, then resized: the 256² output looks the same and generation stays quick.
         source = photo_like_jpeg(rng, max(size, width * 3 // 5), max(size, height * 3 // 5))
         jpegs.append(imaging.resize_square_jpeg(source, size, quality))
-    per_shard = _shard_size(images, max(workers, 1))
+    return jpegs
+
+
+def _write_shards(root: Path, jpegs: list[bytes], per_shard: int, size: int, quality: int) -> None:
+    """Train shards of `per_shard` JPEGs each, as `prepare` writes them, plus a manifest."""
     infos = []
-    for index, start in enumerate(range(0, images, per_shard)):
-        samples = [Sample(f"img_{i:06d}", jpegs[i], i % _CLASSES) for i in range(start, min(start + per_shard, images))]
+    for index, start in enumerate(range(0, len(jpegs), per_shard)):
+        stop = min(start + per_shard, len(jpegs))
+        samples = [Sample(f"img_{i:06d}", jpegs[i], i % _CLASSES) for i in range(start, stop)]
         infos.append(write_shard(root / f"train-{index:06d}.tar", samples))
     classes = tuple(ClassInfo(k, f"n{k:08d}", None, f"class {k}") for k in range(_CLASSES))
-    manifest = Manifest({"size": size, "quality": quality}, classes, {"train": SplitInfo(images, tuple(infos))})
+    manifest = Manifest({"size": size, "quality": quality}, classes, {"train": SplitInfo(len(jpegs), tuple(infos))})
     write_manifest(root, manifest)
-    return jpegs

@@ -430,7 +430,9 @@ JsonOption = typer.Option(None, "--json-out", help="Also write the report as JSO
 
 @bench_app.command("prepare")
 def bench_prepare(
-    images: int = typer.Option(800, help="Number of ImageNet-sized JPEGs to time (enough to amortise starting the pool)."),
+    images: int = typer.Option(
+        800, help="N: ImageNet-sized JPEGs per run; prepare also runs on 2N for the steady-state rate."
+    ),
     workers: int = typer.Option(2, help="Worker processes for the parallel measurement."),
     json_out: Optional[Path] = JsonOption,
 ) -> None:
@@ -447,7 +449,9 @@ def bench_prepare(
 
 @bench_app.command("stats")
 def bench_stats(
-    images: int = typer.Option(2000, help="Number of 256×256 shard images to time."),
+    images: int = typer.Option(
+        2000, help="N: 256×256 shard images per run; stats also runs on 2N for the steady-state rate."
+    ),
     workers: int = typer.Option(2, help="Worker processes for the parallel measurement (1 is always measured)."),
     json_out: Optional[Path] = JsonOption,
 ) -> None:

@@ -181,3 +181,14 @@ def test_pillow_build_names_the_build():
     build = pillow_build()
     assert build.startswith(("Pillow ", "Pillow-SIMD "))
     assert ("post" in build) == build.startswith("Pillow-SIMD")
+
+
+def test_bench_prepare_reports_steady_state_and_whole_run_figures():
+    from alexrepro.bench_data import bench_prepare
+
+    report = bench_prepare(images=4, workers=2, size=32, rounds=1)
+    names = [row["name"] for row in report.rows]
+    assert "prepare, 2 workers, steady state" in names
+    assert {"prepare, 1 worker, whole run of 4", "prepare, 1 worker, whole run of 8"} <= set(names)
+    assert "prepare (1 worker) / plain decode, per core, steady state" in report.ratios
+    assert all(value > 0 for name, value in report.ratios.items() if name.startswith("whole run"))

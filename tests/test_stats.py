@@ -148,3 +148,14 @@ def test_shards_written_by_other_tar_tools_are_read_too(shards, tmp_path):
     rewritten = _run(copy, tmp_path / "b", workers=1)
     np.testing.assert_array_equal(original.cov, rewritten.cov)
     np.testing.assert_array_equal(original.mean_image, rewritten.mean_image)
+
+
+def test_bench_stats_reports_steady_state_and_whole_run_figures():
+    from alexrepro.bench_data import bench_stats
+
+    report = bench_stats(images=4, workers=2, size=32, rounds=1)
+    names = [row["name"] for row in report.rows]
+    assert "stats, 2 workers, steady state" in names
+    assert {"stats, 1 worker, whole run of 4", "stats, 1 worker, whole run of 8"} <= set(names)
+    assert "stats 2 workers / 1 worker (wall clock), steady state" in report.ratios
+    assert all(value > 0 for name, value in report.ratios.items() if name.startswith("whole run"))
