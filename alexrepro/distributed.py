@@ -102,11 +102,8 @@ def wrap_model(model: torch.nn.Module, devices: Sequence[torch.device], ranks: R
     if not ranks.distributed:
         return model
     single_gpu = len(devices) == 1 and devices[0].type == "cuda"
-    return torch.nn.parallel.DistributedDataParallel(
-        model,
-        device_ids=[devices[0]] if single_gpu else None,
-        broadcast_buffers=False,  # AlexNet has no buffers (no BatchNorm)
-    )
+    # broadcast_buffers is left at its default: AlexNet has no buffers (no BatchNorm), and newer torch deprecates it.
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[devices[0]] if single_gpu else None)
 
 
 def all_reduce_sum(tensor: torch.Tensor, ranks: Ranks) -> torch.Tensor:
