@@ -44,6 +44,7 @@ from alexrepro.distributed import Ranks, init_distributed, ranks_from_env, resol
 from alexrepro.errors import EvaluationError
 from alexrepro.loader import decode_pil, decode_torchvision
 from alexrepro.progress import Progress
+from alexrepro.workers import usable_cores
 
 TOP_K = 5  # ILSVRC scores five guesses per image (REFERENCE.md §5)
 EXAMPLE_IMAGES = 8  # validation images shown with their top-5 (the paper's Figure 4, left)
@@ -177,7 +178,7 @@ def split_parts(shards_dir: Path, manifest: shardlib.Manifest, split: str, limit
 
 
 def _loader(parts: Sequence[ShardPart], ranks: Ranks, network: "InferenceNetwork", config: EvaluateConfig) -> DataLoader:
-    workers = min(8, _usable_cores()) if config.workers is None else config.workers
+    workers = min(8, usable_cores()) if config.workers is None else config.workers
     return DataLoader(
         ShardImages(parts, ranks, network.decoder),
         batch_size=config.batch_size,
@@ -185,13 +186,6 @@ def _loader(parts: Sequence[ShardPart], ranks: Ranks, network: "InferenceNetwork
         pin_memory=network.device.type == "cuda",
         worker_init_fn=_worker_init,
     )
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # what this process may use (containers, taskset), not the machine's
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def _worker_init(_worker_id: int) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import random
 import re
@@ -49,6 +48,7 @@ from alexrepro.shards import (
     write_shard,
 )
 from alexrepro.sources import ImageRef, Source, find_source, fingerprint
+from alexrepro.workers import map_unordered, usable_cores
 
 STATE_DIR = ".prepare"  # resume bookkeeping inside OUT: plan.json and one record per finished shard
 PLAN_FORMAT = "alexrepro-prepare-plan"
@@ -140,7 +140,7 @@ def prepare(
     work = partial(run_shard_task, out=out, size=config.size, quality=config.quality)
     records: dict[str, dict] = {}
     reused = 0
-    for record, kept in _map(work, tasks, _worker_count(config.workers, len(tasks))):
+    for record, kept in map_unordered(work, tasks, _worker_count(config.workers, len(tasks)), preload=__name__):
         records[record["name"]] = record
         reused += kept
         progress.advance(record["count"] + len(record["rejected"]))
@@ -269,24 +269,9 @@ class _Reader:
         self.handle = self.name = None
 
 
-def _map(work, tasks: list[ShardTask], workers: int) -> Iterator:
-    """Results of `work` over `tasks` as they finish: in this process for one worker, else in a process pool."""
-    if workers <= 1:
-        yield from map(work, tasks)
-        return
-    # Fresh interpreters, not fork: forking a parent that has imported torch (the CLI's other stages) can deadlock.
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])  # workers start with this module and Pillow already imported
-    else:
-        context = multiprocessing.get_context("spawn")
-    with context.Pool(workers) as pool:
-        yield from pool.imap_unordered(work, tasks)
-
-
 def _worker_count(workers: int, tasks: int) -> int:
     if workers == 0:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = usable_cores()
     return max(1, min(workers, tasks))
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import multiprocessing
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +39,7 @@ from alexrepro.errors import FormatError
 from alexrepro.imaging import UnreadableImage, decode_rgb_planes
 from alexrepro.progress import Progress
 from alexrepro.shards import check_format, iter_shard, manifest_sha256, read_manifest, shard_paths
+from alexrepro.workers import map_unordered, usable_cores
 
 FORMAT = "alexrepro-stats"
 VERSION = 1
@@ -91,12 +90,12 @@ def compute_stats(shards: Path, out: Path, config: StatsConfig, progress: Progre
     if available == 0:
         raise FormatError(f"{shards}: the train split has no images; prepare a source with training images")
     source_sha = manifest_sha256(shards)
-    tasks = _plan(shard_paths(shards, manifest, "train"), [s.count for s in split.shards], available,
-                  _worker_count(config.workers))
+    workers = _worker_count(config.workers)
+    tasks = _plan(shard_paths(shards, manifest, "train"), [s.count for s in split.shards], available, workers)
 
     progress.start("stats", available)
     total = _Sums()
-    for partial in _run(tasks, _worker_count(config.workers)):
+    for partial in map_unordered(_sum_task, tasks, min(workers, len(tasks)), preload=__name__):
         total.merge(partial)
         progress.advance(partial.images)
     progress.finish()
@@ -257,23 +256,7 @@ def _plan(paths: list[Path], counts: list[int], images: int, workers: int) -> li
 
 
 def _worker_count(requested: int) -> int:
-    if requested:
-        return requested
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def _run(tasks: list[_Task], workers: int):
-    """Yield each task's partial sums: in this process for one worker, else from a process pool (any order)."""
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(_sum_task, tasks)
-        return
-    # Fresh interpreters, not fork: forking a parent that has imported torch (other stages, the CLI) can deadlock.
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(min(workers, len(tasks))) as pool:
-        yield from pool.imap_unordered(_sum_task, tasks)
+    return requested or usable_cores()
 
 
 def _sum_task(task: _Task) -> _Sums:
