@@ -376,6 +376,11 @@ def _train(shards, stats, out, config, resume, ranks, devices, progress) -> Trai
     check_sizes(manifest, normalization, config.crop, stats)
     run = build_run(shards, out, config, manifest, normalization, stats, ranks, devices, progress)
     position = start_position(run, resume)
+    if resume:
+        run.progress.log(
+            f"resuming {out / LAST}: {position['epoch']} of {config.epochs} epochs done, continuing with epoch "
+            f"{position['epoch'] + 1} at step {position['step']}"
+        )
     if ranks.is_main:  # the resolved settings beside the run, as plain YAML (timm's args.yaml)
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
     with StopRequest() as stop:
@@ -654,8 +659,9 @@ def write_history(out: Path, history: list[dict]) -> None:
 
 
 def epoch_line(row: dict, epochs: int) -> str:
+    """One plain line per epoch (errors as percentages, as every line for people; files hold fractions)."""
     return (
-        f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.3f}, top-1 err {row['train_top1_error']:.3f} · "
-        f"val loss {row['val_loss']:.3f}, top-1 err {row['val_top1_error']:.3f}, top-5 err {row['val_top5_error']:.3f}"
+        f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.3f}, top-1 err {row['train_top1_error']:.1%} · "
+        f"val loss {row['val_loss']:.3f}, top-1 err {row['val_top1_error']:.1%}, top-5 err {row['val_top5_error']:.1%}"
         f" · lr {row['lr']:g} · {row['images_per_s']:.0f} img/s · data wait {row['data_wait_fraction']:.0%}"
     )
