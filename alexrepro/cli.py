@@ -284,6 +284,8 @@ def _announce(stage: str, cfg: Any, verbose: bool, quiet: bool) -> None:
     """The resolved configuration at the start of a run: one unwrapped line, or one line per key with -v."""
     from alexrepro.config import config_to_dict
 
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for all
+        return
     values = config_to_dict(cfg)
     if verbose:
         sys.stderr.write(f"{stage} config:\n" + "".join(f"  {k}: {show_value(v)}\n" for k, v in values.items()))
