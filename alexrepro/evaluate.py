@@ -10,8 +10,8 @@ Every validation image is counted exactly once, on one device, on two (the two-t
 `torchrun` ranks (predictions gathered on every rank); a count that differs from the manifest is an EvaluationError.
 
 Outputs in OUT (all written atomically, rewritten whole; only rank 0 writes):
-    metrics.json      1-crop and 10-crop top-1/top-5 error (fractions), image count, checkpoint and data identity
-                      (manifest sha256 and prepared image size)
+    metrics.json      1-crop and 10-crop top-1/top-5 error (fractions): results only, for `dvc metrics`
+    evaluation.json   image count, dataset, checkpoint and data identity (manifest sha256, prepared image size), switches
     submission.txt    ILSVRC task-1 file: one line per val image in file-name order, five labels, most confident first
     predictions.csv   key, true class, 10-crop top-5 classes and probabilities
     per_class.csv     every class's 10-crop and 1-crop top-1/top-5 error
@@ -521,7 +521,12 @@ def evaluate(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, 
     write_predictions_csv(out / "predictions.csv", predictions, manifest)
     write_per_class_csv(out / "per_class.csv", predictions, manifest)
     _write_report(out, predictions, metrics, ckpt, manifest, images, examples, query_keys, neighbours, id_kind, config)
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: present means complete
+    # metrics.json holds results only (what `dvc metrics` and `dvc exp show` list); the provenance (image count,
+    # dataset, checkpoint and data identity, switches) goes to evaluation.json, which DVC does not read as metrics.
+    provenance = {k: v for k, v in metrics.items() if k not in RESULT_KEYS}
+    atomic_write_text(out / "evaluation.json", json.dumps(provenance, indent=2) + "\n")
+    results = {k: metrics[k] for k in RESULT_KEYS}
+    atomic_write_text(out / "metrics.json", json.dumps(results, indent=2) + "\n")  # last: present means complete
     progress.finish()
     progress.log(
         f"{metrics['images']:,} images ({metrics['dataset']}): 10-crop top-1 {metrics['10crop']['top1_error']:.2%}, "
@@ -585,6 +590,9 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+RESULT_KEYS = ("1crop", "10crop")  # what metrics.json holds: top-1/top-5 error (fractions) per protocol
 
 
 def _metrics(predictions: Predictions, checkpoint: Path, ckpt: dict, shards: Path, manifest) -> dict[str, Any]:

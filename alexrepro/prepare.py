@@ -70,7 +70,7 @@ class PrepareConfig:
     # quality of the fast path measured in REFERENCE.md §6.
     quality: int = 90
     shard_size: int = 1000  # images per shard: ~25 MB at 256 px q90, 1282 train shards for ILSVRC-2012
-    workers: int = 0  # worker processes; 0 = every core this process may use
+    workers: int | None = None  # worker processes; None = one per usable core, 0 = in this process (every stage)
     max_rejected: int = 100  # the real set has no unreadable file, so more than a few means a damaged download
     seed: int = 0  # of the train shuffle
 
@@ -81,8 +81,8 @@ class PrepareConfig:
             raise ValueError(f"key 'quality' must be between 1 and 100, got {self.quality}")
         if self.shard_size < 1:
             raise ValueError(f"key 'shard_size' must be at least 1, got {self.shard_size}")
-        if self.workers < 0:
-            raise ValueError(f"key 'workers' must be 0 (all cores) or more, got {self.workers}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"key 'workers' must be 0 (in this process) or more, or null (one per core), got {self.workers}")
         if self.max_rejected < 0:
             raise ValueError(f"key 'max_rejected' must be 0 or more, got {self.max_rejected}")
 
@@ -269,8 +269,8 @@ class _Reader:
         self.handle = self.name = None
 
 
-def _worker_count(workers: int, tasks: int) -> int:
-    if workers == 0:
+def _worker_count(workers: int | None, tasks: int) -> int:
+    if workers is None:
         workers = usable_cores()
     return max(1, min(workers, tasks))
 

@@ -47,6 +47,7 @@ FIGURE_INCHES = {
     "per_class": (12.0, 4.0),
 }
 ILSVRC_2012_VAL = "ILSVRC-2012 val"
+MAX_NAMED_CLASSES = 40  # up to this many classes, the per-class figure names each one
 
 # REFERENCE.md §4: published error rates (%), lower is better. (system, data, protocol, top-1, top-5)
 REFERENCE_RESULTS: tuple[tuple[str, str, str, float | None, float | None], ...] = (
@@ -465,14 +466,21 @@ def conv1_section(inputs: ReportInputs) -> list[Block]:
     kernels = inputs.conv1
     towers = max(1, inputs.towers)
     per_tower = np.array_split(kernels, towers)
-    columns = min(16, max(len(t) for t in per_tower))
+    # As many columns as make each tower's mosaic as wide, relative to its height, as the space it is drawn in
+    # (a fixed 16 columns left most of the figure blank).
+    width, height = FIGURE_INCHES["conv1"]
+    title = 0.35  # inches above each mosaic for its title
+    aspect = width / (height / towers - title)
+    n = max(len(t) for t in per_tower)
+    rows = max(1, round(math.sqrt(n / aspect * kernels.shape[3] / kernels.shape[2])))
+    columns = math.ceil(n / rows)
     fig = _figure("conv1")
     axes = np.atleast_1d(fig.subplots(towers, 1))
     for t, (ax, group) in enumerate(zip(axes, per_tower)):
         ax.imshow(kernel_mosaic(group, columns), interpolation="nearest")
-        ax.set_title(f"tower {t + 1}: {len(group)} kernels" if towers > 1 else f"{len(group)} kernels")
+        ax.set_title(f"tower {t + 1}: {len(group)} kernels" if towers > 1 else f"{len(group)} kernels", fontsize=10)
         ax.axis("off")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.005, top=1 - title / height, hspace=title * towers / height * 2)
     k = kernels.shape
     caption = (
         f"The {k[0]} conv1 kernels ({k[2]}×{k[3]}×{k[1]}), each scaled to the full colour range on its own, "
@@ -581,15 +589,28 @@ def per_class_section(inputs: ReportInputs, shown: int = 10) -> list[Block]:
                 _pct(100 * err1[c]), _pct(100 * errk[c])]
 
     header = ["class", "name", "images", "top-1 error %", f"top-{k} error %"]
-    best = order[:shown]
-    worst = order[::-1][:shown] if len(order) > shown else []
+    # Best and worst are each at most half the classes, so that neither lists every class and they never overlap.
+    n = min(shown, len(order) // 2)
+    best = order[:n]
+    worst = order[::-1][:n]
 
     fig = _figure("per_class")
     ax = fig.subplots()
     ranked = sorted(present, key=lambda c: (err1[c], c))
-    ax.plot(range(len(ranked)), [100 * err1[c] for c in ranked], label="top-1 error")
-    ax.plot(range(len(ranked)), [100 * errk[c] for c in ranked], label=f"top-{k} error")
-    ax.set_xlabel("classes, sorted by 10-crop top-1 error")
+    positions = np.arange(len(ranked))
+    if len(ranked) <= MAX_NAMED_CLASSES:  # few classes: a bar per class, named
+        ax.bar(positions - 0.2, [100 * err1[c] for c in ranked], width=0.4, label="top-1 error")
+        ax.bar(positions + 0.2, [100 * errk[c] for c in ranked], width=0.4, label=f"top-{k} error")
+        ax.set_xticks(positions, [_short(_class_name(inputs, c), 18) for c in ranked], rotation=35, ha="right",
+                      fontsize=8)  # fmt: skip
+        ax.set_xlabel("")
+    else:  # many classes: the sorted curve, with the best and worst few named
+        ax.plot(positions, [100 * err1[c] for c in ranked], label="top-1 error")
+        ax.plot(positions, [100 * errk[c] for c in ranked], label=f"top-{k} error")
+        for i in (*range(3), *range(len(ranked) - 3, len(ranked))):
+            ax.annotate(_short(_class_name(inputs, ranked[i]), 18), (i, 100 * err1[ranked[i]]), fontsize=7,
+                        rotation=60, xytext=(0, 4), textcoords="offset points")  # fmt: skip
+        ax.set_xlabel("classes, sorted by 10-crop top-1 error")
     ax.set_ylabel("%")
     ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
@@ -599,11 +620,12 @@ def per_class_section(inputs: ReportInputs, shown: int = 10) -> list[Block]:
     blocks: list[Block] = [
         Heading("Per-class error (10-crop)"),
         Figure("per_class", "10-crop error of every class, classes sorted by top-1 error.", _png(fig)),
-        Heading("Best classes", 3),
-        Table(header, [row(c) for c in best]),
     ]
-    if worst:
+    if best:
+        blocks += [Heading("Best classes", 3), Table(header, [row(c) for c in best])]
         blocks += [Heading("Worst classes", 3), Table(header, [row(c) for c in worst])]
+    else:  # a single class
+        blocks += [Heading("Every class", 3), Table(header, [row(c) for c in order])]
     pairs = confused_pairs(inputs.top10, labels)
     blocks.append(Heading("Most confused pairs", 3))
     if pairs:

@@ -86,7 +86,7 @@ class SampleConfig:
     val_per_class: int = 50  # as in the real validation set (REFERENCE.md §5)
     seed: int = 0
     image_scale: float = 1.0  # multiplies every image's width and height; tests use small values for speed
-    workers: int = 0  # processes that render images; 0 = all cores. Never changes the output bytes.
+    workers: int | None = None  # processes that render images; None = one per core, 0 = in this process. Never changes the output bytes.
 
     def __post_init__(self) -> None:
         if not 2 <= self.classes <= len(PATTERNS):
@@ -100,8 +100,8 @@ class SampleConfig:
             raise ValueError("key 'seed' must be a non-negative integer")
         if not 0.05 <= self.image_scale <= 4.0:
             raise ValueError("key 'image_scale' must be between 0.05 and 4.0")
-        if self.workers < 0:
-            raise ValueError("key 'workers' must be 0 (all cores) or a positive number of processes")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError("key 'workers' must be 0 (in this process), a positive number of processes or null (all cores)")
 
     @classmethod
     def tiny(cls, seed: int = 0) -> SampleConfig:
@@ -634,7 +634,7 @@ def write_sample(out: Path, config: SampleConfig, progress: Progress) -> SampleR
     out = Path(out)
     _make_output_folder(out)
     plan = plan_sample(config)
-    workers = config.workers or os.cpu_count() or 1
+    workers = (os.cpu_count() or 1) if config.workers is None else max(1, config.workers)
     paths = {"train": out / TRAIN_ARCHIVE, "val": out / VAL_ARCHIVE, "devkit": out / DEVKIT_ARCHIVE}
     odd_files: dict[str, str] = {}
 

@@ -53,12 +53,12 @@ _UINT32_SAFE_IMAGES = 2**32 // 256  # images a uint32 per-pixel sum can take bef
 
 @dataclass(frozen=True)
 class StatsConfig:
-    workers: int = 0  # processes; 0 = every core this process may use
+    workers: int | None = None  # processes; None = one per usable core, 0 = in this process (every stage)
     max_images: int | None = None  # None = the whole train split; N = the first N images in shard order
 
     def __post_init__(self):
-        if self.workers < 0:
-            raise ValueError(f"key 'workers' must be ≥ 0 (0 = all cores), got {self.workers}")
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"key 'workers' must be ≥ 0 (0 = in this process) or null (one per core), got {self.workers}")
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"key 'max_images' must be ≥ 1 or null (all images), got {self.max_images}")
 
@@ -255,8 +255,8 @@ def _plan(paths: list[Path], counts: list[int], images: int, workers: int) -> li
     return tasks
 
 
-def _worker_count(requested: int) -> int:
-    return requested or usable_cores()
+def _worker_count(requested: int | None) -> int:
+    return usable_cores() if requested is None else max(1, requested)
 
 
 def _sum_task(task: _Task) -> _Sums:

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from alexrepro.atomic import atomic_write_text
 from alexrepro.augment import crop_mean, flip_where, normalize, pca_lighting
@@ -56,6 +57,9 @@ HISTORY_FIELDS = (
     "epoch", "train_loss", "train_top1_error", "train_top5_error", "val_loss", "val_top1_error", "val_top5_error",
     "lr", "images_per_s", "seconds", "data_wait_fraction",
 )  # fmt: skip
+
+# What last_epoch.json (the stage's DVC metrics) holds: results only.
+RESULT_FIELDS = ("train_loss", "train_top1_error", "train_top5_error", "val_loss", "val_top1_error", "val_top5_error")
 
 # Settings that may change when a run is resumed: they decide how fast it runs, not what it computes.
 RESUMABLE_CHANGES = ("epochs", "workers", "devices", "precision", "channels_last", "compile", "log_every", "decoder")
@@ -372,6 +376,13 @@ def _train(shards, stats, out, config, resume, ranks, devices, progress) -> Trai
     check_sizes(manifest, normalization, config.crop, stats)
     run = build_run(shards, out, config, manifest, normalization, stats, ranks, devices, progress)
     position = start_position(run, resume)
+    if resume:
+        run.progress.log(
+            f"resuming {out / LAST}: {position['epoch']} of {config.epochs} epochs done, continuing with epoch "
+            f"{position['epoch'] + 1} at step {position['step']}"
+        )
+    if ranks.is_main:  # the resolved settings beside the run, as plain YAML (timm's args.yaml)
+        atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
     with StopRequest() as stop:
         for epoch in range(position["epoch"], config.epochs):
             sums = train_epoch(run, epoch, position, stop)
@@ -474,19 +485,22 @@ def train_epoch(run: Run, epoch: int, position: dict, stop: StopRequest) -> Sums
     steps = -(-run.manifest.split("train").count // config.batch_size)
     sums = Sums.from_state(position["sums"], device) if position["sums"] else Sums.zeros(device)
     run.model.train()
-    run.progress.start(f"epoch {epoch + 1}/{config.epochs}", steps - position["step"])
-    window = torch.zeros((), dtype=torch.float64, device=device)  # loss since the last read-out
-    loss_value = float("nan")
+    run.progress.start(f"epoch {epoch + 1}/{config.epochs}", steps - position["step"], unit="step")
+    window = torch.zeros((), dtype=torch.float64, device=device)  # loss summed since the last read-out
+    window_images = 0  # images (all ranks) in that sum
+    loss_value: float | None = None  # shown as '—' until the first read-out
     tick = time.perf_counter()
     for batch in loader:
         waited = time.perf_counter() - tick
         loss_sum = train_step(run, batch, epoch, sums)
         window += loss_sum.detach().double()
+        window_images += batch.global_size
         sums.wait += waited
         stopping = should_stop(stop, batch.step, config.log_every, device, ranks)
         if (batch.step + 1) % config.log_every == 0 or stopping or batch.step == steps - 1:
-            loss_value = read_loss(window, batch, run, epoch)
+            loss_value = read_loss(window, batch, run, epoch) / max(window_images, 1)
             window.zero_()
+            window_images = 0
         sums.seconds += time.perf_counter() - tick
         run.progress.advance(
             1, loss=loss_value, lr=run.optimizer.param_groups[0]["lr"],
@@ -526,7 +540,8 @@ def train_step(run: Run, batch: Batch, epoch: int, sums: Sums) -> torch.Tensor:
 
 
 def read_loss(window: torch.Tensor, batch: Batch, run: Run, epoch: int) -> float:
-    """The loss summed since the last read-out, over all ranks; stop the run if it is not finite."""
+    """The loss summed since the last read-out, over all ranks (the caller divides by the images in it); stop the
+    run if it is not finite."""
     total = all_reduce_sum(window.clone(), run.ranks).item()
     if not math.isfinite(total):
         kept = run.out / LAST
@@ -535,7 +550,7 @@ def read_loss(window: torch.Tensor, batch: Batch, run: Run, epoch: int) -> float
             f"loss became {total} in epoch {epoch + 1} by step {batch.step + 1}; {keeps}; lower --lr (now "
             f"{run.optimizer.param_groups[0]['lr']:g}) or check the input scale"
         )
-    return total / max(batch.global_size, 1)
+    return total
 
 
 def interrupt(run: Run, epoch: int, step: int, sums: Sums, position: dict, signal_name: str) -> None:
@@ -588,7 +603,7 @@ def validate(run: Run) -> tuple[float, float, float]:
     expected = run.manifest.split("val").count
     sums = Sums.zeros(device)
     run.net.eval()
-    run.progress.start("validate", -(-expected // config.batch_size))
+    run.progress.start("validate", -(-expected // config.batch_size), unit="step")
     for batch in loader:
         x = run.preprocess(batch, train=False)
         labels = batch.labels.to(device, non_blocking=True)
@@ -631,9 +646,11 @@ def _to_cpu(value):
 
 def write_history(out: Path, history: list[dict]) -> None:
     """history.json (a list of rows) and history.csv, rewritten whole (DVC plots read either), and
-    last_epoch.json (the latest row, a flat mapping for `dvc metrics`)."""
+    last_epoch.json: the latest epoch's results only (losses and errors), so that `dvc metrics show` and
+    `dvc exp show` list results, not settings or timings (lr is a param; throughput stays in the history)."""
     atomic_write_text(out / "history.json", json.dumps(history, indent=2) + "\n")
-    atomic_write_text(out / "last_epoch.json", json.dumps(history[-1], indent=2) + "\n")
+    results = {k: history[-1][k] for k in RESULT_FIELDS}
+    atomic_write_text(out / "last_epoch.json", json.dumps(results, indent=2) + "\n")
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -642,8 +659,9 @@ def write_history(out: Path, history: list[dict]) -> None:
 
 
 def epoch_line(row: dict, epochs: int) -> str:
+    """One plain line per epoch (errors as percentages, as every line for people; files hold fractions)."""
     return (
-        f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.3f}, top-1 err {row['train_top1_error']:.3f} · "
-        f"val loss {row['val_loss']:.3f}, top-1 err {row['val_top1_error']:.3f}, top-5 err {row['val_top5_error']:.3f}"
+        f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.3f}, top-1 err {row['train_top1_error']:.1%} · "
+        f"val loss {row['val_loss']:.3f}, top-1 err {row['val_top1_error']:.1%}, top-5 err {row['val_top5_error']:.1%}"
         f" · lr {row['lr']:g} · {row['images_per_s']:.0f} img/s · data wait {row['data_wait_fraction']:.0%}"
     )

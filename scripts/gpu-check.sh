@@ -24,10 +24,10 @@ tests_status=${PIPESTATUS[0]}
 
 bench() {  # name, then bench arguments
   local name=$1; shift
-  timeout 300 "$py" -m alexrepro bench "$@" --json-out "$out/$name.json" > "$out/$name.txt" 2>&1 || echo "failed" >> "$out/$name.txt"
+  timeout 300 "$py" -m alexrepro bench "$@" --json > "$out/$name.json" 2> "$out/$name.txt" || echo "failed" >> "$out/$name.txt"
 }
-bench train-128 train --device cuda --batch-size 128 --steps 20 --precision bf16
-bench train-512 train --device cuda --batch-size 512 --steps 20 --precision bf16 --compile
+bench train-128 train --devices cuda --batch-size 128 --steps 20 --precision bf16
+bench train-512 train --devices cuda --batch-size 512 --steps 20 --precision bf16 --compile
 bench loader loader --images 4000 --workers "$(( $(nproc) < 8 ? $(nproc) : 8 ))"
 
 "$py" - "$out" "$tests_status" <<'PY'

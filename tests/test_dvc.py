@@ -102,12 +102,28 @@ def tiny_repo(tmp_path):
 def test_dvc_repro_then_experiment_on_a_tiny_sample(tiny_repo):
     repo, env = tiny_repo
     run(["dvc", "repro", "--quiet"], repo, env)
+    assert json.loads((repo / "reports" / "evaluation.json").read_text())["images"] == 3 * 2
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
-    assert metrics["images"] == 3 * 2
     assert 0.0 <= metrics["10crop"]["top1_error"] <= 1.0
     assert (repo / "reports" / "report.html").stat().st_size > 10_000
     assert "up to date" in run(["dvc", "status"], repo, env)
     assert "didn't change" in run(["dvc", "repro"], repo, env)  # a second repro does nothing
+
+    # Metrics files hold results only: no switches, hashes, paths, timings, throughput or lr (a param).
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo, env))
+    files = next(iter(shown.values()))["data"]
+    assert set(files["reports/metrics.json"]["data"]) == {"1crop", "10crop"}, files
+    assert set(files["runs/train/last_epoch.json"]["data"]) == {
+        "train_loss", "train_top1_error", "train_top5_error", "val_loss", "val_top1_error", "val_top5_error"}
+    # `dvc plots show` is silent: every plot loads (no "failed to load some plots").
+    plots = subprocess.run(["dvc", "plots", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True,
+                           timeout=600)  # fmt: skip
+    assert plots.returncode == 0 and plots.stderr.strip() == "", plots.stderr
+    rendered = json.loads(plots.stdout)
+    assert not rendered.get("errors"), rendered.get("errors")
+    for plot_id in ("loss", "top-1 and top-5 error", "confusion matrix (10-crop top guess)",
+                    "reports/figures/conv1.png"):
+        assert rendered["data"].get(plot_id), (plot_id, list(rendered["data"]))
 
     # An ablation is one experiment: no LRN.
     run(["git", "add", "-A"], repo, env)
@@ -121,5 +137,12 @@ def test_dvc_repro_then_experiment_on_a_tiny_sample(tiny_repo):
     assert '"10crop"' in json.dumps(named[0]), json.dumps(named[0])[:2000]
     ablated = load_config(config_class("train"), repo / "stages" / "train.yaml")
     assert ablated.lrn is False  # dvc exp run applies the experiment's params to the workspace
-    metrics = json.loads((repo / "reports" / "metrics.json").read_text())
-    assert metrics["switches"]["lrn"] is False
+    provenance = json.loads((repo / "reports" / "evaluation.json").read_text())
+    assert provenance["switches"]["lrn"] is False
+    # The ablation's table fits a 120-column terminal: changed params and the results, nothing else.
+    table = subprocess.run(["dvc", "exp", "show", "--only-changed", "--no-pager"], cwd=repo, capture_output=True,
+                           text=True, timeout=600, env={**env, "COLUMNS": "120"})  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    assert max(len(line) for line in table.stdout.splitlines()) <= 120, table.stdout
+    columns = run(["dvc", "exp", "show", "--only-changed", "--csv"], repo, env).splitlines()[0].split(",")
+    assert len(columns) <= 16, columns

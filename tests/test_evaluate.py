@@ -158,7 +158,9 @@ def read_predictions(out: Path) -> list[dict]:
 def test_metrics_match_brute_force_over_every_image(evaluated, data):
     result, out = evaluated
     *_, ckpt = data
-    metrics = json.loads((out / "metrics.json").read_text())
+    results = json.loads((out / "metrics.json").read_text())
+    assert set(results) == {"1crop", "10crop"}  # results only; provenance in evaluation.json
+    metrics = {**results, **json.loads((out / "evaluation.json").read_text())}
     assert metrics == json.loads(json.dumps(result.metrics))
     assert metrics["images"] == VAL_IMAGES
     assert metrics["checkpoint"]["epoch"] == 3 and len(metrics["checkpoint"]["sha256"]) == 64

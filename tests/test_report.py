@@ -207,3 +207,24 @@ def test_dataset_name_is_ilsvrc_only_for_ilsvrc_sized_data():
     assert dataset_name(manifest(1000, 10_000)) == "own data (1000 classes, 10,000 val images)"
     sample = manifest(4, 40, [p.wnid for p in PATTERNS[:4]])
     assert dataset_name(sample) == "built-in sample (4 classes)"
+
+
+def test_best_and_worst_classes_are_each_at_most_half_the_classes(written):
+    _, md, _ = written
+    sections = md.split("### ")
+    best = next(s for s in sections if s.startswith("Best classes"))
+    worst = next(s for s in sections if s.startswith("Worst classes"))
+    best_rows = [line for line in best.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    worst_rows = [line for line in worst.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert 0 < len(best_rows) <= NUM_CLASSES // 2 and len(worst_rows) == len(best_rows)
+    assert not set(best_rows) & set(worst_rows)
+
+
+@pytest.mark.parametrize("kernels, towers", [(96, 2), (12, 2), (24, 1)])
+def test_conv1_figure_is_mostly_kernels_not_whitespace(tmp_path, kernels, towers):
+    inputs = dataclasses.replace(
+        make_inputs(), conv1=np.random.default_rng(0).normal(size=(kernels, 3, 11, 11)).astype(np.float32), towers=towers
+    )
+    report.write_report(tmp_path, inputs)
+    pixels = np.asarray(Image.open(tmp_path / "figures" / "conv1.png").convert("RGB"))
+    assert (pixels.min(axis=2) < 250).mean() > 0.5  # a fixed 16 columns left ~60% of it blank
