@@ -423,12 +423,14 @@ class ShardIndex:
             raise FormatError(
                 f"{path}: {len(table)} samples do not match the counts in {where} ({info.count}); rerun `alexrepro prepare`"
             )
+        if np.any(np.diff(shard) < 0):
+            raise FormatError(f"{path}: samples are not in shard order; rerun `alexrepro prepare`")
         paths = tuple(str(shards_dir / s.name) for s in info.shards)
+        starts = np.searchsorted(shard, np.arange(len(counts)))
         ends = np.maximum(jpg_offset + jpg_size, cls_offset + cls_size)
         for number, (p, s) in enumerate(zip(paths, info.shards)):
             size = _file_size(Path(p))
-            mine = ends[shard == number]
-            if size != s.size or (len(mine) and mine.max() > size):
+            if size != s.size or (s.count and ends[starts[number] : starts[number] + s.count].max() > size):
                 raise FormatError(
                     f"{p}: {size:,} bytes but {where} lists {s.size:,}; the shard was changed or replaced: rerun "
                     "`alexrepro prepare`"
@@ -538,6 +540,20 @@ def iter_split(shards_dir: Path, split: str, manifest: Manifest | None = None) -
     with ShardReader(index) as reader:
         for sample in range(len(index)):
             yield reader.sample(sample)
+
+
+def iter_shard(path: Path) -> Iterator[Sample]:
+    """The samples of one shard of a prepared folder, in stored order (found through the folder's index)."""
+    path = Path(path)
+    manifest = read_manifest(path.parent, allow_failed=True)
+    for split, info in manifest.splits.items():
+        names = [s.name for s in info.shards]
+        if path.name in names:
+            index = ShardIndex.load(path.parent, manifest, split).only(names.index(path.name))
+            with ShardReader(index) as reader:
+                yield from (reader.sample(i) for i in range(len(index)))
+            return
+    raise FormatError(f"{path}: not listed in {path.parent / MANIFEST_NAME}; rerun `alexrepro prepare`")
 
 
 def read_verified_shard(index: ShardIndex, shard: int) -> memoryview:
