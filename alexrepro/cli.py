@@ -239,6 +239,7 @@ def stats(
     out: Path = typer.Argument(..., help="Folder for stats.npz, stats.json and mean.png."),
     workers: Optional[int] = typer.Option(None, help="Worker processes (0 = all cores)."),
     max_images: Optional[int] = typer.Option(None, help="Use only the first N training images (a quick estimate)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace statistics of other shards or settings."),
     config: Optional[Path] = ConfigOption,
     set_: Optional[List[str]] = SetOption,
     quiet: bool = QuietOption,
@@ -251,7 +252,7 @@ def stats(
         from alexrepro.stats import StatsConfig, compute_stats
 
         cfg = _config(StatsConfig, config, set_, dict(workers=workers, max_images=max_images))
-        result = compute_stats(shards, out, cfg, progress)
+        result = compute_stats(shards, out, cfg, progress, overwrite)
     if not quiet:
         s = result.stats if hasattr(result, "stats") else result
         rows = []
