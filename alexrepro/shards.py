@@ -265,7 +265,8 @@ def write_manifest(shards_dir: Path, manifest: Manifest) -> Manifest:
     shards_dir = Path(shards_dir)
     splits = {}
     for split, info in manifest.splits.items():
-        data = _index_bytes([(s.members or scan_members(shards_dir / s.name)) for s in info.shards])
+        members = [s.members if s.members is not None else scan_members(shards_dir / s.name) for s in info.shards]
+        data = _index_bytes(members)
         atomic_write_bytes(shards_dir / index_name(split), data)
         splits[split] = replace(info, index=IndexInfo(index_name(split), hashlib.sha256(data).hexdigest()))
     manifest = replace(manifest, splits=splits)
