@@ -42,9 +42,9 @@ from alexrepro.atomic import atomic_write_text
 from alexrepro.distributed import Ranks, init_distributed, ranks_from_env, resolve_devices, shutdown_distributed
 from alexrepro.errors import EvaluationError
 from alexrepro.inference import CENTRE_VIEW, InferenceNetwork
-from alexrepro.loader import ordered_loader, verified_index
+from alexrepro.loader import ordered_loader, split_index, verified_index
 from alexrepro.progress import Progress
-from alexrepro.shards import ShardIndex, ShardReader, sha256_file
+from alexrepro.shards import ShardIndex, ShardReader, sha256_file, verify_shards
 from alexrepro.workers import usable_cores
 
 TOP_K = 5  # ILSVRC scores five guesses per image (REFERENCE.md §5)
@@ -248,8 +248,8 @@ def nearest_training_images(
     train shards are shuffled), split across ranks and workers, keeping only a running top-k per query.
     """
     nearest = RunningNearest(network.centre_features(queries))
-    index = verified_index(shards_dir, manifest, "train", out, _workers(config), (ranks.rank, ranks.world_size))
-    index = index.head(config.neighbours_max_train)
+    index = split_index(shards_dir, manifest, "train").head(config.neighbours_max_train)
+    verify_shards(index, out, max(1, _workers(config)), (ranks.rank, ranks.world_size))  # only the shards it reads
     progress.start("nearest training images (fc7)", math.ceil(len(index) / ranks.world_size))
     for batch in _loader(index, ranks, network, config):
         nearest.update(network.centre_features(batch.images), batch.keys, batch.labels.tolist(), batch.images)

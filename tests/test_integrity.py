@@ -81,6 +81,9 @@ def test_a_flipped_byte_is_caught(copy, split, readers):
     for args in every_stage(copy):
         if args[0] in readers:  # (evaluate reads train shards only for Figure 4's neighbours, off here)
             assert f"{split}-000000.tar: its size or sha256 differs" in failure(args)
+    if split == "train":  # evaluate reads train shards for Figure 4's neighbours, when they are on
+        with_neighbours = ["evaluate", copy / "checkpoint.pt", copy / "shards", copy / "r2", *EVALUATE[:4], "--quiet"]
+        assert "train-000000.tar: its size or sha256 differs" in failure(with_neighbours)
 
 
 def test_an_edited_label_is_caught(copy):
