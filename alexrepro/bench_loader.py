@@ -4,7 +4,7 @@ Baselines, on one core each: Pillow decode only, torchvision decode only, and de
 (what any loader must do per image). Then the real training loader (alexrepro.loader: tar streaming, shuffle buffer,
 per-rank/worker selection, decode, crop, flip, batching) with 0 workers (in-process), 1 worker and `workers`
 workers. Loader rates are steady-state: timed from the first batch to the last, so worker start-up is left out.
-Also measured: building the shard index (tar headers only), paid once per run.
+Also measured: loading the member index that prepare persisted, paid once per run.
 """
 
 from __future__ import annotations
