@@ -249,7 +249,7 @@ def nearest_training_images(
     """
     nearest = RunningNearest(network.centre_features(queries))
     index = split_index(shards_dir, manifest, "train").head(config.neighbours_max_train)
-    verify_shards(index, out, max(1, _workers(config)), (ranks.rank, ranks.world_size))  # only the shards it reads
+    verify_shards(index, out, max(1, _workers(config)), (ranks.rank, ranks.world_size), progress)  # only those it reads
     progress.start("nearest training images (fc7)", math.ceil(len(index) / ranks.world_size))
     for batch in _loader(index, ranks, network, config):
         nearest.update(network.centre_features(batch.images), batch.keys, batch.labels.tolist(), batch.images)
@@ -302,7 +302,7 @@ def evaluate(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, 
                 f"mean image is {network.size}×{network.size}; evaluate on shards prepared with --size {network.size}"
             )
 
-        val_index = verified_index(shards, manifest, "val", out, _workers(config), (ranks.rank, ranks.world_size))
+        val_index = verified_index(shards, manifest, "val", out, _workers(config), (ranks.rank, ranks.world_size), progress)
         mine = _score_split(network, val_index, manifest, config, ranks, progress)
         predictions = Predictions.merge(_all_gather(mine, ranks))
         _check_count(predictions, manifest.split("val").count, manifest.num_classes, shards)

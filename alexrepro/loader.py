@@ -39,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from alexrepro.augment import center_offset
+from alexrepro.progress import NullProgress, Progress
 from alexrepro.shards import Manifest, ShardIndex, ShardReader, verify_shards
 
 Decoder = Literal["torchvision", "pil"]
@@ -217,12 +218,13 @@ def split_index(shards: Path, manifest: Manifest, split: str) -> ShardIndex:
 
 
 def verified_index(
-    shards: Path, manifest: Manifest, split: str, stamp_dir: Path, workers: int, part: tuple[int, int] = (0, 1)
+    shards: Path, manifest: Manifest, split: str, stamp_dir: Path, workers: int, part: tuple[int, int] = (0, 1),
+    progress: Progress = NullProgress(),
 ) -> ShardIndex:
     """split_index, with the split's shards checked against the manifest's sha256 once per `stamp_dir` (the
     consumer's output folder; alexrepro.shards.verify_shards); `part=(rank, world)` shares the hashing."""
     index = split_index(shards, manifest, split)
-    verify_shards(index, stamp_dir, max(1, workers), part)
+    verify_shards(index, stamp_dir, max(1, workers), part, progress)
     return index
 
 

@@ -47,6 +47,8 @@ import numpy as np
 
 from alexrepro.atomic import atomic_open, atomic_write_bytes, atomic_write_text
 from alexrepro.errors import FormatError
+from alexrepro.progress import NullProgress, Progress
+from alexrepro.workers import map_unordered
 
 FORMAT = "alexrepro-shards"
 # 2: shard sizes and a persisted member index (`<split>-index.npy`) in the manifest; a failed prepare is marked.
@@ -602,10 +604,11 @@ def _hash_task(path: str) -> tuple[str, str]:
     return path, sha256_file(Path(path))
 
 
-def verify_shards(index: ShardIndex, stamp_dir: Path, workers: int, part: tuple[int, int] = (0, 1)) -> int:
+def verify_shards(
+    index: ShardIndex, stamp_dir: Path, workers: int, part: tuple[int, int] = (0, 1), progress: Progress = NullProgress()
+) -> int:
     """Check the sha256 of the index's shards against the manifest, once per shard per `stamp_dir`; return how
     many were hashed. `part=(rank, world)` checks every world-th shard from rank on (ranks share the work)."""
-    from alexrepro.workers import map_unordered
 
     rank, world = part
     stamp_path = Path(stamp_dir) / (VERIFIED_NAME if world == 1 else f".verified-shards-{rank}-of-{world}.json")
@@ -622,9 +625,14 @@ def verify_shards(index: ShardIndex, stamp_dir: Path, workers: int, part: tuple[
         entry = known.get(path) if isinstance(known, dict) else None
         if entry != {"sha256": info.sha256, "file": _identity(Path(path))}:
             todo.append(path)
+    if todo:
+        progress.start("checking shards against the manifest (once per output folder)", len(todo))
     for path, digest in map_unordered(_hash_task, todo, max(1, min(workers, len(todo))), preload=__name__):
         if digest != expected[path]:
             raise FormatError(_changed(Path(path)))
+        progress.advance(1)
+    if todo:
+        progress.finish()
     if todo:
         verified = {path: {"sha256": sha, "file": _identity(Path(path))} for path, sha in expected.items()}
         Path(stamp_dir).mkdir(parents=True, exist_ok=True)

@@ -425,7 +425,8 @@ def build_run(shards, out, config, manifest, normalization, stats, ranks, device
     }
     return Run(
         shards=shards, out=out, config=config, manifest=manifest, ranks=ranks,
-        indexes={split: verified_index(shards, manifest, split, out, config.workers, (ranks.rank, ranks.world_size))
+        indexes={split: verified_index(shards, manifest, split, out, config.workers, (ranks.rank, ranks.world_size),
+                                       progress if ranks.is_main else NullProgress())
                  for split in ("train", "val")}, devices=devices, net=net, model=model,
         optimizer=optimizer, preprocess=make_preprocess(normalization, config, devices[0], channels_last),
         autocast=lambda: torch.autocast(device_type=devices[0].type, dtype=torch.bfloat16, enabled=bf16),
