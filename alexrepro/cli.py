@@ -431,6 +431,7 @@ None, metavar="SHARDS", help="Folder written by `alexrepro prepare`."),
 None, metavar="OUT", help="Folder for stats.npz, stats.json and mean.png."),
     workers: Optional[int] = typer.Option(None, **default_help("stats", "workers", "Worker processes (0 = in this process; null = one per core).")),
     max_images: Optional[int] = typer.Option(None, **default_help("stats", "max_images", "Use only the first N training images (a quick estimate).")),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace statistics of other shards or settings."),
     config: Optional[Path] = config_option("stats"),
     set_: Optional[List[str]] = SetOption,
     show_config: bool = ShowConfigOption,
@@ -449,7 +450,7 @@ None, metavar="OUT", help="Folder for stats.npz, stats.json and mean.png."),
     _folder_out(out, "stats")
     _announce("stats", cfg, verbose, quiet)
     with _stage(quiet) as progress:
-        result = compute_stats(shards, out, cfg, progress)
+        result = compute_stats(shards, out, cfg, progress, overwrite)
     s = result.stats if hasattr(result, "stats") else result
     rows = []
     for name in ("image_count", "channel_mean", "eigval"):

@@ -4,10 +4,12 @@ Each validation image is decoded once; its ten patches (four corners and the cen
 their horizontal reflections, in `torchvision.transforms.TenCrop` order) go through the network in one batch and their
 softmax outputs are averaged. The centre patch alone (view 4) gives the 1-crop result from the same forward pass.
 Patches are preprocessed exactly as in training: the per-pixel mean image cropped at the same offset (and mirrored
-with the reflection) is subtracted and the result multiplied by the checkpoint's `input_scale`.
+with the reflection) is subtracted and the result multiplied by the checkpoint's `input_scale` (alexrepro.inference).
 
 Every validation image is counted exactly once, on one device, on two (the two-tower placement) or split across
 `torchrun` ranks (predictions gathered on every rank); a count that differs from the manifest is an EvaluationError.
+Shards are read through the loader by offset; each shard read is checked against the manifest's sha256 once per OUT
+folder (alexrepro.shards.verify_shards).
 
 Outputs in OUT (all written atomically, rewritten whole; only rank 0 writes):
     metrics.json      1-crop and 10-crop top-1/top-5 error (fractions): results only, for `dvc metrics`
@@ -23,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -34,16 +35,16 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from alexrepro import shards as shardlib
 from alexrepro.atomic import atomic_write_text
-from alexrepro.augment import center_offset, crop_mean, normalize, ten_crop_offsets
 from alexrepro.distributed import Ranks, init_distributed, ranks_from_env, resolve_devices, shutdown_distributed
 from alexrepro.errors import EvaluationError
-from alexrepro.loader import decode_pil, decode_torchvision
+from alexrepro.inference import CENTRE_VIEW, InferenceNetwork
+from alexrepro.loader import ordered_loader, split_index, verified_index
 from alexrepro.progress import Progress
+from alexrepro.shards import ShardIndex, ShardReader, sha256_file, verify_shards
 from alexrepro.workers import usable_cores
 
 TOP_K = 5  # ILSVRC scores five guesses per image (REFERENCE.md §5)
@@ -117,193 +118,13 @@ def _all_gather(obj: Any, ranks: Ranks) -> list[Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Reading shards
+# Reading shards: through the loader (alexrepro.loader), which reads by offset with the index prepare persisted
 
 
-@dataclass(frozen=True)
-class ShardPart:
-    path: Path
-    count: int  # samples the manifest lists for this part
-    truncated: bool = False  # stop after `count` samples (a subset); otherwise read the whole shard
-
-
-class ShardImages(IterableDataset):
-    """(key, label, image uint8 3×S×S) for every sample of `parts`, each decoded by exactly one reader.
-
-    Readers are the DataLoader workers of every rank. With at least as many shards as readers, each reader takes whole
-    shards. With fewer, each shard is shared by the readers r ≡ shard (mod shards), which take every k-th sample of it;
-    either way no reader reads more than its own shards.
-    """
-
-    def __init__(self, parts: Sequence[ShardPart], ranks: Ranks = Ranks(), decoder: str = "torchvision"):
-        self.parts = list(parts)
-        self.ranks = ranks
-        self.decoder = decoder  # by name: the dataset travels to worker processes
-
-    def assignments(self, reader: int, readers: int) -> list[tuple[ShardPart, int, int]]:
-        """(part, stride, phase) for one reader: it keeps the samples at positions ≡ phase (mod stride)."""
-        n = len(self.parts)
-        if n >= readers:
-            return [(part, 1, 0) for part in self.parts[reader::readers]]
-        shard = reader % n
-        return [(self.parts[shard], len(range(shard, readers, n)), reader // n)]
-
-    def __iter__(self):
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        readers = self.ranks.world_size * workers
-        reader = self.ranks.rank * workers + worker
-        decode = DECODERS[self.decoder]
-        for part, stride, phase in self.assignments(reader, readers) if self.parts else []:
-            for position, sample in enumerate(shardlib.iter_shard(part.path)):
-                if part.truncated and position >= part.count:
-                    break
-                if position % stride == phase:
-                    yield sample.key, sample.label, decode(sample.jpeg)
-
-
-def split_parts(shards_dir: Path, manifest: shardlib.Manifest, split: str, limit: int | None = None) -> list[ShardPart]:
-    """The shards of `split` as reading parts, cut after the first `limit` samples in stored order."""
-    parts = []
-    remaining = math.inf if limit is None else limit
-    for info in manifest.split(split).shards:
-        if remaining <= 0:
-            break
-        if remaining >= info.count:
-            parts.append(ShardPart(Path(shards_dir) / info.name, info.count))
-        else:
-            parts.append(ShardPart(Path(shards_dir) / info.name, int(remaining), truncated=True))
-        remaining -= info.count
-    return parts
-
-
-def _loader(parts: Sequence[ShardPart], ranks: Ranks, network: "InferenceNetwork", config: EvaluateConfig) -> DataLoader:
-    workers = min(8, usable_cores()) if config.workers is None else config.workers
-    return DataLoader(
-        ShardImages(parts, ranks, network.decoder),
-        batch_size=config.batch_size,
-        num_workers=workers,
-        pin_memory=network.device.type == "cuda",
-        worker_init_fn=_worker_init,
-    )
-
-
-def _worker_init(_worker_id: int) -> None:
-    torch.set_num_threads(1)  # a worker decodes one image at a time; more threads only contend for cores
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Test-time patches (§4.1)
-
-
-def ten_crop_views(images: torch.Tensor, crop: int) -> torch.Tensor:
-    """N×C×S×S images → N×10×C×crop×crop in torchvision's TenCrop order: the five patches of the image, then the five
-    patches of its mirror image (so view 5, the mirror's top-left, is the reflection of view 1, the top-right)."""
-
-    def five(x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([x[..., y : y + crop, i : i + crop] for y, i in ten_crop_offsets(x.shape[-1], crop)], dim=1)
-
-    return torch.cat([five(images), five(images.flip(-1))], dim=1)
-
-
-def ten_crop_windows(size: int, crop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where the ten views come from in the original image: (y, x) of each window (10×2) and whether it is mirrored.
-
-    A window at (y, x) of the mirror image is the mirrored window at (y, size − crop − x) of the original; this is the
-    form training uses (crop position, then reflection) to cut the mean image (alexrepro.augment.crop_mean).
-    """
-    offsets = ten_crop_offsets(size, crop)
-    mirrored = [(y, size - crop - x) for y, x in offsets]
-    return torch.tensor(offsets + mirrored, dtype=torch.long), torch.arange(10) >= 5
-
-
-CENTRE_VIEW = 4  # index of the unreflected centre patch among the ten
-
-
-class TenCropPatches:
-    """Turns decoded S×S images into the network's preprocessed input, exactly as training preprocesses its crops."""
-
-    def __init__(self, normalization: dict, crop: int, device: torch.device):
-        mean_image = torch.as_tensor(normalization["mean_image"], dtype=torch.float32)  # H×W×3 RGB 0–255
-        self.size = int(mean_image.shape[0])
-        self.crop = crop
-        self.input_scale = float(normalization["input_scale"])
-        offsets, flipped = ten_crop_windows(self.size, crop)
-        mean_chw = mean_image.permute(2, 0, 1).contiguous()
-        self.mean_views = crop_mean(mean_chw, offsets, crop, flipped).to(device)  # 10×3×c×c, as the views
-
-    def ten(self, images: torch.Tensor) -> torch.Tensor:
-        """N×3×S×S uint8 (on the model's device) → (N·10)×3×c×c float, image-major."""
-        views = ten_crop_views(images, self.crop)  # N×10×3×c×c
-        mean = self.mean_views.expand(views.shape[0], *self.mean_views.shape)
-        return normalize(views.flatten(0, 1), mean.flatten(0, 1), self.input_scale)
-
-    def centre(self, images: torch.Tensor) -> torch.Tensor:
-        """N×3×S×S uint8 → N×3×c×c float: the unreflected centre patch only."""
-        y, x = center_offset(self.size, self.crop)
-        views = images[..., y : y + self.crop, x : x + self.crop]
-        mean = self.mean_views[CENTRE_VIEW].expand(views.shape[0], -1, -1, -1)
-        return normalize(views, mean, self.input_scale)
-
-
-DECODERS = {"torchvision": decode_torchvision, "pil": decode_pil}  # TrainConfig.decoder → function
-
-
-class InferenceNetwork:
-    """A checkpoint's network in eval mode, with the preprocessing, decoder and precision it was trained with."""
-
-    def __init__(self, ckpt: dict, devices: Sequence[torch.device | str]):
-        from alexrepro.checkpoint import model_from_checkpoint
-
-        self.device = torch.device(devices[0])
-        self.model = model_from_checkpoint(ckpt, list(devices)).eval()
-        self.patches = TenCropPatches(ckpt["normalization"], int(ckpt["model_config"]["crop"]), self.device)
-        train = ckpt.get("train_config") or {}
-        self.decoder = str(train.get("decoder", "torchvision"))
-        if self.decoder not in DECODERS:
-            raise EvaluationError(
-                f"checkpoint train_config: unknown decoder {self.decoder!r} (known: {sorted(DECODERS)}); "
-                "evaluate with the alexrepro version that trained it"
-            )
-        # bf16 autocast and channels_last on CUDA, as training ran (DESIGN.md "Training"); softmax always in fp32.
-        cuda = self.device.type == "cuda"
-        self.bf16 = cuda and train.get("precision", "auto") != "fp32"
-        self.memory_format = torch.channels_last if cuda and train.get("channels_last", True) else torch.contiguous_format
-        self.model = self.model.to(memory_format=self.memory_format)
-
-    @property
-    def size(self) -> int:
-        return self.patches.size
-
-    def decode(self, jpeg: bytes) -> torch.Tensor:
-        return DECODERS[self.decoder](jpeg)
-
-    def _run(self, forward, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=self.memory_format)
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return forward(x).float()
-
-    def ten_crop_probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """N×3×S×S uint8 → N×10×K softmax outputs, one row per patch (the 10-crop result is their mean)."""
-        x = self.patches.ten(images.to(self.device, non_blocking=True))
-        return F.softmax(self._run(self.model, x), dim=1).view(images.shape[0], 10, -1)
-
-    def centre_probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """N×3×S×S uint8 → N×K softmax outputs of the centre patch."""
-        x = self.patches.centre(images.to(self.device, non_blocking=True))
-        return F.softmax(self._run(self.model, x), dim=1)
-
-    def centre_features(self, images: torch.Tensor) -> torch.Tensor:
-        """N×3×S×S uint8 → N×D fc7 activations (after ReLU) of the centre patch, float32 on the first device."""
-        x = self.patches.centre(images.to(self.device, non_blocking=True))
-        return self._run(self.model.fc7_features, x)
-
-    def check_size(self, images: torch.Tensor, source: str) -> None:
-        if tuple(images.shape[-2:]) != (self.size, self.size):
-            raise EvaluationError(
-                f"{source}: images are {images.shape[-1]}×{images.shape[-2]} but the checkpoint's mean image is "
-                f"{self.size}×{self.size}; evaluate on shards prepared with --size {self.size}"
-            )
+def _loader(index: ShardIndex, ranks: Ranks, network: InferenceNetwork, config: EvaluateConfig) -> DataLoader:
+    """Whole images of `index`, each exactly once across ranks and workers; `batch_size` images per rank batch."""
+    return ordered_loader(index, None, config.batch_size * ranks.world_size, _workers(config), ranks.rank, ranks.world_size,
+                          network.device.type == "cuda", network.decoder)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -419,6 +240,7 @@ def nearest_training_images(
     config: EvaluateConfig,
     ranks: Ranks,
     progress: Progress,
+    out: Path,
 ) -> list[list[Neighbour]]:
     """For each query image (Q×3×S×S uint8), the NEIGHBOURS training images nearest in fc7 space.
 
@@ -426,33 +248,22 @@ def nearest_training_images(
     train shards are shuffled), split across ranks and workers, keeping only a running top-k per query.
     """
     nearest = RunningNearest(network.centre_features(queries))
-    parts = split_parts(shards_dir, manifest, "train", config.neighbours_max_train)
-    total = sum(p.count for p in parts)
-    progress.start("nearest training images (fc7)", math.ceil(total / ranks.world_size))
-    for keys, labels, images in _loader(parts, ranks, network, config):
-        nearest.update(network.centre_features(images), keys, labels.tolist(), images)
-        progress.advance(len(keys))
+    index = split_index(shards_dir, manifest, "train").head(config.neighbours_max_train)
+    verify_shards(index, out, max(1, _workers(config)), (ranks.rank, ranks.world_size), progress)  # only those it reads
+    progress.start("nearest training images (fc7)", math.ceil(len(index) / ranks.world_size))
+    for batch in _loader(index, ranks, network, config):
+        nearest.update(network.centre_features(batch.images), batch.keys, batch.labels.tolist(), batch.images)
+        progress.advance(len(batch.keys))
     progress.finish()
     gathered = _all_gather(nearest.best, ranks)
     return [merge_nearest([g[q] for g in gathered], NEIGHBOURS) for q in range(len(queries))]
 
 
-def fetch_images(
-    shards_dir: Path,
-    manifest: shardlib.Manifest,
-    split: str,
-    keys: Sequence[str],
-    decode: Callable[[bytes], torch.Tensor],
-) -> dict[str, torch.Tensor]:
-    """Decode the samples named `keys`, reading the split from its start only until all are found."""
+def fetch_images(index: ShardIndex, keys: Sequence[str], decode: Callable[[bytes], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Decode the samples named `keys`, found by the index and read by offset."""
     wanted = set(keys)
-    found: dict[str, torch.Tensor] = {}
-    for sample in shardlib.iter_split(shards_dir, split, manifest):
-        if sample.key in wanted:
-            found[sample.key] = decode(sample.jpeg)
-            if len(found) == len(wanted):
-                break
-    return found
+    with ShardReader(index) as reader:
+        return {index.key(i): decode(reader.jpeg(i)) for i in range(len(index)) if index.key(i) in wanted}
 
 
 def pick_spread(labels: np.ndarray, n: int) -> list[int]:
@@ -491,17 +302,18 @@ def evaluate(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, 
                 f"mean image is {network.size}×{network.size}; evaluate on shards prepared with --size {network.size}"
             )
 
-        mine = _score_split(network, shards, manifest, config, ranks, progress)
+        val_index = verified_index(shards, manifest, "val", out, _workers(config), (ranks.rank, ranks.world_size), progress)
+        mine = _score_split(network, val_index, manifest, config, ranks, progress)
         predictions = Predictions.merge(_all_gather(mine, ranks))
         _check_count(predictions, manifest.split("val").count, manifest.num_classes, shards)
 
         examples = [predictions.keys[i] for i in pick_spread(predictions.labels, EXAMPLE_IMAGES)]
-        images = fetch_images(shards, manifest, "val", examples, network.decode)
+        images = fetch_images(val_index, examples, network.decode)
         query_keys = examples[:NEIGHBOUR_QUERIES]
         neighbours: list[list[Neighbour]] = []
         if config.neighbours_max_train != 0 and query_keys and "train" in manifest.splits:
             queries = torch.stack([images[k] for k in query_keys])
-            neighbours = nearest_training_images(network, queries, shards, manifest, config, ranks, progress)
+            neighbours = nearest_training_images(network, queries, shards, manifest, config, ranks, progress, out)
 
     metrics = _metrics(predictions, checkpoint, ckpt, shards, manifest)
     result = EvaluateResult(
@@ -536,16 +348,20 @@ def evaluate(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, 
     return result
 
 
-def _score_split(network: InferenceNetwork, shards: Path, manifest, config: EvaluateConfig, ranks: Ranks,
+def _workers(config: EvaluateConfig) -> int:
+    return min(8, usable_cores()) if config.workers is None else config.workers
+
+
+def _score_split(network: InferenceNetwork, index: ShardIndex, manifest, config: EvaluateConfig, ranks: Ranks,
                  progress: Progress) -> Predictions:
     """This rank's share of the validation split, scored: top-k of the 10-crop average and of the centre patch."""
     k = min(TOP_K, manifest.num_classes)
     keys: list[str] = []
     labels, top10, prob10, top1 = [], [], [], []
-    parts = split_parts(shards, manifest, "val")
-    progress.start("evaluating (10 patches per image)", math.ceil(manifest.split("val").count / ranks.world_size))
-    for batch_keys, batch_labels, images in _loader(parts, ranks, network, config):
-        network.check_size(images, str(shards))
+    progress.start("evaluating (10 patches per image)", math.ceil(len(index) / ranks.world_size))
+    for batch in _loader(index, ranks, network, config):
+        batch_keys, batch_labels, images = batch.keys, batch.labels, batch.images
+        network.check_size(images, str(Path(index.paths[0]).parent))
         probs = network.ten_crop_probabilities(images)  # N×10×K
         p10, i10 = probs.mean(dim=1).topk(k, dim=1)
         i1 = probs[:, CENTRE_VIEW].topk(k, dim=1).indices
@@ -582,14 +398,6 @@ def _check_count(predictions: Predictions, expected: int, num_classes: int, shar
         )
     if seen and (predictions.labels.min() < 0 or predictions.labels.max() >= num_classes):
         raise EvaluationError(f"{shards}: a val label lies outside 0–{num_classes - 1}; rerun `alexrepro prepare`")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 RESULT_KEYS = ("1crop", "10crop")  # what metrics.json holds: top-1/top-5 error (fractions) per protocol

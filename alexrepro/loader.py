@@ -15,10 +15,10 @@ So no sample is duplicated or dropped, and the union of the ranks' batches at st
 single process sees at step k: a 2-rank run and a 1-rank run with the same global batch train on the same data.
 
 The split is at the sample level, never by shard, so it works whatever the number of shards (the built-in sample has
-a handful) and whatever ranks × workers. What makes that cheap is a `ShardIndex`: the byte offset of every sample's
-members in the (webdataset-format) tars, read once per run from the tar headers. Each worker then reads only its
-own samples, by offset; a streaming reader would have to stream every shard's bytes and throw most away, a cost that
-grows with ranks × workers (docs/benchmarks.md "Loader").
+a handful) and whatever ranks × workers. What makes that cheap is the `ShardIndex` that prepare persisted: the byte
+offset of every sample's members in the (webdataset-format) tars, one file read per run (alexrepro.shards). Each
+worker then reads only its own samples, by offset, through `shards.ShardReader`; a streaming reader would have to
+stream every shard's bytes and throw most away, a cost that grows with ranks × workers (docs/benchmarks.md "Loader").
 
 Randomness is per sample: the crop position, the reflection and the PCA lighting coefficients of the image at
 position i of epoch e come from a generator seeded by (seed, e, i). An epoch's data is therefore the same for any
@@ -28,21 +28,19 @@ and sees exactly the data an uninterrupted run would.
 
 from __future__ import annotations
 
-import os
 import random
-import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from alexrepro.augment import center_offset
-from alexrepro.errors import FormatError
-from alexrepro.shards import Manifest, shard_paths
+from alexrepro.progress import NullProgress, Progress
+from alexrepro.shards import Manifest, ShardIndex, ShardReader, verify_shards
 
 Decoder = Literal["torchvision", "pil"]
 
@@ -111,64 +109,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return random.Random(f"alexrepro/{seed}/{epoch}").getrandbits(63)
 
 
-@dataclass(frozen=True)
-class ShardIndex:
-    """Where each sample of a split lies in its shards: sample i is `paths[shard[i]]` at these byte offsets."""
-
-    paths: tuple[str, ...]
-    shard: np.ndarray  # int32, one per sample, in stored order
-    jpg: np.ndarray  # int64 n×2: (offset, size) of the JPEG bytes
-    cls: np.ndarray  # int64 n×2: (offset, size) of the class index text
-    key_header: np.ndarray  # int64: offset of the .jpg member's tar header (its name is the sample's key)
-
-    def __len__(self) -> int:
-        return len(self.shard)
-
-    @classmethod
-    def build(cls, paths: Sequence[Path], counts: Sequence[int] | None = None) -> "ShardIndex":
-        """Read the tar headers (not the data) of every shard; check each shard's count against the manifest's."""
-        shard, jpg, label, header = [], [], [], []
-        for number, path in enumerate(paths):
-            members = _members(Path(path))
-            if counts is not None and len(members) != counts[number]:
-                raise FormatError(
-                    f"{path}: holds {len(members)} samples but the manifest lists {counts[number]}; rerun `alexrepro prepare`"
-                )
-            for jpg_info, cls_info in members:
-                shard.append(number)
-                jpg.append((jpg_info.offset_data, jpg_info.size))
-                label.append((cls_info.offset_data, cls_info.size))
-                header.append(jpg_info.offset)
-        return cls(
-            tuple(str(p) for p in paths),
-            np.asarray(shard, dtype=np.int32),
-            np.asarray(jpg, dtype=np.int64).reshape(-1, 2),
-            np.asarray(label, dtype=np.int64).reshape(-1, 2),
-            np.asarray(header, dtype=np.int64),
-        )
-
-    def shard_starts(self) -> np.ndarray:
-        """Number of the first sample of each shard."""
-        return np.searchsorted(self.shard, np.arange(len(self.paths)))
-
-
-def _members(path: Path) -> list[tuple[tarfile.TarInfo, tarfile.TarInfo]]:
-    """(jpg, cls) member pairs of one shard, in stored order (shards.py: `<key>.jpg` then `<key>.cls`)."""
-    pairs: dict[str, dict[str, tarfile.TarInfo]] = {}
-    try:
-        with tarfile.open(path, mode="r:") as tar:  # seekable mode: headers are read, data skipped
-            for member in tar:
-                if member.isfile():
-                    key, _, ext = member.name.partition(".")
-                    pairs.setdefault(key, {})[ext] = member
-    except (tarfile.TarError, OSError) as exc:
-        raise FormatError(f"{path}: unreadable shard ({exc}); rerun `alexrepro prepare` to rewrite it") from None
-    incomplete = [k for k, p in pairs.items() if "jpg" not in p or "cls" not in p]
-    if incomplete:
-        raise FormatError(f"{path}: samples {incomplete[:3]} lack a .jpg or .cls member; rerun `alexrepro prepare`")
-    return [(p["jpg"], p["cls"]) for p in pairs.values()]
-
-
 def global_sequence(index: ShardIndex, seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
     """The epoch's order of sample numbers: shard shuffle + buffer shuffle, seeded by (seed, epoch); 0 = stored order."""
     if not shuffle_buffer:
@@ -222,7 +162,7 @@ class ShardBatches(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         sequence = global_sequence(self.index, self.seed, self.epoch, self.shuffle_buffer)
         decode = _decoders()[self.decoder]
-        with _Files(self.index.paths) as files:
+        with ShardReader(self.index) as files:
             for step in range(self.start_step, self.plan.steps):
                 if step % workers != worker:
                     continue
@@ -230,12 +170,10 @@ class ShardBatches(IterableDataset):
                 items = [self._load(files, int(sequence[i]), i, decode) for i in range(start, end)]
                 yield self._collate(items, step)
 
-    def _load(self, files: "_Files", sample: int, position: int, decode: Callable[[bytes], torch.Tensor]):
-        index = self.index
-        path = int(index.shard[sample])
-        image = decode(files.read(path, *index.jpg[sample]))  # 3×H×W uint8
-        label = int(files.read(path, *index.cls[sample]))
-        key = _key(files.read(path, int(index.key_header[sample]), 512))
+    def _load(self, files: ShardReader, sample: int, position: int, decode: Callable[[bytes], torch.Tensor]):
+        image = decode(files.jpeg(sample))  # 3×H×W uint8
+        label = files.label(sample)  # checked against the manifest's classes
+        key = self.index.key(sample)
         size = image.shape[1]
         aug = self.augmentation
         alphas = (0.0, 0.0, 0.0)
@@ -275,8 +213,19 @@ class ShardBatches(IterableDataset):
 
 
 def split_index(shards: Path, manifest: Manifest, split: str) -> ShardIndex:
-    """The ShardIndex of one split (build it once per run and pass it to every epoch's loader)."""
-    return ShardIndex.build(shard_paths(shards, manifest, split), [s.count for s in manifest.split(split).shards])
+    """The ShardIndex of one split, as prepare persisted it (load it once per run, pass it to every epoch's loader)."""
+    return ShardIndex.load(shards, manifest, split)
+
+
+def verified_index(
+    shards: Path, manifest: Manifest, split: str, stamp_dir: Path, workers: int, part: tuple[int, int] = (0, 1),
+    progress: Progress = NullProgress(),
+) -> ShardIndex:
+    """split_index, with the split's shards checked against the manifest's sha256 once per `stamp_dir` (the
+    consumer's output folder; alexrepro.shards.verify_shards); `part=(rank, world)` shares the hashing."""
+    index = split_index(shards, manifest, split)
+    verify_shards(index, stamp_dir, max(1, workers), part, progress)
+    return index
 
 
 def train_loader(
@@ -316,6 +265,20 @@ def val_loader(
 ) -> DataLoader:
     """Every validation image exactly once, in manifest order, centre-cropped to `crop` (None: the whole image)."""
     index = index or split_index(shards, manifest, "val")
+    return ordered_loader(index, crop, batch_size, workers, rank, world_size, pin_memory, decoder)
+
+
+def ordered_loader(
+    index: ShardIndex,
+    crop: int | None,
+    batch_size: int,
+    workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    decoder: Decoder = "torchvision",
+) -> DataLoader:
+    """Every sample of `index` exactly once across ranks, in stored order, centre-cropped to `crop` (None: whole)."""
     plan = EpochPlan(len(index), batch_size, rank, world_size)
     dataset = ShardBatches(index, plan, None, 0, 0, 0, 0, decoder, crop=crop)
     return _loader(dataset, workers, pin_memory)
@@ -342,38 +305,6 @@ def _identity(batch: Batch) -> Batch:
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # a worker decodes one image at a time; extra threads only contend for cores
-
-
-class _Files:
-    """Open shard files of one reader, read by offset (os.pread: no shared file position between threads)."""
-
-    def __init__(self, paths: Sequence[str]):
-        self.paths = paths
-        self.fds: dict[int, int] = {}
-
-    def __enter__(self) -> "_Files":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-    def read(self, shard: int, offset, size) -> bytes:
-        fd = self.fds.get(shard)
-        if fd is None:
-            fd = self.fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
-        data = os.pread(fd, int(size), int(offset))
-        if len(data) != int(size):
-            raise FormatError(f"{self.paths[shard]}: truncated shard; rerun `alexrepro prepare` to rewrite it")
-        return data
-
-
-def _key(header: bytes) -> str:
-    """The sample key from a ustar header: the member name `<key>.jpg` (with the prefix field, if any)."""
-    name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
-    prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8")
-    return (f"{prefix}/{name}" if prefix else name).partition(".")[0]
 
 
 def _decoders() -> dict[str, Callable[[bytes], torch.Tensor]]:

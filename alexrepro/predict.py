@@ -18,7 +18,7 @@ import torch
 
 from alexrepro.distributed import resolve_devices
 from alexrepro.errors import ConfigError
-from alexrepro.evaluate import InferenceNetwork
+from alexrepro.inference import InferenceNetwork
 from alexrepro.imaging import UnreadableImage, resize_square_jpeg
 from alexrepro.prepare import PrepareConfig
 

@@ -9,8 +9,10 @@ The stage runs in three steps:
 2. Shards. Each shard is one task for a pool of worker processes. A worker opens the source file itself, reads each
    image with one seek and one read, resizes and re-encodes it (`imaging.resize_square_jpeg`), and writes the shard
    atomically (temp file + rename), then a small record of its count, sha256 and rejected files.
-3. Manifest. Counts, hashes, classes and the rejected list go into `manifest.json`; then, if more images were
-   rejected than `max_rejected` allows, the stage fails (after writing the manifest, so the list can be read).
+3. Index and manifest. Each split's member index (where every sample's bytes lie, recorded by the workers as they
+   wrote) goes into `<split>-index.npy`; counts, sizes, hashes, classes and the rejected list into `manifest.json`.
+   If more images were rejected than `max_rejected` allows, the stage fails after writing the manifest (so the list
+   can be read) marked with the failure, which every downstream reader refuses.
 
 Resuming: `OUT/.prepare/plan.json` records the settings and a hash of the plan. A rerun with the same settings and
 inputs keeps every shard whose record and sha256 still match and redoes the rest, so an interrupted run (even by
@@ -26,7 +28,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Iterator
@@ -37,6 +39,7 @@ from alexrepro.errors import OutputExistsError, TooManyRejectedError
 from alexrepro.progress import NullProgress, Progress
 from alexrepro.shards import (
     MANIFEST_NAME,
+    scan_members,
     SPLITS,
     Manifest,
     RejectedFile,
@@ -54,7 +57,7 @@ STATE_DIR = ".prepare"  # resume bookkeeping inside OUT: plan.json and one recor
 PLAN_FORMAT = "alexrepro-prepare-plan"
 PLAN_VERSION = 1
 
-_SHARD_FILE = re.compile(r"(train|val)-\d{6}\.tar")
+_SHARD_FILE = re.compile(r"(train|val)-(\d{6}\.tar|index\.npy)")  # shards and their member indexes
 _ADDRESS = re.compile(r" object at 0x[0-9a-fA-F]+")
 _TEMP_FILE = re.compile(r"\..+\.tmp-\d+")  # left behind by atomic_open when a run is killed with SIGKILL
 
@@ -151,12 +154,15 @@ def prepare(
     rejected = list(manifest.rejected)
     for split, refs in found.splits.items():
         assert written[split] + sum(r.split == split for r in rejected) == len(refs), f"{split}: images lost"
-    write_manifest(out, manifest)
+    failed = len(rejected) > config.max_rejected
+    if failed:
+        manifest = replace(manifest, failure=f"{len(rejected)} images rejected, more than max_rejected={config.max_rejected}")
+    manifest = write_manifest(out, manifest)
     progress.log(
         f"prepared {', '.join(f'{n:,} {s}' for s, n in written.items())} images; {len(rejected)} rejected; "
         f"{reused} of {len(tasks)} shards kept from an earlier run"
     )
-    if len(rejected) > config.max_rejected:
+    if failed:
         raise TooManyRejectedError(
             f"{len(rejected)} images could not be read, more than max_rejected={config.max_rejected}; the list is "
             f"under 'rejected' in {out / MANIFEST_NAME}: fix or remove those files, or raise --max-rejected"
@@ -201,11 +207,12 @@ def _plan_hash(tasks: list[ShardTask]) -> str:
 
 
 def run_shard_task(task: ShardTask, out: Path, size: int, quality: int) -> tuple[dict, bool]:
-    """Write one shard and its record, unless an earlier run did; return the record (name, count, sha256, rejected
-    files) and whether it was kept from an earlier run."""
+    """Write one shard and its record, unless an earlier run did; return the record (name, count, size, sha256,
+    rejected files, and the members for the index) and whether it was kept from an earlier run."""
     record = _finished_record(Path(out), task)
     if record is not None:
-        return record, True
+        shard = Path(out) / task.name
+        return {**record, "size": shard.stat().st_size, "members": scan_members(shard)}, True
     rejected: list[dict] = []
     reader = _Reader()
 
@@ -224,7 +231,7 @@ def run_shard_task(task: ShardTask, out: Path, size: int, quality: int) -> tuple
         reader.close()
     record = {"name": info.name, "count": info.count, "sha256": info.sha256, "rejected": rejected}
     _write_record(_record_path(Path(out), task), record)
-    return record, False
+    return {**record, "size": info.size, "members": info.members}, False
 
 
 def _write_record(path: Path, record: dict) -> None:
@@ -352,7 +359,7 @@ def _manifest(found: Source, tasks: list[ShardTask], records: dict[str, dict], s
     splits, rejected = {}, []
     for split in found.splits:
         shards = [records[t.name] for t in tasks if t.split == split]
-        infos = tuple(ShardInfo(r["name"], r["count"], r["sha256"]) for r in shards)
+        infos = tuple(ShardInfo(r["name"], r["count"], r["sha256"], r["size"], r["members"]) for r in shards)
         splits[split] = SplitInfo(count=sum(i.count for i in infos), shards=infos)
         rejected += [RejectedFile(**item) for r in shards for item in r["rejected"]]
     rejected.sort(key=lambda r: (SPLITS.index(r.split), r.path))

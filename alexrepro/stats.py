@@ -24,21 +24,19 @@ Caffe's ImageNet mean image averages to R 122.7, G 116.7, B 104.0.
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
 from alexrepro.atomic import atomic_open, atomic_write_bytes, atomic_write_text
-from alexrepro.errors import FormatError
+from alexrepro.errors import FormatError, OutputExistsError
 from alexrepro.imaging import UnreadableImage, decode_rgb_planes
 from alexrepro.progress import Progress
-from alexrepro.shards import check_format, iter_shard, manifest_sha256, read_manifest, shard_paths
+from alexrepro.shards import MANIFEST_NAME, ShardIndex, check_format, manifest_sha256, read_manifest, read_verified_shard
 from alexrepro.workers import map_unordered, usable_cores
 
 FORMAT = "alexrepro-stats"
@@ -81,8 +79,13 @@ class StatsResult:
     manifest_sha256: str
 
 
-def compute_stats(shards: Path, out: Path, config: StatsConfig, progress: Progress) -> StatsResult:
-    """Compute the statistics of the train split in `shards` and write stats.npz, stats.json and mean.png to `out`."""
+def compute_stats(shards: Path, out: Path, config: StatsConfig, progress: Progress, overwrite: bool = False) -> StatsResult:
+    """Compute the statistics of the train split in `shards` and write stats.npz, stats.json and mean.png to `out`.
+
+    Each shard is read whole, once, and checked against the manifest's size and sha256 in the worker that reads it
+    (hashing costs a few per cent of decoding and no extra I/O). `out` may hold stats of these shards with these
+    settings (they are rewritten); stats of other shards or settings are replaced only with `overwrite`.
+    """
     shards, out = Path(shards), Path(out)
     manifest = read_manifest(shards)
     split = manifest.split("train")
@@ -90,8 +93,9 @@ def compute_stats(shards: Path, out: Path, config: StatsConfig, progress: Progre
     if available == 0:
         raise FormatError(f"{shards}: the train split has no images; prepare a source with training images")
     source_sha = manifest_sha256(shards)
+    _claim_output(out, source_sha, config.max_images, overwrite)
     workers = _worker_count(config.workers)
-    tasks = _plan(shard_paths(shards, manifest, "train"), [s.count for s in split.shards], available, workers)
+    tasks = _plan(ShardIndex.load(shards, manifest, "train").head(available), workers)
 
     progress.start("stats", available)
     total = _Sums()
@@ -108,6 +112,37 @@ def compute_stats(shards: Path, out: Path, config: StatsConfig, progress: Progre
     _write(out, stats, source_sha, config.max_images)
     progress.log(f"stats: {stats.image_count:,} images, channel mean {np.round(stats.channel_mean, 2).tolist()}")
     return StatsResult(stats=stats, out=out, manifest_sha256=source_sha)
+
+
+def _claim_output(out: Path, source_sha: str, max_images: int | None, overwrite: bool) -> None:
+    """Refuse to replace stats of other shards or settings unless told to (the rule prepare follows)."""
+    path = out / JSON_NAME
+    if overwrite or not path.exists():
+        return
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or (meta.get("source_manifest_sha256"), meta.get("max_images")) != (source_sha, max_images):
+        raise OutputExistsError(
+            f"{out}: holds statistics of other shards or settings; rerun with --overwrite to replace them, or choose "
+            "another output folder"
+        )
+
+
+def check_stats_source(stats_dir: Path, shards_dir: Path) -> None:
+    """Raise FormatError unless the stats in `stats_dir` were computed from the shards in `shards_dir` (the same
+    manifest, whose hash covers every shard's)."""
+    path = Path(stats_dir) / JSON_NAME
+    try:
+        recorded = json.loads(path.read_text()).get("source_manifest_sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if recorded != manifest_sha256(shards_dir):
+        raise FormatError(
+            f"{path}: computed from other shards than {Path(shards_dir) / MANIFEST_NAME}; rerun "
+            f"`alexrepro stats {shards_dir} {stats_dir} --overwrite`"
+        )
 
 
 def load_stats(stats_dir: Path) -> Stats:
@@ -232,26 +267,25 @@ def _eigen(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class _Task:
-    path: Path
+    index: ShardIndex  # one shard's samples (ShardIndex.only)
     start: int  # first sample of the shard to use
     stop: int  # one past the last
 
 
-def _plan(paths: list[Path], counts: list[int], images: int, workers: int) -> list[_Task]:
-    """Cut the first `images` train images into tasks: whole shards, or slices of shards when there are few shards.
+def _plan(index: ShardIndex, workers: int) -> list[_Task]:
+    """Cut the index (the first `max_images` train images) into tasks: whole shards, or slices of shards when there
+    are few shards.
 
     Slices keep every worker busy on a dataset of one or two big shards; `max_images` takes the first images in
     shard order, so the same images are used whatever the worker count.
     """
-    pieces = max(1, (4 * workers) // max(1, len(paths))) if workers > 1 else 1
-    tasks, left = [], images
-    for path, count in zip(paths, counts):
-        use = min(count, left)
+    pieces = max(1, (4 * workers) // max(1, len(index.paths))) if workers > 1 else 1
+    tasks = []
+    for number in range(len(index.paths)):
+        shard = index.only(number)
+        use = len(shard)
         step = max(1, -(-use // pieces))
-        tasks += [_Task(path, start, min(start + step, use)) for start in range(0, use, step)]
-        left -= use
-        if left == 0:
-            break
+        tasks += [_Task(shard, start, min(start + step, use)) for start in range(0, use, step)]
     return tasks
 
 
@@ -261,51 +295,20 @@ def _worker_count(requested: int | None) -> int:
 
 def _sum_task(task: _Task) -> _Sums:
     sums = _Sums()
-    for key, jpeg in _shard_jpegs(task.path, task.start, task.stop):
+    path = task.index.paths[0]
+    # One read of the whole shard, checked against the manifest: Python's tarfile spends more time per member than
+    # decoding a 256² JPEG takes, and the index says where each JPEG lies in the bytes already read.
+    data = read_verified_shard(task.index, 0)
+    for sample in range(task.start, task.stop):
+        offset, size = task.index.jpg[sample]
         try:
-            sums.add(decode_rgb_planes(jpeg))
+            sums.add(decode_rgb_planes(data[offset : offset + size]))
         except (UnreadableImage, ValueError) as exc:
-            raise FormatError(f"{task.path}: sample {key}: {exc}; rerun `alexrepro prepare --overwrite`") from None
+            key = task.index.key(sample)
+            raise FormatError(f"{path}: sample {key}: {exc}; rerun `alexrepro prepare --overwrite`") from None
         if sums.images >= _UINT32_SAFE_IMAGES:
-            raise FormatError(f"{task.path}: more than {_UINT32_SAFE_IMAGES:,} images in one shard")
+            raise FormatError(f"{path}: more than {_UINT32_SAFE_IMAGES:,} images in one shard")
     return sums
-
-
-def _shard_jpegs(path: Path, start: int, stop: int) -> Iterator[tuple[str, bytes]]:
-    """The (key, jpeg) of samples start…stop-1 of a shard.
-
-    Shards are plain USTAR tars written by `shards.write_shard`, so their headers are read directly from one read
-    of the file: Python's tarfile spends more time per member than decoding a 256² JPEG takes. Anything else in
-    the file (a pax header, a link) sends us back to the general reader `shards.iter_shard`.
-    """
-    try:
-        data = memoryview(Path(path).read_bytes())
-    except OSError as exc:
-        raise FormatError(f"{path}: unreadable shard ({exc}); rerun `alexrepro prepare` to rewrite it") from None
-    members = []
-    offset = 0
-    while offset + 512 <= len(data):
-        header = data[offset : offset + 512]
-        if not any(header[:100]):
-            break  # the end-of-archive blocks
-        try:
-            size = int(bytes(header[124:136]).strip(b" \0") or b"0", 8)
-            name = bytes(header[:100]).rstrip(b"\0").decode("utf-8")
-        except ValueError:
-            members = None
-            break
-        if header[156:157] not in (b"0", b"\0") or header[345] != 0:  # not a regular file, or a long name
-            members = None
-            break
-        members.append((name, offset + 512, size))
-        offset += 512 + -(-size // 512) * 512
-    if members is None:
-        samples = itertools.islice(iter_shard(path), start, stop)
-        yield from ((s.key, s.jpeg) for s in samples)
-        return
-    jpegs = [(name.partition(".")[0], begin, size) for name, begin, size in members if name.endswith(".jpg")]
-    for key, begin, size in jpegs[start:stop]:
-        yield key, data[begin : begin + size]
 
 
 # ---------------------------------------------------------------------------------------------------------------

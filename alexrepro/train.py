@@ -47,9 +47,10 @@ from alexrepro.distributed import (
     wrap_model,
 )
 from alexrepro.errors import ConfigError, FormatError, OutputExistsError, TrainingError
-from alexrepro.loader import Augmentation, Batch, ShardIndex, split_index, train_loader, val_loader
+from alexrepro.loader import Augmentation, Batch, ShardIndex, train_loader, val_loader, verified_index
 from alexrepro.progress import NullProgress, Progress
 from alexrepro.shards import Manifest, manifest_sha256, read_manifest
+from alexrepro.stats import check_stats_source
 
 LAST = "checkpoint-last.pt"
 BEST = "checkpoint-best.pt"
@@ -373,6 +374,7 @@ def _train(shards, stats, out, config, resume, ranks, devices, progress) -> Trai
     manifest = read_manifest(shards)
     rank_batch_size(config.batch_size, ranks)
     normalization = normalization_from_stats(stats, config.input_scale)
+    check_stats_source(stats, shards)  # normalised by statistics of these very shards
     check_sizes(manifest, normalization, config.crop, stats)
     run = build_run(shards, out, config, manifest, normalization, stats, ranks, devices, progress)
     position = start_position(run, resume)
@@ -434,7 +436,9 @@ def build_run(shards, out, config, manifest, normalization, stats, ranks, device
     }
     return Run(
         shards=shards, out=out, config=config, manifest=manifest, ranks=ranks,
-        indexes={split: split_index(shards, manifest, split) for split in ("train", "val")}, devices=devices, net=net, model=model,
+        indexes={split: verified_index(shards, manifest, split, out, config.workers, (ranks.rank, ranks.world_size),
+                                       progress if ranks.is_main else NullProgress())
+                 for split in ("train", "val")}, devices=devices, net=net, model=model,
         optimizer=optimizer, preprocess=make_preprocess(normalization, config, devices[0], channels_last),
         autocast=lambda: torch.autocast(device_type=devices[0].type, dtype=torch.bfloat16, enabled=bf16),
         base_state=base_state, progress=progress if ranks.is_main else NullProgress(),

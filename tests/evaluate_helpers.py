@@ -68,8 +68,7 @@ def write_tiny_shards(out: Path, classes: tuple[ClassInfo, ...] | None = None, s
         ]
         splits[split] = SplitInfo(count=count, shards=tuple(infos))
     manifest = Manifest(settings={"size": SIZE, "quality": 90}, classes=tuple(classes), splits=splits)
-    write_manifest(out, manifest)
-    return manifest
+    return write_manifest(out, manifest)
 
 
 def mean_image(shards: Path) -> np.ndarray:

@@ -146,3 +146,38 @@ def test_dvc_repro_then_experiment_on_a_tiny_sample(tiny_repo):
     assert max(len(line) for line in table.stdout.splitlines()) <= 120, table.stdout
     columns = run(["dvc", "exp", "show", "--only-changed", "--csv"], repo, env).splitlines()[0].split(",")
     assert len(columns) <= 16, columns
+
+
+STAGE_MODULES = {stage: module for stage, (module, _) in CONFIG_CLASSES.items()}
+
+
+def import_closure(module: str) -> set[str]:
+    """The alexrepro modules `module` imports, directly or not, at module level or inside functions (by ast)."""
+    import ast
+
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = ROOT / (name.replace(".", "/") + ".py")
+        if name in seen or not path.is_file():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                todo.append(node.module)
+                todo += [f"{node.module}.{alias.name}" for alias in node.names]  # `from alexrepro import shards`
+    return {name for name in seen if name.startswith("alexrepro.")}
+
+
+@pytest.mark.parametrize("stage", list(STAGE_MODULES))
+def test_each_stage_depends_on_exactly_the_code_it_runs(stage):
+    """DVC reruns a stage only when a dep changes, so its code deps must be the import closure of the stage's module
+    and of alexrepro.config (which parses its --config). cli.py is left out: it imports every stage and only parses
+    and prints (STYLE.md), so listing it would make every stage depend on every module."""
+    closure = import_closure(STAGE_MODULES[stage]) | import_closure("alexrepro.config")
+    expected = {name.replace(".", "/") + ".py" for name in closure}
+    listed = {dep for dep in dvc_stages()[stage]["deps"] if dep.startswith("alexrepro/")}
+    assert listed == expected, f"dvc.yaml stage {stage}: add {sorted(expected - listed)}, drop {sorted(listed - expected)}"

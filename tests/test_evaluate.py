@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from torchvision.transforms import TenCrop
 
 from alexrepro import evaluate as ev
-from alexrepro.errors import EvaluationError
+from alexrepro import inference
+from alexrepro.errors import EvaluationError, FormatError
+from alexrepro.loader import ordered_loader
 from alexrepro.progress import NullProgress
-from alexrepro.shards import iter_split, read_manifest, write_manifest
+from alexrepro.shards import ShardIndex, iter_split, read_manifest, write_manifest
 from evaluate_helpers import (
     CROP, NUM_CLASSES, SIZE, VAL_IMAGES, evaluate_rank, free_port, save_tiny_checkpoint, tiny_checkpoint, tiny_classes,
     write_tiny_shards,
@@ -44,8 +46,8 @@ def evaluated(data):
     return result, root / "out"
 
 
-def network(ckpt, devices=("cpu",)) -> ev.InferenceNetwork:
-    return ev.InferenceNetwork(ckpt, list(devices))
+def network(ckpt, devices=("cpu",)) -> inference.InferenceNetwork:
+    return inference.InferenceNetwork(ckpt, list(devices))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -54,7 +56,7 @@ def network(ckpt, devices=("cpu",)) -> ev.InferenceNetwork:
 
 def test_ten_views_equal_torchvision_tencrop():
     image = torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8)
-    ours = ev.ten_crop_views(image[None], CROP)[0]
+    ours = inference.ten_crop_views(image[None], CROP)[0]
     theirs = TenCrop(CROP)(image)
     assert ours.shape == (10, 3, CROP, CROP)
     for k in range(10):
@@ -63,9 +65,9 @@ def test_ten_views_equal_torchvision_tencrop():
 
 def test_mean_is_cut_like_the_image_and_mirrored_with_it(data):
     *_, ckpt = data
-    patches = ev.TenCropPatches(ckpt["normalization"], CROP, torch.device("cpu"))
+    patches = inference.TenCropPatches(ckpt["normalization"], CROP, torch.device("cpu"))
     mean = ckpt["normalization"]["mean_image"].permute(2, 0, 1)
-    assert torch.equal(patches.mean_views, ev.ten_crop_views(mean[None], CROP)[0])
+    assert torch.equal(patches.mean_views, inference.ten_crop_views(mean[None], CROP)[0])
 
 
 def test_centre_patch_is_what_training_validates_on(data):
@@ -130,20 +132,14 @@ def test_running_nearest_matches_brute_force():
 def test_readers_split_every_image_exactly_once(data):
     _, shards, *_ = data
     manifest = read_manifest(shards)
-    parts = ev.split_parts(shards, manifest, "val")
-    assert len(parts) == 3
-    for world in (1, 2, 3, 5, 7):  # more readers than shards (5, 7) share shards, otherwise each reads whole ones
-        keys = [key for rank in range(world) for key, _, _ in ev.ShardImages(parts, ev.Ranks(rank, world))]
-        assert sorted(keys) == [f"ILSVRC2012_val_{i + 1:08d}" for i in range(VAL_IMAGES)]
-        reads = [len(ev.ShardImages(parts).assignments(r, world)) for r in range(world)]
-        assert sum(reads) == max(world, len(parts))  # no shard is read by more readers than needed
-    from_workers = []  # two ranks of two DataLoader workers each: 4 readers for 3 shards
-    for rank in (0, 1):
-        loader = torch.utils.data.DataLoader(ev.ShardImages(parts, ev.Ranks(rank, 2)), batch_size=4, num_workers=2)
-        from_workers += [key for keys, _, _ in loader for key in keys]
-    assert sorted(from_workers) == [f"ILSVRC2012_val_{i + 1:08d}" for i in range(VAL_IMAGES)]
-    subset = ev.split_parts(shards, read_manifest(shards), "train", limit=13)
-    assert [p.count for p in subset] == [12, 1] and len(list(ev.ShardImages(subset))) == 13
+    index = ShardIndex.load(shards, manifest, "val")
+    assert len(index.paths) == 3
+    everything = [f"ILSVRC2012_val_{i + 1:08d}" for i in range(VAL_IMAGES)]
+    for world, workers in ((1, 0), (2, 2), (3, 0), (5, 2), (7, 0)):  # more readers than shards share the shards
+        keys = [k for rank in range(world) for b in ordered_loader(index, None, 4, workers, rank, world) for k in b.keys]
+        assert sorted(keys) == everything
+    subset = ShardIndex.load(shards, manifest, "train").head(13)
+    assert len(subset.paths) == 2 and sum(len(b.keys) for b in ordered_loader(subset, None, 4, 0)) == 13
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -192,7 +188,7 @@ def test_metrics_match_brute_force_over_every_image(evaluated, data):
     for sample, row in zip(iter_split(data[1], "val"), rows):
         probs = net.ten_crop_probabilities(net.decode(sample.jpeg)[None])[0]
         assert probs.mean(0).topk(5).indices.tolist() == [int(row[f"class{j}"]) for j in range(1, 6)]
-        wrong1 += int(probs[ev.CENTRE_VIEW].argmax()) != sample.label
+        wrong1 += int(probs[inference.CENTRE_VIEW].argmax()) != sample.label
     assert metrics["1crop"]["top1_error"] == pytest.approx(wrong1 / VAL_IMAGES)
 
 
@@ -255,7 +251,7 @@ def test_manifest_count_mismatch_is_an_error(data, tmp_path):
     manifest = read_manifest(copy)
     val = manifest.splits["val"]
     write_manifest(copy, replace(manifest, splits={**manifest.splits, "val": replace(val, count=val.count + 1)}))
-    with pytest.raises(EvaluationError, match=f"promises {VAL_IMAGES + 1} val images but evaluation saw {VAL_IMAGES}"):
+    with pytest.raises(FormatError, match=f"{VAL_IMAGES} samples do not match the counts in .*manifest.json"):
         ev.evaluate(checkpoint, copy, tmp_path / "out", replace(CONFIG, neighbours_max_train=0), NullProgress())
     assert not (tmp_path / "out" / "metrics.json").exists()
 

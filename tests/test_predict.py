@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from alexrepro.errors import ConfigError
-from alexrepro.evaluate import InferenceNetwork
+from alexrepro.inference import InferenceNetwork
 from alexrepro.predict import Prediction, PredictionError, load_image, predict
 from evaluate_helpers import NUM_CLASSES, image_array, save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
 

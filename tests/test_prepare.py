@@ -14,7 +14,7 @@ import pytest
 
 import fixtures as fx
 from alexrepro import imaging
-from alexrepro.errors import OutputExistsError, TooManyRejectedError
+from alexrepro.errors import FormatError, OutputExistsError, TooManyRejectedError
 from alexrepro.prepare import PrepareConfig, prepare
 from alexrepro.progress import NullProgress
 from alexrepro.shards import iter_shard, read_manifest
@@ -183,7 +183,9 @@ def test_too_many_rejected_fails_after_writing_the_manifest(tmp_path, archives):
     config = PrepareConfig(size=32, shard_size=5, workers=1, max_rejected=3)
     with pytest.raises(TooManyRejectedError, match=r"4 images.*max_rejected=3.*manifest.json"):
         prepare(archives, out, config, overwrite=False, progress=NullProgress())
-    assert len(read_manifest(out).rejected) == 4
+    assert len(read_manifest(out, allow_failed=True).rejected) == 4
+    with pytest.raises(FormatError, match="prepare did not succeed.*4 images rejected"):
+        read_manifest(out)  # what every downstream stage reads
 
 
 def test_progress_counts_every_input_image(tmp_path, archives, tiny):

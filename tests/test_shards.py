@@ -1,7 +1,10 @@
-"""The shard format: deterministic tars, manifest round trip, format checks, and webdataset compatibility."""
+"""The shard format: deterministic tars, the member index, manifest round trip and checks, webdataset compatibility."""
 
+import hashlib
 import json
+import tarfile
 
+import numpy as np
 import pytest
 import webdataset as wds
 
@@ -11,30 +14,64 @@ from alexrepro.shards import (
     Manifest,
     RejectedFile,
     Sample,
+    ShardIndex,
     SplitInfo,
     iter_shard,
+    iter_split,
     read_manifest,
+    scan_members,
+    verify_shards,
     write_manifest,
     write_shard,
 )
 
-SAMPLES = [Sample(key=f"n0000000{i % 2}_{i}", jpeg=bytes([i]) * (100 + i), label=i % 2) for i in range(5)]
+SAMPLES = [Sample(key=f"n0000000{i % 2}_{i}", jpeg=bytes([i]) * (100 + 300 * i), label=i % 2) for i in range(5)]
+CLASSES = (ClassInfo(0, "n01440764", 449, "tench"), ClassInfo(1, "n01443537", None, "goldfish"))
+
+
+def prepared(folder, shards=((SAMPLES[:3], SAMPLES[3:]),)) -> Manifest:
+    """A folder of train shards (the given sample lists) with its index and manifest, as prepare leaves it."""
+    infos = tuple(write_shard(folder / f"train-{n:06d}.tar", samples) for n, samples in enumerate(shards[0]))
+    split = SplitInfo(sum(i.count for i in infos), infos)
+    return write_manifest(folder, Manifest(settings={"size": 256}, classes=CLASSES, splits={"train": split}))
 
 
 def test_write_then_read_round_trip(tmp_path):
+    manifest = prepared(tmp_path)
+    assert [i.count for i in manifest.split("train").shards] == [3, 2]
+    assert list(iter_split(tmp_path, "train")) == SAMPLES
+    assert list(iter_shard(tmp_path / "train-000001.tar")) == SAMPLES[3:]
+
+
+def test_recorded_members_are_where_tarfile_finds_them(tmp_path):
     info = write_shard(tmp_path / "train-000000.tar", SAMPLES)
-    assert info.name == "train-000000.tar" and info.count == 5
-    assert list(iter_shard(tmp_path / "train-000000.tar")) == SAMPLES
+    with tarfile.open(tmp_path / "train-000000.tar") as tar:
+        members = {m.name: (m.offset_data, m.size) for m in tar}
+    expected = tuple((s.key, *members[f"{s.key}.jpg"], *members[f"{s.key}.cls"]) for s in SAMPLES)
+    assert info.members == expected == scan_members(tmp_path / "train-000000.tar")
+    assert info.size == (tmp_path / "train-000000.tar").stat().st_size
+
+
+def test_index_is_one_file_named_with_its_hash_in_the_manifest(tmp_path):
+    manifest = prepared(tmp_path)
+    entry = json.loads((tmp_path / "manifest.json").read_text())["splits"]["train"]["index"]
+    assert entry == {"name": "train-index.npy", "sha256": hashlib.sha256((tmp_path / "train-index.npy").read_bytes()).hexdigest()}
+    index = ShardIndex.load(tmp_path, manifest, "train")
+    assert [index.key(i) for i in range(len(index))] == [s.key for s in SAMPLES]
+    assert index.shard.tolist() == [0, 0, 0, 1, 1]
+    assert len(index.head(4).paths) == 2 and len(index.head(3).paths) == 1
+    assert [index.only(1).key(i) for i in range(2)] == [s.key for s in SAMPLES[3:]]
 
 
 def test_same_samples_give_identical_bytes(tmp_path):
     a = write_shard(tmp_path / "a.tar", SAMPLES)
     b = write_shard(tmp_path / "b.tar", SAMPLES)
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
-    assert a.sha256 == b.sha256
-    import hashlib
-
-    assert a.sha256 == hashlib.sha256((tmp_path / "a.tar").read_bytes()).hexdigest()
+    assert a.sha256 == b.sha256 == hashlib.sha256((tmp_path / "a.tar").read_bytes()).hexdigest()
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    prepared(tmp_path / "one"), prepared(tmp_path / "two")
+    for name in ("manifest.json", "train-index.npy"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
 
 
 def test_webdataset_reads_our_shards(tmp_path):
@@ -52,19 +89,43 @@ def test_keys_with_dots_are_refused(tmp_path):
 def test_manifest_round_trip_and_checks(tmp_path):
     manifest = Manifest(
         settings={"size": 256},
-        classes=(ClassInfo(0, "n01440764", 449, "tench"), ClassInfo(1, "n01443537", None, "goldfish")),
-        splits={"train": SplitInfo(count=5, shards=())},
+        classes=CLASSES,
+        splits={"train": SplitInfo(count=0, shards=())},
         rejected=(RejectedFile("train", "a/b.JPEG", "truncated"),),
     )
-    write_manifest(tmp_path, manifest)
-    assert read_manifest(tmp_path) == manifest
+    written = write_manifest(tmp_path, manifest)
+    assert read_manifest(tmp_path) == written and written.split("train").index.name == "train-index.npy"
     data = json.loads((tmp_path / "manifest.json").read_text())
-    assert data["format"] == "alexrepro-shards" and data["version"] == 1
+    assert data["format"] == "alexrepro-shards" and data["version"] == 2
 
-    data["version"] = 99
+    data["version"] = 1  # an older prepare's folder: say what to run
     (tmp_path / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(FormatError, match="version 99.*alexrepro prepare"):
+    with pytest.raises(FormatError, match="version 1.*reads version 2.*rerun `alexrepro prepare`"):
         read_manifest(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["splits"]["train"]["shards"][0].update(count="3"), r"splits.train.shards\[0\].count' must be int"),
+        (lambda d: d["splits"]["train"]["shards"][0].update(name="../train-000000.tar"), "not a plain file name"),
+        (lambda d: d["splits"]["train"]["shards"][1].update(name="/etc/passwd"), "not a plain file name"),
+        (lambda d: d["splits"]["train"]["index"].update(name=".."), "not a plain file name"),
+        (lambda d: d["splits"]["train"]["shards"][0].update(sha256="0" * 63), "not a sha256"),
+        (lambda d: d["splits"]["train"].update(shards={}), "splits.train.shards' must be list"),
+        (lambda d: d["classes"][1].update(index=True), r"classes\[1\].index' must be int"),
+        (lambda d: d.update(classes=[1, 2]), r"classes\[0\]' must be dict"),
+        (lambda d: d["splits"]["train"]["shards"][0].pop("size"), r"shards\[0\].size' is missing"),
+    ],
+)
+def test_a_wrong_manifest_field_is_one_line_naming_it(tmp_path, edit, message):
+    prepared(tmp_path)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    edit(data)
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(FormatError, match=message) as info:
+        read_manifest(tmp_path)
+    assert "\n" not in str(info.value)
 
 
 def test_missing_manifest_says_what_to_run(tmp_path):
@@ -73,8 +134,40 @@ def test_missing_manifest_says_what_to_run(tmp_path):
 
 
 def test_truncated_shard_is_a_format_error(tmp_path):
+    manifest = prepared(tmp_path)
     path = tmp_path / "train-000000.tar"
-    write_shard(path, SAMPLES)
     path.write_bytes(path.read_bytes()[:700])
-    with pytest.raises(FormatError, match="train-000000.tar"):
-        list(iter_shard(path))
+    with pytest.raises(FormatError, match="train-000000.tar.*rerun `alexrepro prepare`"):
+        ShardIndex.load(tmp_path, manifest, "train")
+
+
+def test_edited_index_is_refused(tmp_path):
+    manifest = prepared(tmp_path)
+    table = np.load(tmp_path / "train-index.npy")
+    table["jpg_offset"][0] += 512
+    np.save(tmp_path / "train-index.npy", table)
+    with pytest.raises(FormatError, match="train-index.npy: sha256 differs"):
+        ShardIndex.load(tmp_path, manifest, "train")
+
+
+def test_out_of_range_label_names_the_shard_and_key(tmp_path):
+    prepared(tmp_path, ((SAMPLES[:3] + [Sample("n00000009_9", b"x" * 50, 7)],),))
+    with pytest.raises(FormatError, match=r"train-000000.tar: sample n00000009_9: class b'7'"):
+        list(iter_split(tmp_path, "train"))
+
+
+def test_verify_hashes_once_per_stamp_and_again_after_a_change(tmp_path):
+    shards, out = tmp_path / "shards", tmp_path / "out"
+    shards.mkdir()
+    manifest = prepared(shards)
+    index = ShardIndex.load(shards, manifest, "train")
+    assert verify_shards(index, out, workers=1) == 2
+    assert verify_shards(index, out, workers=1) == 0  # the stamp: no second pass
+    path = shards / "train-000001.tar"
+    data = bytearray(path.read_bytes())
+    data[600] ^= 1  # same size, one bit flipped
+    path.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="train-000001.tar: its size or sha256 differs"):
+        verify_shards(ShardIndex.load(shards, manifest, "train"), out, workers=1)
+    # Two ranks share the hashing: each checks its own shards.
+    assert [verify_shards(index, tmp_path / "ranks", 1, (r, 2)) for r in range(1)] == [1]

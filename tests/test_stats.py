@@ -2,16 +2,17 @@
 
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from alexrepro.config import load_config
-from alexrepro.errors import ConfigError, FormatError
+from alexrepro.errors import ConfigError, FormatError, OutputExistsError
 from alexrepro.progress import NullProgress
-from alexrepro.shards import ClassInfo, Manifest, Sample, SplitInfo, write_manifest, write_shard
-from alexrepro.stats import StatsConfig, compute_stats, load_stats
+from alexrepro.shards import ClassInfo, Manifest, Sample, SplitInfo, read_manifest, sha256_file, write_manifest, write_shard
+from alexrepro.stats import StatsConfig, check_stats_source, compute_stats, load_stats
 
 SIZE = 16
 SHARD_COUNTS = (5, 3, 4)  # three train shards of unequal size
@@ -144,6 +145,11 @@ def test_shards_written_by_other_tar_tools_are_read_too(shards, tmp_path):
             for member, data in members:
                 member.pax_headers = {"comment": "rewritten"}
                 target.addfile(member, io.BytesIO(data))
+    # The manifest names the new bytes; the index is read from the pax headers once, by write_manifest.
+    manifest = read_manifest(copy)
+    train = manifest.split("train")
+    infos = tuple(replace(s, sha256=sha256_file(copy / s.name), size=(copy / s.name).stat().st_size) for s in train.shards)
+    write_manifest(copy, replace(manifest, splits={**manifest.splits, "train": replace(train, shards=infos)}))
     original = _run(shards, tmp_path / "a", workers=1)
     rewritten = _run(copy, tmp_path / "b", workers=1)
     np.testing.assert_array_equal(original.cov, rewritten.cov)
@@ -159,3 +165,23 @@ def test_bench_stats_reports_steady_state_and_whole_run_figures():
     assert {"stats, 1 worker, whole run of 4", "stats, 1 worker, whole run of 8"} <= set(names)
     assert "stats 2 workers / 1 worker (wall clock), steady state" in report.ratios
     assert all(value > 0 for name, value in report.ratios.items() if name.startswith("whole run"))
+
+
+def test_stats_of_other_shards_or_settings_are_not_replaced_silently(shards, tmp_path):
+    _run(shards, tmp_path, workers=1)
+    _run(shards, tmp_path, workers=2)  # the same shards and settings: simply rewritten
+    with pytest.raises(OutputExistsError, match="other shards or settings.*--overwrite"):
+        _run(shards, tmp_path, workers=1, max_images=3)
+    assert json.loads((tmp_path / "stats.json").read_text())["max_images"] is None
+    compute_stats(shards, tmp_path, StatsConfig(workers=1, max_images=3), NullProgress(), overwrite=True)
+    assert json.loads((tmp_path / "stats.json").read_text())["max_images"] == 3
+
+
+def test_stats_record_their_manifest_and_other_shards_are_told_apart(shards, tmp_path):
+    _run(shards, tmp_path / "stats", workers=1)
+    check_stats_source(tmp_path / "stats", shards)
+    summary = json.loads((tmp_path / "stats" / "stats.json").read_text())
+    summary["source_manifest_sha256"] = "0" * 64
+    (tmp_path / "stats" / "stats.json").write_text(json.dumps(summary))
+    with pytest.raises(FormatError, match="computed from other shards.*alexrepro stats"):
+        check_stats_source(tmp_path / "stats", shards)

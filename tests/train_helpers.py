@@ -64,8 +64,7 @@ def make_shards(
         classes=tuple(ClassInfo(i, f"n{i:08d}", None, f"pattern {i}") for i in range(classes)),
         splits=splits,
     )
-    write_manifest(out, manifest)
-    return manifest
+    return write_manifest(out, manifest)
 
 
 def normalization_of(shards: Path, manifest: Manifest, input_scale: float) -> dict:
