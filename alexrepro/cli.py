@@ -138,6 +138,8 @@ def _overrides(sets: Optional[List[str]], flags: dict[str, Any]) -> dict[str, An
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lrn=false")
+        if not raw.strip():  # YAML reads an empty value as null, which would quietly keep the default
+            raise ConfigError(f"--set {item!r}: key '{key.strip()}' has an empty value; give a value or drop the --set")
         merged[key.strip().replace("-", "_")] = yaml.safe_load(raw)
     merged.update({k: v for k, v in flags.items() if v is not None})
     return merged
