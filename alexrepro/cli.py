@@ -171,6 +171,7 @@ def sample(
     train_per_class: Optional[int] = typer.Option(None, help="Training images per class."),
     val_per_class: Optional[int] = typer.Option(None, help="Validation images per class."),
     seed: Optional[int] = typer.Option(None, help="Random seed; the same seed writes byte-identical archives."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace ILSVRC2012_* archives already in OUT."),
     config: Optional[Path] = ConfigOption,
     set_: Optional[List[str]] = SetOption,
     quiet: bool = QuietOption,
@@ -180,13 +181,15 @@ def sample(
     Example: alexrepro sample data/sample --classes 10
     """
     with _stage(quiet) as progress:
+        from alexrepro.locking import output_lock
         from alexrepro.sample import SampleConfig, write_sample
 
         cfg = _config(
             SampleConfig, config, set_,
             dict(classes=classes, train_per_class=train_per_class, val_per_class=val_per_class, seed=seed),
         )
-        result = write_sample(out, cfg, progress)
+        with output_lock(out, "sample"):
+            result = write_sample(out, cfg, progress, overwrite)
     if not quiet:
         err_console.print(f"wrote the sample ILSVRC-2012 to [bold]{out}[/] ({_describe_counts(result)})")
 

@@ -72,8 +72,8 @@ def _acquire(path: Path, out: Path, stage: str):
 @contextlib.contextmanager
 def reported_write_errors(out: Path, partial: Iterable[Path] = ()) -> Iterator[None]:
     """Turn an OSError raised while writing under `out` into one OutputWriteError line naming the path and the
-    cause (ENOSPC, EROFS, EACCES, EFBIG); on any failure delete the files in `partial`, outputs that make sense
-    only together (stats.npz beside a stats.json from another run would be a lie)."""
+    cause (ENOSPC, EROFS, EACCES, EFBIG). On such a failure the files in `partial` are deleted: outputs that make
+    sense only together (a new stats.npz beside an old stats.json would be a lie)."""
     try:
         yield
     except OSError as exc:
@@ -86,9 +86,6 @@ def reported_write_errors(out: Path, partial: Iterable[Path] = ()) -> Iterator[N
             f"{where}: cannot write ({name}: {exc.strerror}); free disk space or choose a writable output folder, "
             "then rerun"
         ) from None
-    except BaseException:
-        _remove(partial)
-        raise
 
 
 def _inside(path: Path, folder: Path) -> bool:

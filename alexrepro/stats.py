@@ -37,6 +37,7 @@ from PIL import Image
 from alexrepro.atomic import atomic_open, atomic_write_bytes, atomic_write_text
 from alexrepro.errors import FormatError
 from alexrepro.imaging import UnreadableImage, decode_rgb_planes
+from alexrepro.locking import output_lock, reported_write_errors
 from alexrepro.progress import Progress
 from alexrepro.shards import check_format, iter_shard, manifest_sha256, read_manifest, shard_paths
 from alexrepro.workers import map_unordered, usable_cores
@@ -84,6 +85,12 @@ class StatsResult:
 def compute_stats(shards: Path, out: Path, config: StatsConfig, progress: Progress) -> StatsResult:
     """Compute the statistics of the train split in `shards` and write stats.npz, stats.json and mean.png to `out`."""
     shards, out = Path(shards), Path(out)
+    written_together = [out / NPZ_NAME, out / MEAN_PNG_NAME, out / JSON_NAME]
+    with output_lock(out, "stats"), reported_write_errors(out, partial=written_together):
+        return _compute_stats(shards, out, config, progress)
+
+
+def _compute_stats(shards: Path, out: Path, config: StatsConfig, progress: Progress) -> StatsResult:
     manifest = read_manifest(shards)
     split = manifest.split("train")
     available = split.count if config.max_images is None else min(split.count, config.max_images)
