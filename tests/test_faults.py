@@ -57,7 +57,8 @@ def manifest(out: Path) -> dict:
 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))} | {"manifest": (out / MANIFEST_NAME).read_bytes()}
+    shards = {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+    return shards | {"manifest": (out / MANIFEST_NAME).read_bytes()}
 
 
 @pytest.fixture(scope="module")
@@ -234,8 +235,9 @@ class _Holder:
     def __init__(self, folder: Path):
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.process = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
-        )
+            [sys.executable, "-c", HOLDER, str(folder)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
         assert self.process.stdout.readline().strip() == "held"
 
     def release(self) -> None:
