@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from alexrepro.errors import OutputBusyError, OutputWriteError
+from alexrepro.errors import OutputBusyError, OutputExistsError, OutputWriteError
 
 LOCK_NAME = ".alexrepro.lock"
 
@@ -27,11 +27,14 @@ _WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.
 
 @contextlib.contextmanager
 def output_lock(out: Path, stage: str) -> Iterator[Path]:
-    """Hold an exclusive lock on the folder `out` (created if missing) while the block runs; refuse if held."""
+    """Hold an exclusive lock on the folder `out` while the block runs; refuse if another run holds it.
+
+    `out` is created if missing, and removed again at the end if it is still empty."""
     out = Path(out)
     with reported_write_errors(out):
         if out.exists() and not out.is_dir():
-            raise OutputBusyError(f"{out}: is a file, not a folder; choose a folder for the {stage} output")
+            raise OutputExistsError(f"{out}: is a file, not a folder; choose a folder for the {stage} output")
+        created = not out.exists()
         out.mkdir(parents=True, exist_ok=True)
         path = out / LOCK_NAME
         handle = _acquire(path, out, stage)
@@ -43,11 +46,18 @@ def output_lock(out: Path, stage: str) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.unlink(path)
         handle.close()
+        if created:  # a run that failed before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                out.rmdir()
 
 
 def _acquire(path: Path, out: Path, stage: str):
     while True:
-        handle = open(path, "a+")
+        try:
+            handle = open(path, "a+")
+        except FileNotFoundError:  # a finishing run removed the empty folder in between
+            out.mkdir(parents=True, exist_ok=True)
+            continue
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
