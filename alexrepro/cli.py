@@ -241,6 +241,8 @@ def _overrides(sets: Optional[List[str]], flags: dict[str, Any]) -> tuple[dict[s
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise _error(f"--set {item!r}: expected KEY=VALUE, e.g. --set lrn=false", 2)
+        if not raw.strip():  # YAML reads an empty value as null, which would quietly keep the default
+            raise _error(f"--set {item!r}: key '{key.strip()}' has an empty value; give a value or drop the --set", 2)
         key = key.strip().replace("-", "_")
         merged[key] = yaml.safe_load(raw)
         origin[key] = f"--set {key}"
@@ -347,6 +349,7 @@ None, metavar="OUT", help="Folder to write the three ILSVRC-2012-style archives 
     val_per_class: Optional[int] = typer.Option(None, **default_help("sample", "val_per_class", "Validation images per class.")),
     seed: Optional[int] = typer.Option(None, **default_help("sample", "seed", "Random seed; the same seed writes byte-identical archives.")),
     workers: Optional[int] = typer.Option(None, **default_help("sample", "workers", "Worker processes (0 = in this process; null = one per core).")),
+    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace ILSVRC2012_* archives already in OUT."),
     config: Optional[Path] = config_option("sample"),
     set_: Optional[List[str]] = SetOption,
     show_config: bool = ShowConfigOption,
@@ -357,6 +360,7 @@ None, metavar="OUT", help="Folder to write the three ILSVRC-2012-style archives 
 
     Example: alexrepro sample data/sample --classes 10
     """
+    from alexrepro.locking import output_lock
     from alexrepro.sample import SampleConfig, write_sample
 
     flags = dict(classes=classes, train_per_class=train_per_class, val_per_class=val_per_class, seed=seed, workers=workers)
@@ -365,7 +369,8 @@ None, metavar="OUT", help="Folder to write the three ILSVRC-2012-style archives 
     _folder_out(out, "sample")
     _announce("sample", cfg, verbose, quiet)
     with _stage(quiet) as progress:
-        result = write_sample(out, cfg, progress)
+        with output_lock(out, "sample"):
+            result = write_sample(out, cfg, progress, overwrite)
     out_console.print(f"wrote the sample ILSVRC-2012 to [bold]{out}[/] ({_describe_counts(result)})")
 
 

@@ -9,6 +9,7 @@ ignore a mistyped key; a typo in an ablation would then run the baseline under t
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -66,7 +67,9 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass an existing YAML file to --config")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_StrictLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: key '{exc.key}' appears twice (line {exc.line}); keep one of them") from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
@@ -76,6 +79,29 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of parameter names to values at the top level")
     return data
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int):
+        super().__init__(key)
+        self.key, self.line = key, line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: PyYAML keeps the last one
+    silently, so the first value, which a reader of the file may take for the setting, would be ignored."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
 
 
 def _check_field(cls, fields, hints, key, value, source):
@@ -133,13 +159,19 @@ def _coerce(tp, value):
         raise TypeError
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 raise TypeError from None
-        raise TypeError
+        else:
+            raise TypeError
+        # NaN compares false with every bound, so `lighting_std=nan` would pass `>= 0` checks and silently turn
+        # the feature off; inf is never a learning rate or a standard deviation either.
+        if not math.isfinite(number):
+            raise TypeError
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -161,6 +193,6 @@ def _describe(tp) -> str:
         return "a list"
     if tp is type(None):
         return "null"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}.get(
+    return {bool: "true or false", int: "an integer", float: "a finite number", str: "a string", Path: "a path"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )

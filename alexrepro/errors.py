@@ -35,3 +35,15 @@ class TrainingError(AlexReproError):
 
 class EvaluationError(AlexReproError):
     """Evaluation saw a different number of images than the manifest promises, or a checkpoint does not fit the data."""
+
+
+class OutputBusyError(AlexReproError):
+    """Another run is writing into the same output folder right now."""
+
+
+class OutputWriteError(AlexReproError):
+    """An output could not be written: the disk is full, the folder is read-only, or a file size limit was hit."""
+
+
+class WorkerDiedError(AlexReproError):
+    """A worker process died without reporting (killed by a signal, typically the out-of-memory killer)."""

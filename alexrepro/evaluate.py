@@ -43,6 +43,7 @@ from alexrepro.distributed import Ranks, init_distributed, ranks_from_env, resol
 from alexrepro.errors import EvaluationError
 from alexrepro.inference import CENTRE_VIEW, InferenceNetwork
 from alexrepro.loader import ordered_loader, split_index, verified_index
+from alexrepro.locking import output_lock
 from alexrepro.progress import Progress
 from alexrepro.shards import ShardIndex, ShardReader, sha256_file, verify_shards
 from alexrepro.workers import usable_cores
@@ -286,9 +287,15 @@ def pick_spread(labels: np.ndarray, n: int) -> list[int]:
 
 def evaluate(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, progress: Progress) -> EvaluateResult:
     """Score a checkpoint on the validation shards (1-crop and 10-crop) and write metrics, submission and report."""
+    checkpoint, shards, out = Path(checkpoint), Path(shards), Path(out)
+    # One run per report folder; under torchrun rank 0 alone holds the lock (see train()).
+    with output_lock(out, "evaluate") if ranks_from_env().rank == 0 else contextlib.nullcontext():
+        return _evaluate_locked(checkpoint, shards, out, config, progress)
+
+
+def _evaluate_locked(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, progress: Progress):
     from alexrepro.checkpoint import load_checkpoint
 
-    checkpoint, shards, out = Path(checkpoint), Path(shards), Path(out)
     ckpt = load_checkpoint(checkpoint)
     manifest = shardlib.read_manifest(shards)
     check_classes(ckpt["classes"], manifest, checkpoint, shards)

@@ -76,11 +76,13 @@ def resize_square_jpeg(data: bytes, size: int, quality: int) -> bytes:
         raise ValueError(f"size must be ≥ 1, got {size}")
     image = _open(data)
     width, height = image.size
+    draft = None
     if image.format == "JPEG":
         # draft() picks the smallest DCT scale whose result is at least this large in both directions.
         scale = size / min(width, height)
-        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-    image = _to_rgb(_load(image))
+        draft = (math.ceil(width * scale), math.ceil(height * scale))
+        image.draft("RGB", draft)
+    image = _to_rgb(_load(image, data, draft))
     square = _centre_square(*image.size)
     image = image.resize((size, size), Image.Resampling.BILINEAR, box=square, reducing_gap=None)
     out = io.BytesIO()
@@ -90,14 +92,14 @@ def resize_square_jpeg(data: bytes, size: int, quality: int) -> bytes:
 
 def decode_rgb(data: bytes) -> np.ndarray:
     """Decode an image (in practice a shard's RGB JPEG) to an H×W×3 uint8 array."""
-    image = _to_rgb(_load(_open(data)))
+    image = _to_rgb(_load(_open(data), data))
     return np.asarray(image)
 
 
 def decode_rgb_planes(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode an image to its R, G and B planes, each H×W uint8 (Pillow splits bands in C, cheaper than a
     numpy transpose of the interleaved array; `stats` wants planes)."""
-    image = _to_rgb(_load(_open(data)))
+    image = _to_rgb(_load(_open(data), data))
     red, green, blue = (np.asarray(band) for band in image.split())
     return red, green, blue
 
@@ -143,14 +145,50 @@ def _open(data: bytes) -> Image.Image:
     return image
 
 
-def _load(image: Image.Image) -> Image.Image:
+def _load(image: Image.Image, data: bytes, draft: tuple[int, int] | None = None) -> Image.Image:
     """Decode the pixels; truncated or corrupt data raises UnreadableImage instead of being padded."""
     assert not ImageFile.LOAD_TRUNCATED_IMAGES, "LOAD_TRUNCATED_IMAGES would let truncated files through as grey"
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as exc:
         raise UnreadableImage(_reason("corrupt or truncated image data", exc)) from None
+    if image.format == "JPEG" and _jpeg_ran_out(image, data, draft):
+        raise UnreadableImage("corrupt or truncated image data: JPEG data ends before the last row (premature end)")
     return image
+
+
+# The value every channel of a block takes when libjpeg has no data left for it: all DCT coefficients zero,
+# i.e. the level-shift value 128 (RGB, grey, YCbCr and CMYK alike; 127 for Adobe's inverted CMYK).
+_NO_DATA = (127, 128)
+# Bytes that stand in for missing entropy-coded data in `_jpeg_ran_out`; no 0xFF, so no marker can appear in them.
+_FILLER = b"\x5a\xa5" * 2048
+
+
+def _jpeg_ran_out(image: Image.Image, data: bytes, draft: tuple[int, int] | None) -> bool:
+    """Whether libjpeg met the end of the data (an early EOI marker) before the last block of the image.
+
+    libjpeg treats that as a warning ("Premature end of JPEG file", "Corrupt JPEG data: premature end of data
+    segment") and fills the rest of the image with zero coefficients, flat grey; Pillow (and Pillow-SIMD) discard
+    libjpeg's warnings, so a file cut short and closed with an EOI marker, or one whose header claims more rows
+    than it holds, decodes without an error. Baseline JPEGs store blocks in raster order, so when data is missing
+    the last pixel is that flat grey. Only then (rarely, in a real image) the file is decoded once more with filler
+    bytes before its EOI marker: a whole file never reads them (the pixels come out the same), a cut-short one
+    decodes them in place of the grey (the pixels change).
+    """
+    last = image.getpixel((image.width - 1, image.height - 1))
+    if any(channel not in _NO_DATA for channel in (last if isinstance(last, tuple) else (last,))):
+        return False
+    end = data.rfind(b"\xff\xd9")
+    if end < 0:
+        return False  # no EOI at all: Pillow itself raised "image file is truncated" above
+    again = Image.open(io.BytesIO(data[:end] + _FILLER + data[end:]))
+    if draft is not None:
+        again.draft("RGB", draft)
+    try:
+        again.load()
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError):
+        return True
+    return again.tobytes() != image.tobytes()
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -36,6 +36,7 @@ from typing import Iterator
 from alexrepro import imaging
 from alexrepro.atomic import atomic_write_text
 from alexrepro.errors import OutputExistsError, TooManyRejectedError
+from alexrepro.locking import LOCK_NAME, output_lock, reported_write_errors
 from alexrepro.progress import NullProgress, Progress
 from alexrepro.shards import (
     MANIFEST_NAME,
@@ -57,6 +58,10 @@ STATE_DIR = ".prepare"  # resume bookkeeping inside OUT: plan.json and one recor
 PLAN_FORMAT = "alexrepro-prepare-plan"
 PLAN_VERSION = 1
 
+# The output side's bound: 4096² RGB is 50 MB per image, and a worker holds the decoded source, the resized copy and
+# its encoding. A larger --size is a typo (100000 would ask for 30 GB per image and take the machine down).
+MAX_SIZE = 4096
+
 _SHARD_FILE = re.compile(r"(train|val)-(\d{6}\.tar|index\.npy)")  # shards and their member indexes
 _ADDRESS = re.compile(r" object at 0x[0-9a-fA-F]+")
 _TEMP_FILE = re.compile(r"\..+\.tmp-\d+")  # left behind by atomic_open when a run is killed with SIGKILL
@@ -76,10 +81,18 @@ class PrepareConfig:
     workers: int | None = None  # worker processes; None = one per usable core, 0 = in this process (every stage)
     max_rejected: int = 100  # the real set has no unreadable file, so more than a few means a damaged download
     seed: int = 0  # of the train shuffle
+    # Symlinks in an ImageFolder source that point outside it are refused unless this is set: following them
+    # silently would read files the user did not mean to hand over (and whose changes DVC does not track).
+    follow_symlinks: bool = False
 
     def __post_init__(self) -> None:
         if self.size < 8:
             raise ValueError(f"key 'size' must be at least 8 pixels, got {self.size}")
+        if self.size > MAX_SIZE:
+            raise ValueError(
+                f"key 'size' must be at most {MAX_SIZE} pixels ({MAX_SIZE}² = {MAX_SIZE * MAX_SIZE:,} pixels per "
+                f"image, each worker holding a few), got {self.size}"
+            )
         if not 1 <= self.quality <= 100:
             raise ValueError(f"key 'quality' must be between 1 and 100, got {self.quality}")
         if self.shard_size < 1:
@@ -122,8 +135,13 @@ def prepare(
 ) -> PrepareResult:
     """Resize every image of `source` to config.size² JPEGs in webdataset shards under `out`, plus manifest.json."""
     out = Path(out)
+    with output_lock(out, "prepare"), reported_write_errors(out):
+        return _prepare(Path(source), out, config, overwrite, progress)
+
+
+def _prepare(source: Path, out: Path, config: PrepareConfig, overwrite: bool, progress: Progress) -> PrepareResult:
     progress.start("listing the source's images", None)  # archives: reads every member header, minutes at full scale
-    found = find_source(Path(source))
+    found = find_source(source, follow_symlinks=config.follow_symlinks)
     progress.finish()
     tasks = plan_shards(found, config.shard_size, config.seed)
     settings = {
@@ -153,7 +171,8 @@ def prepare(
     written = {split: info.count for split, info in manifest.splits.items()}
     rejected = list(manifest.rejected)
     for split, refs in found.splits.items():
-        assert written[split] + sum(r.split == split for r in rejected) == len(refs), f"{split}: images lost"
+        unlisted = sum(r.split == split for r in found.rejected)  # e.g. symlink members of an archive
+        assert written[split] + sum(r.split == split for r in rejected) == len(refs) + unlisted, f"{split}: lost"
     failed = len(rejected) > config.max_rejected
     if failed:
         manifest = replace(manifest, failure=f"{len(rejected)} images rejected, more than max_rejected={config.max_rejected}")
@@ -299,7 +318,7 @@ def _claim_output(out: Path, settings: dict, plan_hash: str, overwrite: bool) ->
                 f"{out}: holds shards prepared with other {_difference(previous, plan)}; rerun with --overwrite "
                 "to replace them, or choose another output folder"
             )
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
             raise OutputExistsError(
                 f"{out}: not empty and not written by `alexrepro prepare`; choose an empty folder or pass --overwrite"
             )
@@ -362,5 +381,6 @@ def _manifest(found: Source, tasks: list[ShardTask], records: dict[str, dict], s
         infos = tuple(ShardInfo(r["name"], r["count"], r["sha256"], r["size"], r["members"]) for r in shards)
         splits[split] = SplitInfo(count=sum(i.count for i in infos), shards=infos)
         rejected += [RejectedFile(**item) for r in shards for item in r["rejected"]]
+    rejected += [RejectedFile(r.split, r.path, r.reason) for r in found.rejected]
     rejected.sort(key=lambda r: (SPLITS.index(r.split), r.path))
     return Manifest(settings=settings, classes=found.classes, splits=splits, rejected=tuple(rejected))

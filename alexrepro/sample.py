@@ -40,7 +40,7 @@ import scipy.io
 from PIL import Image
 
 from alexrepro.atomic import atomic_open
-from alexrepro.errors import AlexReproError
+from alexrepro.errors import AlexReproError, OutputExistsError
 from alexrepro.progress import Progress
 
 TRAIN_ARCHIVE = "ILSVRC2012_img_train.tar"
@@ -625,13 +625,14 @@ def _encode(picture: Image.Image, spec: ImageSpec) -> bytes:
 # Writing the archives
 
 
-def write_sample(out: Path, config: SampleConfig, progress: Progress) -> SampleResult:
+def write_sample(out: Path, config: SampleConfig, progress: Progress, overwrite: bool = False) -> SampleResult:
     """Write the miniature ILSVRC-2012 download (three archives) into the folder `out`.
 
     Example: `write_sample(Path("data/sample"), SampleConfig(), NullProgress())`. Existing archives of the same
     names are replaced; each archive appears under its final name only when complete.
     """
     out = Path(out)
+    _refuse_to_replace(out, overwrite)
     _make_output_folder(out)
     plan = plan_sample(config)
     workers = (os.cpu_count() or 1) if config.workers is None else max(1, config.workers)
@@ -656,6 +657,8 @@ def write_sample(out: Path, config: SampleConfig, progress: Progress) -> SampleR
         progress.advance(1)
         progress.finish()
     except OSError as exc:
+        for path in paths.values():  # nothing partial: three archives of one sample, or none
+            path.unlink(missing_ok=True)
         reason = exc.strerror or exc
         raise SampleOutputError(f"{out}: cannot write the sample ({reason}); check free space and permissions") from None
 
@@ -802,3 +805,13 @@ def _render_in_order(specs: list[ImageSpec], workers: int) -> Iterator[bytes]:
         return
     with multiprocessing.get_context().Pool(workers) as pool:
         yield from pool.imap(render_image, specs, chunksize=8)
+
+
+def _refuse_to_replace(out: Path, overwrite: bool) -> None:
+    """The sample's archives carry the official names, so OUT may well hold the real 150 GB download."""
+    existing = [name for name in (TRAIN_ARCHIVE, VAL_ARCHIVE, DEVKIT_ARCHIVE) if (out / name).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(
+            f"{out}: already holds {', '.join(existing)} (perhaps the real ILSVRC-2012 download); pass --overwrite "
+            "to replace them with the sample, or choose another folder"
+        )

@@ -22,6 +22,7 @@ up in the rejected list instead of vanishing.
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import hashlib
 import io
@@ -35,7 +36,7 @@ from typing import Iterable
 import numpy as np
 
 from alexrepro.errors import SourceError
-from alexrepro.shards import ClassInfo
+from alexrepro.shards import ClassInfo, RejectedFile
 
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
@@ -74,6 +75,7 @@ class Source:
     layout: str
     classes: tuple[ClassInfo, ...]
     splits: dict[str, tuple[ImageRef, ...]]
+    rejected: tuple[RejectedFile, ...] = ()  # inputs refused before any byte is read (symlink archive members)
 
 
 @dataclass(frozen=True)
@@ -87,17 +89,22 @@ class Devkit:
         return {c.ilsvrc_id: c.wnid for c in self.classes}
 
 
-def find_source(path: Path) -> Source:
-    """Recognise the layout of `path` and list its labelled images; raise SourceError saying what was looked for."""
+def find_source(path: Path, follow_symlinks: bool = False) -> Source:
+    """Recognise the layout of `path` and list its labelled images; raise SourceError saying what was looked for.
+
+    In a folder tree, a symbolic link that points outside `path` is refused unless `follow_symlinks` is set; a
+    dangling link or a link loop is always an error (the file it stood for would otherwise be lost silently).
+    """
     path = Path(path)
     if not path.is_dir():
         raise SourceError(f"{path}: source folder not found; pass the folder that holds the ILSVRC-2012 download")
     if (path / TRAIN_TAR).is_file():
         return _from_archives(path)
+    links = _Links(path, follow_symlinks)
     if (path / KAGGLE_TREE / "train").is_dir():
-        return _from_tree(path, path / KAGGLE_TREE, "kaggle-cls-loc")
+        return _from_tree(path, path / KAGGLE_TREE, "kaggle-cls-loc", links)
     if (path / "train").is_dir():
-        return _from_tree(path, path, "extracted")
+        return _from_tree(path, path, "extracted", links)
     raise SourceError(
         f"{path}: no known dataset layout; looked for {TRAIN_TAR} (the official archives), {KAGGLE_TREE}/train "
         "(Kaggle) and train/<class>/ (an extracted tree or ImageFolder); point SOURCE at the folder holding one of them"
@@ -237,30 +244,59 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
-def _tar_members(tar_path: Path, handle, start: int = 0, size: int | None = None) -> list[tarfile.TarInfo]:
-    """Headers of the regular files in the tar at [start, start + size) of `handle`; offsets relative to `start`."""
-    window = _Window(handle, start, size if size is not None else os.fstat(handle.fileno()).st_size)
+def _tar_members(
+    tar_path: Path, handle, start: int = 0, size: int | None = None
+) -> tuple[list[tarfile.TarInfo], list[tarfile.TarInfo]]:
+    """Headers in the tar at [start, start + size) of `handle` (offsets relative to `start`): the regular files,
+    and the members that are neither files nor folders (links, devices), which the caller rejects by name."""
+    size = size if size is not None else os.fstat(handle.fileno()).st_size
+    window = _Window(handle, start, size)
     try:
         with tarfile.open(fileobj=window, mode="r:") as tar:
-            return [m for m in tar.getmembers() if m.isfile()]
+            members = tar.getmembers()
+            end = tar.offset
     except (tarfile.TarError, EOFError) as exc:
         raise SourceError(f"{tar_path}: not a readable tar archive ({exc}); download it again") from None
+    _check_tar_end(tar_path, window, end, size, len(members))
+    files = [m for m in members if m.isfile()]
+    others = [m for m in members if not m.isfile() and not m.isdir()]
+    return files, others
+
+
+def _check_tar_end(tar_path: Path, window: _Window, end: int, size: int, count: int) -> None:
+    """tarfile stops walking, without a word, at the first header it cannot read after the first member, and at
+    the end of the data. A whole archive ends with a zero block (the end-of-archive marker, POSIX ustar); if the
+    walk stopped anywhere else, the archive is damaged or truncated and the members after that point would be lost.
+    """
+    window.seek(end)
+    block = window.read(tarfile.BLOCKSIZE)
+    if block == tarfile.NUL * tarfile.BLOCKSIZE:
+        return
+    if end >= size:
+        problem = f"ends after {count} members without the end-of-archive marker (truncated at byte {size:,})"
+    else:
+        problem = f"has an unreadable member header at byte {end:,} of {size:,}, after {count} members"
+    raise SourceError(f"{tar_path}: {problem}; the download is damaged, download it again")
 
 
 def _from_archives(source: Path) -> Source:
     devkit = read_devkit(source)
     train_tar = source / TRAIN_TAR
     found: list[tuple[str, str, str, int, int]] = []  # (wnid, member name, inner tar name, offset, size)
+    rejected: list[RejectedFile] = []
     with open(train_tar, "rb") as handle:
-        for inner in _tar_members(train_tar, handle):
+        inners, odd = _tar_members(train_tar, handle)
+        for inner in inners + odd:
             wnid = PurePosixPath(inner.name).name.removesuffix(".tar")
-            if not inner.name.endswith(".tar") or not _WNID.fullmatch(wnid):
+            if not inner.isfile() or not inner.name.endswith(".tar") or not _WNID.fullmatch(wnid):
                 raise SourceError(
                     f"{train_tar}: unexpected member {inner.name!r}; expected one nXXXXXXXX.tar per class"
                 )
             where = f"{train_tar}/{inner.name}"
-            for member in _tar_members(Path(where), handle, inner.offset_data, inner.size):
+            members, links = _tar_members(Path(where), handle, inner.offset_data, inner.size)
+            for member in members:
                 found.append((wnid, member.name, inner.name, inner.offset_data + member.offset_data, member.size))
+            rejected += _rejected_members("train", f"{TRAIN_TAR}/{inner.name}", links)
     folder_wnids = sorted({wnid for wnid, *_ in found})
     classes = devkit.classes if devkit else _index_classes((w, None, w) for w in folder_wnids)
     index = _class_index(classes, folder_wnids, f"{train_tar}", "devkit meta.mat")
@@ -268,13 +304,16 @@ def _from_archives(source: Path) -> Source:
         ImageRef(make_key(name), index[wnid], f"{TRAIN_TAR}/{inner}/{name}", str(train_tar), offset, size)
         for wnid, name, inner, offset, size in found
     ]
+    _check_every_class_has_images(classes, train, str(train_tar))
     splits = {"train": _checked(train)}
     val_tar = source / VAL_TAR
     if val_tar.is_file():
         if devkit is None:
             raise SourceError(f"{val_tar}: val labels need {DEVKIT_TAR} beside it; download the devkit (t12)")
         with open(val_tar, "rb") as handle:
-            members = _tar_members(val_tar, handle)
+            members, links = _tar_members(val_tar, handle)
+        _check_ground_truth_count(devkit, len(members) + len(links), str(val_tar))
+        rejected += _rejected_members("val", VAL_TAR, links)
         names = [PurePosixPath(m.name).name for m in members]
         labels = _devkit_val_labels(devkit, names, classes, str(val_tar))
         splits["val"] = _checked(
@@ -283,7 +322,41 @@ def _from_archives(source: Path) -> Source:
                 for m, name, label in zip(members, names, labels)
             ]
         )
-    return Source(layout="ilsvrc2012-archives", classes=classes, splits=splits)
+    return Source(layout="ilsvrc2012-archives", classes=classes, splits=splits, rejected=tuple(rejected))
+
+
+def _rejected_members(split: str, where: str, members: list[tarfile.TarInfo]) -> list[RejectedFile]:
+    """Links and other non-files in an archive: listed as rejected rather than followed or dropped."""
+    return [
+        RejectedFile(
+            split,
+            f"{where}/{m.name}",
+            f"symbolic link to {m.linkname!r}, not an image" if m.issym()
+            else f"hard link to {m.linkname!r}, not an image" if m.islnk()
+            else "not a regular file",
+        )
+        for m in members
+    ]
+
+
+def _check_every_class_has_images(classes: tuple[ClassInfo, ...], train: list[ImageRef], where: str) -> None:
+    """A class with no training image means a class tar or folder went missing (or a label file lists too many)."""
+    present = {ref.label for ref in train}
+    empty = [c for c in classes if c.index not in present]
+    if empty:
+        names = ", ".join(c.wnid for c in empty[:5]) + (" …" if len(empty) > 5 else "")
+        raise SourceError(
+            f"{where}: {len(empty)} of {len(classes)} classes have no training images ({names}); the download is "
+            "incomplete or damaged, or the label file lists classes the data lacks"
+        )
+
+
+def _check_ground_truth_count(devkit: Devkit, images: int, where: str) -> None:
+    if images != len(devkit.val_ids):
+        raise SourceError(
+            f"{where}: {images:,} val images, but the devkit's {GROUND_TRUTH} has {len(devkit.val_ids):,} lines (one "
+            "per val image); the val set or the devkit is incomplete: download it again"
+        )
 
 
 def _devkit_val_labels(devkit: Devkit, names: list[str], classes: tuple[ClassInfo, ...], where: str) -> list[int]:
@@ -307,9 +380,9 @@ def _devkit_val_labels(devkit: Devkit, names: list[str], classes: tuple[ClassInf
 # Extracted trees: ILSVRC or Kaggle, and ImageFolder trees of one's own classes
 
 
-def _from_tree(source: Path, root: Path, tree: str) -> Source:
+def _from_tree(source: Path, root: Path, tree: str, links: _Links) -> Source:
     train_dir, val_dir = root / "train", root / "val"
-    train_classes = _class_folders(train_dir)
+    train_classes = _class_folders(train_dir, links)
     if not train_classes:
         raise SourceError(f"{train_dir}: no class folders; expected train/<class>/<image files>")
     ilsvrc = all(_WNID.fullmatch(c) for c in train_classes)
@@ -325,17 +398,19 @@ def _from_tree(source: Path, root: Path, tree: str) -> Source:
     layout = tree if ilsvrc else "imagefolder"
 
     index = _class_index(classes, train_classes, str(train_dir), _label_file_name(devkit, names))
-    splits = {"train": _checked(_folder_images(source, train_dir, train_classes, index))}
+    train = _folder_images(source, train_dir, train_classes, index, links)
+    _check_every_class_has_images(classes, train, str(train_dir))
+    splits = {"train": _checked(train)}
     if val_dir.is_dir():
-        val_classes = _class_folders(val_dir)
-        loose = _files_in(val_dir, recursive=False)
+        val_classes = _class_folders(val_dir, links)
+        loose = _files_in(val_dir, links, recursive=False)
         if val_classes and loose:
             raise SourceError(
                 f"{val_dir}: holds both class folders and loose files ({loose[0].name}); use one or the other"
             )
         if val_classes:
             index = _class_index(classes, val_classes, str(val_dir), "train/")
-            splits["val"] = _checked(_folder_images(source, val_dir, val_classes, index))
+            splits["val"] = _checked(_folder_images(source, val_dir, val_classes, index, links))
             layout += ", val in class folders"
         elif loose:
             splits["val"], how = _flat_val(source, loose, classes, devkit)
@@ -347,6 +422,7 @@ def _flat_val(source: Path, files: list[Path], classes, devkit: Devkit | None) -
     solution = source / LOC_SOLUTION
     names = [f.name for f in files]
     if devkit is not None:
+        _check_ground_truth_count(devkit, len(files), str(files[0].parent))
         labels = _devkit_val_labels(devkit, names, classes, str(files[0].parent))
         how = "devkit"
     elif solution.is_file():
@@ -382,23 +458,75 @@ def _label_file_name(devkit: Devkit | None, names: dict[str, str]) -> str:
     return "devkit meta.mat" if devkit else LOC_MAPPING if names else "train/"
 
 
-def _class_folders(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+class _Links:
+    """The symlink policy of a folder source: links inside it are followed; links that point outside it only when
+    the user asked (`follow_symlinks`); dangling links and link loops are errors, never skipped."""
+
+    def __init__(self, source: Path, follow: bool):
+        self.source, self.real, self.follow = source, os.path.realpath(source), follow
+
+    def check(self, path: Path) -> None:
+        """Raise SourceError unless the symlink `path` leads to an existing file or folder we may read."""
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            raise SourceError(
+                f"{path}: dangling symbolic link (to {os.readlink(path)!r}); fix its target or remove it"
+            ) from None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise SourceError(f"{path}: symbolic link loop; fix or remove the link") from None
+        target = os.path.realpath(path)
+        if not self.follow and os.path.commonpath([target, self.real]) != self.real:
+            raise SourceError(
+                f"{path}: symbolic link to {target}, outside the source {self.source}; pass --set follow_symlinks=true "
+                "to read files through such links, or copy them in"
+            )
 
 
-def _files_in(folder: Path, recursive: bool = True) -> list[Path]:
-    """Regular files under `folder` (names starting with '.' left out), sorted by path."""
-    if not recursive:
-        return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    found = []
-    for parent, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found.extend(Path(parent) / f for f in files if not f.startswith("."))
+def _class_folders(folder: Path, links: _Links) -> list[str]:
+    names = []
+    for entry in os.scandir(folder):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_symlink():
+            links.check(Path(entry.path))
+        if entry.is_dir():
+            names.append(entry.name)
+    return sorted(names)
+
+
+def _files_in(folder: Path, links: _Links, recursive: bool = True) -> list[Path]:
+    """Regular files under `folder` (names starting with '.' left out), sorted by path.
+
+    Written out rather than os.walk(followlinks=True), which loops forever on a link to an ancestor folder and
+    silently skips dangling links."""
+    found: list[Path] = []
+
+    def visit(directory: Path, ancestors: frozenset[str]) -> None:
+        for entry in os.scandir(directory):
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            if entry.is_symlink():
+                links.check(path)
+            if entry.is_file():
+                found.append(path)
+            elif entry.is_dir() and recursive:
+                real = os.path.realpath(path)
+                if real in ancestors:
+                    raise SourceError(f"{path}: symbolic link loop (leads back to {real}); fix or remove the link")
+                visit(path, ancestors | {real})
+
+    visit(folder, frozenset({os.path.realpath(folder)}))
     return sorted(found)
 
 
-def _folder_images(source: Path, split_dir: Path, folders: list[str], index: dict[str, int]) -> list[ImageRef]:
-    return [_file_ref(source, f, index[c]) for c in folders for f in _files_in(split_dir / c)]
+def _folder_images(
+    source: Path, split_dir: Path, folders: list[str], index: dict[str, int], links: _Links
+) -> list[ImageRef]:
+    return [_file_ref(source, f, index[c]) for c in folders for f in _files_in(split_dir / c, links)]
 
 
 def _file_ref(source: Path, file: Path, label: int) -> ImageRef:

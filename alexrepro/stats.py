@@ -35,6 +35,7 @@ from PIL import Image
 from alexrepro.atomic import atomic_open, atomic_write_bytes, atomic_write_text
 from alexrepro.errors import FormatError, OutputExistsError
 from alexrepro.imaging import UnreadableImage, decode_rgb_planes
+from alexrepro.locking import output_lock, reported_write_errors
 from alexrepro.progress import Progress
 from alexrepro.shards import MANIFEST_NAME, ShardIndex, check_format, manifest_sha256, read_manifest, read_verified_shard
 from alexrepro.workers import map_unordered, usable_cores
@@ -87,6 +88,12 @@ def compute_stats(shards: Path, out: Path, config: StatsConfig, progress: Progre
     settings (they are rewritten); stats of other shards or settings are replaced only with `overwrite`.
     """
     shards, out = Path(shards), Path(out)
+    written_together = [out / NPZ_NAME, out / MEAN_PNG_NAME, out / JSON_NAME]
+    with output_lock(out, "stats"), reported_write_errors(out, partial=written_together):
+        return _compute_stats(shards, out, config, progress, overwrite)
+
+
+def _compute_stats(shards: Path, out: Path, config: StatsConfig, progress: Progress, overwrite: bool) -> StatsResult:
     manifest = read_manifest(shards)
     split = manifest.split("train")
     available = split.count if config.max_images is None else min(split.count, config.max_images)

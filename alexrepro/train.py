@@ -13,6 +13,7 @@ ends with the same weights as an uninterrupted one (on CPU; GPU kernels may not 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -47,6 +48,7 @@ from alexrepro.distributed import (
     wrap_model,
 )
 from alexrepro.errors import ConfigError, FormatError, OutputExistsError, TrainingError
+from alexrepro.locking import output_lock
 from alexrepro.loader import Augmentation, Batch, ShardIndex, train_loader, val_loader, verified_index
 from alexrepro.progress import NullProgress, Progress
 from alexrepro.shards import Manifest, manifest_sha256, read_manifest
@@ -360,6 +362,13 @@ def train(shards: Path, stats: Path, out: Path, config: TrainConfig, resume: boo
     Under torchrun, each process is one data-parallel rank; `config.batch_size` is the global batch.
     """
     ranks = ranks_from_env()
+    # One run per folder. Rank 0 alone holds the lock (every rank's exclusive lock would exclude its own job, and
+    # shared locks would let two jobs in); a refused rank 0 exits and torchrun then stops the job's other ranks.
+    with output_lock(out, "train") if ranks.rank == 0 else contextlib.nullcontext():
+        return _train_locked(shards, stats, out, config, resume, ranks, progress)
+
+
+def _train_locked(shards, stats, out, config, resume, ranks, progress) -> TrainResult:
     devices = resolve_devices(config.devices, config.towers, ranks.local_rank)
     if devices[0].type == "cuda":
         torch.cuda.set_device(devices[0])  # NCCL and the default CUDA stream follow this rank's (first) GPU

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, TypeVar
+
+from alexrepro.errors import WorkerDiedError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -24,6 +28,10 @@ def map_unordered(function: Callable[[T], R], tasks: Iterable[T], workers: int, 
     The pool's processes are fresh interpreters, never forks: forking a parent that has imported torch (the CLI's
     other stages, the tests) can deadlock. Where the fork server is available, it imports `preload` (the module
     that holds `function`) once, so each worker starts with it and its imports (numpy, Pillow) already loaded.
+
+    A worker that dies (the out-of-memory killer's SIGKILL) raises WorkerDiedError. This is why the pool is
+    concurrent.futures' and not multiprocessing.Pool: Pool quietly replaces a dead worker and waits forever for
+    the task it held, while ProcessPoolExecutor notices the death and fails every pending task (BrokenProcessPool).
     """
     if workers <= 1:
         yield from map(function, tasks)
@@ -33,5 +41,18 @@ def map_unordered(function: Callable[[T], R], tasks: Iterable[T], workers: int, 
         context.set_forkserver_preload([preload])
     else:
         context = multiprocessing.get_context("spawn")
-    with context.Pool(workers) as pool:
-        yield from pool.imap_unordered(function, tasks)
+    pool = ProcessPoolExecutor(workers, mp_context=context)
+    try:
+        pending = {pool.submit(function, task) for task in tasks}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+    except BrokenProcessPool:
+        raise WorkerDiedError(
+            f"a {preload.rsplit('.', 1)[-1]} worker process died without a word (killed by a signal; on Linux most "
+            "often the out-of-memory killer, see `dmesg`); rerun the same command to go on where it stopped, with "
+            "fewer --workers if memory is short"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

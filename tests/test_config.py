@@ -75,3 +75,60 @@ def test_missing_file(tmp_path):
 def test_dict_round_trip():
     cfg = Example(epochs=3, milestones=(1, 2))
     assert config_from_dict(Example, config_to_dict(cfg), "checkpoint") == cfg
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf"), "nan", ".inf"])
+def test_non_finite_numbers_are_refused(value):
+    with pytest.raises(ConfigError, match="key 'lr' must be a finite number"):
+        load_config(Example, None, {"lr": value})
+
+
+def test_duplicate_yaml_key_is_refused(tmp_path):
+    path = write(tmp_path, "epochs: 10\nlr: 0.01\nepochs: 20\n")
+    with pytest.raises(ConfigError, match=r"key 'epochs' appears twice \(line 3\)"):
+        load_config(Example, path)
+
+
+# Through the real command line, for every stage: the config is checked before any work starts.
+CLI_CASES = [
+    (["train", "s", "t", "o", "--lr", "inf"], "key 'lr' must be a finite number"),
+    (["train", "s", "t", "o", "--set", "lighting_std=nan"], "key 'lighting_std' must be a finite number"),
+    (["train", "s", "t", "o", "--set", "lr="], "key 'lr' has an empty value"),
+    (["prepare", "s", "o", "--set", "quality="], "key 'quality' has an empty value"),
+    (["stats", "s", "o", "--set", "max_images="], "key 'max_images' has an empty value"),
+    (["sample", "o", "--set", "image_scale=nan"], "key 'image_scale' must be a finite number"),
+    (["evaluate", "c", "s", "o", "--set", "batch_size="], "key 'batch_size' has an empty value"),
+]
+
+
+@pytest.mark.parametrize("args,message", CLI_CASES)
+def test_cli_refuses_non_finite_and_empty_values(tmp_path, monkeypatch, args, message):
+    from typer.testing import CliRunner
+
+    from alexrepro.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [*args, "--quiet"])
+    assert result.exit_code == 2  # a bad value on the command line is a usage error
+    # The CLI names the flag that gave the key (--lr, --set lr) where it can, else the key ("key 'lr' …").
+    key = message.split("'")[1]
+    said = " ".join(result.output.split())
+    flags = (f"key '{key}'", f"--set {key}", "--" + key.replace("_", "-"))
+    assert any(message.replace(f"key '{key}'", flag) in said for flag in flags), said
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("stage", ["prepare", "stats", "train", "sample"])
+def test_cli_refuses_duplicate_keys_in_a_stage_config(tmp_path, monkeypatch, stage):
+    from typer.testing import CliRunner
+
+    from alexrepro.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stage.yaml").write_text("seed: 1\nworkers: 1\nseed: 2\n")
+    args = {"prepare": ["s", "o"], "stats": ["s", "o"], "train": ["s", "t", "o"], "sample": ["o"]}[stage]
+    if stage == "stats":
+        (tmp_path / "stage.yaml").write_text("workers: 1\nworkers: 2\n")
+    result = CliRunner().invoke(app, [stage, *args, "--config", "stage.yaml", "--quiet"])
+    assert result.exit_code == 2  # a bad config is a usage error
+    assert "appears twice (line 3)" in result.output or "appears twice (line 2)" in result.output

@@ -192,3 +192,35 @@ def test_bench_prepare_reports_steady_state_and_whole_run_figures():
     assert {"prepare, 1 worker, whole run of 4", "prepare, 1 worker, whole run of 8"} <= set(names)
     assert "prepare (1 worker) / plain decode, per core, steady state" in report.ratios
     assert all(value > 0 for name, value in report.ratios.items() if name.startswith("whole run"))
+
+
+def _cut_with_eoi(data):
+    return data[: len(data) // 2] + b"\xff\xd9"
+
+
+def _taller_header(data, extra_rows=64):
+    sof = data.find(b"\xff\xc0")
+    height = struct.unpack(">H", data[sof + 5 : sof + 7])[0]
+    return data[: sof + 5] + struct.pack(">H", height + extra_rows) + data[sof + 7 :]
+
+
+@pytest.mark.parametrize("damage", [_cut_with_eoi, _taller_header])
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+@pytest.mark.parametrize("size", [SIZE, 256])  # a draft()-scaled decode and a full-size one
+def test_jpeg_that_ends_early_is_rejected_not_grey(damage, mode, size):
+    """libjpeg only warns ("premature end of data segment") and fills the rest with grey; Pillow drops the warning."""
+    data = damage(_encode(_textured(300, 200).convert(mode), quality=90))
+    with pytest.raises(UnreadableImage, match="premature end"):
+        resize_square_jpeg(data, size, 90)
+    with pytest.raises(UnreadableImage, match="premature end"):
+        decode_rgb(data)
+
+
+@pytest.mark.parametrize("colour", [(128, 128, 128), (127, 127, 127)])
+def test_whole_jpeg_ending_in_flat_grey_is_kept(colour):
+    """The second look at a suspect file must not reject a whole image whose last pixel is the fill grey."""
+    image = _textured(120, 90)
+    image.paste(colour, (60, 45, 120, 90))
+    data = _encode(image, quality=95)
+    _check_output(resize_square_jpeg(data, SIZE, 90))
+    assert tuple(decode_rgb(data)[-1, -1]) == colour

@@ -22,12 +22,15 @@ EVALUATE = ["--set", "devices=cpu", "--set", "workers=0", "--set", "neighbours_m
 
 
 def failure(args: list[str]) -> str:
-    """Run `alexrepro ARGS`; it must fail with exactly one line on stderr, which is returned."""
+    """Run `alexrepro ARGS`; it must fail with exactly one `error:` line on stderr, the last one, which is returned.
+
+    Log lines the stage printed before it failed (a summary of what it did) may precede it."""
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code != 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    return errors[0]
 
 
 def succeeds(args: list[str]) -> None:

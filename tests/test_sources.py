@@ -95,8 +95,9 @@ def test_reference_check_value_val_image_1_is_sea_snake(tmp_path):
     above = [(f"n0200{i:04d}", 100 + i, f"class {i}") for i in range(5)]
     leaves = below + [("n01751748", 490, "sea snake")] + above
     fx.write_devkit_folder(tmp_path, leaves, [490, 10])
-    (tmp_path / "train" / "n01751748").mkdir(parents=True)
-    (tmp_path / "train" / "n01751748" / "n01751748_1.JPEG").write_bytes(fx.image_bytes(1))
+    for wnid, _, _ in leaves:  # every devkit class needs a training image
+        (tmp_path / "train" / wnid).mkdir(parents=True)
+        (tmp_path / "train" / wnid / f"{wnid}_1.JPEG").write_bytes(fx.image_bytes(1))
     (tmp_path / "val").mkdir()
     for i in (1, 2):
         (tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG").write_bytes(fx.image_bytes(i))

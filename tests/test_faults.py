@@ -1,0 +1,401 @@
+"""Nothing lost silently: each fault is injected and the real command line must either recover or fail with one line.
+
+Every run is a subprocess of `python -m alexrepro` with a time limit, so a hang fails the test instead of blocking it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import fixtures as fx
+from alexrepro.locking import LOCK_NAME
+from alexrepro.shards import MANIFEST_NAME
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
+TINY = ["--size", "32", "--shard-size", "4", "--quiet"]
+
+
+def cli(*args, env: dict | None = None, timeout: float = 120, preexec_fn=None) -> subprocess.CompletedProcess:
+    """`alexrepro ARGS` in a fresh interpreter with this checkout first on the path; fails the test if it hangs."""
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    environ.pop("ALEXREPRO_TRACEBACK", None)
+    environ.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "alexrepro", *map(str, args)],
+        capture_output=True, text=True, env=environ, timeout=timeout, preexec_fn=preexec_fn,
+    )  # fmt: skip
+
+
+def one_line_error(result: subprocess.CompletedProcess, *words: str) -> str:
+    """Assert a non-zero exit with a single error line (no traceback) that contains each of `words`."""
+    assert result.returncode != 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr, result.stderr
+    text = " ".join(lines)  # Rich may wrap one message over several terminal lines
+    assert text.startswith("error:"), result.stderr
+    for word in words:
+        assert word in text, (word, result.stderr)
+    return text
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / MANIFEST_NAME).read_text())
+
+
+def shard_bytes(out: Path) -> dict[str, bytes]:
+    shards = {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+    return shards | {"manifest": (out / MANIFEST_NAME).read_bytes()}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return fx.tiny_set(train_per_class=3, val_images=4)
+
+
+@pytest.fixture
+def archives(tmp_path, tiny):
+    return fx.write_archives(tmp_path / "download", tiny)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Damaged archives
+
+
+def _member_offsets(path: Path) -> list[int]:
+    """Byte offset of each member's header in the tar at `path`."""
+    with tarfile.open(path) as tar:
+        return [m.offset for m in tar.getmembers()]
+
+
+def _inner_member_offsets(path: Path, inner_index: int) -> tuple[int, list[int]]:
+    with tarfile.open(path) as tar:
+        inner = tar.getmembers()[inner_index]
+        with tarfile.open(fileobj=tar.extractfile(inner)) as inner_tar:
+            return inner.offset_data, [m.offset for m in inner_tar.getmembers()]
+
+
+def _corrupt_header(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset + 148 : offset + 156] = b"garbage!"  # the header checksum field
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path, size: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(size)
+
+
+@pytest.mark.parametrize(
+    "archive,damage",
+    [
+        (TRAIN_TAR, "header"),  # a class tar's header in the outer train tar
+        (TRAIN_TAR, "cut"),  # the outer train tar cut at a member boundary: whole classes gone
+        (TRAIN_TAR, "inner header"),  # an image header inside a class tar
+        (TRAIN_TAR, "inner cut"),  # a class tar ends early at an image boundary (its size shrunk to match)
+        (VAL_TAR, "header"),
+        (VAL_TAR, "cut"),
+    ],
+)
+def test_damaged_tar_is_one_line_naming_the_archive(tmp_path, archives, archive, damage):
+    path = archives / archive
+    if damage == "header":
+        _corrupt_header(path, _member_offsets(path)[1])
+    elif damage == "cut":
+        _truncate(path, _member_offsets(path)[1])
+    elif damage == "inner header":
+        start, offsets = _inner_member_offsets(path, 0)
+        _corrupt_header(path, start + offsets[1])
+    else:  # rebuild the first class tar without its end marker and later members, as a cut download would leave it
+        start, offsets = _inner_member_offsets(path, 0)
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+            inner_bytes = {m.name: tar.extractfile(m).read() for m in members}
+        first = members[0].name
+        inner_bytes[first] = inner_bytes[first][: offsets[1]]
+        with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+            for m in members:
+                info = tarfile.TarInfo(m.name)
+                info.size, info.mtime = len(inner_bytes[m.name]), m.mtime
+                tar.addfile(info, io.BytesIO(inner_bytes[m.name]))
+    result = cli("prepare", archives, tmp_path / "shards", *TINY, "--workers", "1")
+    one_line_error(result, archive, "download it again")
+    assert not (tmp_path / "shards" / MANIFEST_NAME).exists()
+
+
+def test_devkit_class_without_training_images_is_an_error(tmp_path, tiny):
+    missing = tiny.classes[1][0]
+    partial = dataclasses.replace(tiny, train={w: images for w, images in tiny.train.items() if w != missing})
+    source = fx.write_archives(tmp_path / "download", partial)
+    one_line_error(cli("prepare", source, tmp_path / "shards", *TINY), "no training images", missing)
+
+
+@pytest.mark.parametrize("extra", [1, -1])
+def test_ground_truth_must_have_one_line_per_val_image(tmp_path, tiny, extra):
+    source = fx.write_archives(tmp_path / "download", tiny)
+    ids = tiny.val_ids + [tiny.val_ids[0]] if extra > 0 else tiny.val_ids[:-1]
+    fx.write_devkit_archive(source, tiny.classes, ids)
+    one_line_error(cli("prepare", source, tmp_path / "shards", *TINY), VAL_TAR, "ground_truth.txt", "lines")
+
+
+def test_symlink_member_of_an_archive_is_rejected_not_dropped(tmp_path, tiny):
+    source = fx.write_archives(tmp_path / "download", tiny)
+    with tarfile.open(source / VAL_TAR, "a") as tar:  # a fifth val image, as a symlink
+        link = tarfile.TarInfo("ILSVRC2012_val_00000005.JPEG")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    fx.write_devkit_archive(source, tiny.classes, tiny.val_ids + [tiny.val_ids[0]])
+    result = cli("prepare", source, tmp_path / "shards", *TINY)
+    assert result.returncode == 0, result.stderr
+    rejected = manifest(tmp_path / "shards")["rejected"]
+    assert [(r["split"], r["path"]) for r in rejected] == [("val", f"{VAL_TAR}/ILSVRC2012_val_00000005.JPEG")]
+    assert "symbolic link" in rejected[0]["reason"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Dead workers
+
+
+KILLER = """
+    # Test hook: every pool worker (a process with a parent) dies by SIGKILL on its first image, as under the
+    # out-of-memory killer. Loaded as sitecustomize, so it patches the module before any worker imports it.
+    import multiprocessing, os, signal
+    from alexrepro import imaging
+
+    def _dying(real):
+        def call(*args, **kwargs):
+            if multiprocessing.parent_process() is not None:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        return call
+
+    imaging.resize_square_jpeg = _dying(imaging.resize_square_jpeg)
+    imaging.decode_rgb_planes = _dying(imaging.decode_rgb_planes)
+"""
+
+
+@pytest.fixture
+def killer(tmp_path) -> dict:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent(KILLER))
+    return {"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)])}
+
+
+def test_prepare_fails_when_a_worker_dies_and_the_rerun_resumes(tmp_path, archives, killer):
+    reference = tmp_path / "reference"
+    assert cli("prepare", archives, reference, *TINY, "--workers", "1").returncode == 0
+    out = tmp_path / "shards"
+    one_line_error(cli("prepare", archives, out, *TINY, "--workers", "2", env=killer, timeout=180), "worker", "rerun")
+    assert not (out / MANIFEST_NAME).exists()
+    resumed = cli("prepare", archives, out, *TINY, "--workers", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert shard_bytes(out) == shard_bytes(reference)
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_stats_fails_when_a_worker_dies(tmp_path, archives, killer):
+    shards = tmp_path / "shards"
+    assert cli("prepare", archives, shards, *TINY, "--workers", "1").returncode == 0
+    out = tmp_path / "stats"
+    one_line_error(cli("stats", shards, out, "--workers", "2", "--quiet", env=killer, timeout=180), "worker")
+    assert not out.exists()
+    assert cli("stats", shards, out, "--workers", "2", "--quiet").returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One run per output folder
+
+
+HOLDER = """
+import sys
+from alexrepro.locking import output_lock
+with output_lock(sys.argv[1], "test"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+class _Holder:
+    """Another process holding the output lock until closed (a concurrent run of any stage)."""
+
+    def __init__(self, folder: Path):
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(folder)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )  # fmt: skip
+        assert self.process.stdout.readline().strip() == "held"
+
+    def release(self) -> None:
+        self.process.communicate(timeout=60)
+        assert self.process.returncode == 0
+
+
+def test_second_prepare_into_a_busy_folder_is_refused(tmp_path, archives):
+    out = tmp_path / "shards"
+    holder = _Holder(out)
+    try:
+        one_line_error(cli("prepare", archives, out, *TINY, "--overwrite"), str(out), "another run")
+        assert not (out / MANIFEST_NAME).exists()
+    finally:
+        holder.release()
+    assert not (out / LOCK_NAME).exists()
+    assert cli("prepare", archives, out, *TINY).returncode == 0
+    assert not (out / LOCK_NAME).exists()  # DVC and the byte-identical listings never see it
+
+
+@pytest.mark.parametrize("stage", ["sample", "stats", "train", "evaluate"])
+def test_every_stage_refuses_a_busy_output_folder(tmp_path, stage):
+    out = tmp_path / "out"
+    args = {
+        "sample": ["sample", out, "--classes", "2"],
+        "stats": ["stats", tmp_path / "shards", out],
+        "train": ["train", tmp_path / "shards", tmp_path / "stats", out],
+        "evaluate": ["evaluate", tmp_path / "ckpt.pt", tmp_path / "shards", out],
+    }[stage]
+    holder = _Holder(out)
+    try:
+        one_line_error(cli(*args, "--quiet"), str(out), "another run")
+    finally:
+        holder.release()
+
+
+def test_lock_left_by_a_killed_run_is_stale(tmp_path, archives):
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / LOCK_NAME).write_text("prepare pid 999999\n")  # what kill -9 leaves: the file, but no flock on it
+    result = cli("prepare", archives, out, *TINY)
+    assert result.returncode == 0, result.stderr
+    assert not (out / LOCK_NAME).exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Corrupt JPEGs
+
+
+def _jpeg(seed: int, width: int = 64, height: int = 48) -> bytes:
+    return fx.image_bytes(seed, width, height)
+
+
+def _cut_with_eoi(data: bytes) -> bytes:
+    """Cut in the middle of the scan and closed with an end-of-image marker: libjpeg's 'premature end'."""
+    return data[: len(data) // 2] + b"\xff\xd9"
+
+
+def _taller_header(data: bytes, extra_rows: int = 64) -> bytes:
+    """The frame header claims more rows than the scan holds (well beyond the last MCU row)."""
+    sof = data.find(b"\xff\xc0")
+    height = struct.unpack(">H", data[sof + 5 : sof + 7])[0]
+    return data[: sof + 5] + struct.pack(">H", height + extra_rows) + data[sof + 7 :]
+
+
+def test_corrupt_jpegs_are_rejected_not_stored_grey(tmp_path):
+    source = fx.write_own_classes(tmp_path / "src")
+    (source / "train" / "apple" / "cut.jpg").write_bytes(_cut_with_eoi(_jpeg(7)))
+    (source / "train" / "zebra" / "tall.jpg").write_bytes(_taller_header(_jpeg(8)))
+    grey = io.BytesIO()
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(grey, format="JPEG")  # flat grey, but whole: kept
+    (source / "train" / "Mango" / "grey.jpg").write_bytes(grey.getvalue())
+    result = cli("prepare", source, tmp_path / "shards", *TINY)
+    assert result.returncode == 0, result.stderr
+    data = manifest(tmp_path / "shards")
+    rejected = {r["path"]: r["reason"] for r in data["rejected"]}
+    assert set(rejected) == {"train/apple/cut.jpg", "train/zebra/tall.jpg"}
+    assert all("premature end" in reason or "truncated" in reason for reason in rejected.values())
+    assert data["splits"]["train"]["count"] == 10  # 3 per class + the grey one
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resource limits
+
+
+def test_size_beyond_the_pixel_limit_is_a_config_error(tmp_path, archives):
+    one_line_error(cli("prepare", archives, tmp_path / "shards", "--size", "100000", "--quiet"), "--size", "4096")
+    assert not (tmp_path / "shards").exists()
+
+
+def _file_size_limit(limit: int):
+    """A preexec_fn: files may not grow past `limit` bytes (EFBIG, as a full disk gives ENOSPC)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if ".tmp-" in p.name or p.name == LOCK_NAME)
+
+
+def test_prepare_on_a_full_disk_is_one_line_and_leaves_no_manifest(tmp_path, archives):
+    out = tmp_path / "shards"
+    result = cli("prepare", archives, out, *TINY, "--workers", "2", preexec_fn=_file_size_limit(3000))
+    one_line_error(result, "cannot write", "EFBIG")
+    assert not (out / MANIFEST_NAME).exists()
+    assert _leftovers(out) == []
+
+
+def test_stats_on_a_full_disk_is_one_line_and_leaves_nothing_partial(tmp_path, archives):
+    shards = tmp_path / "shards"
+    assert cli("prepare", archives, shards, *TINY).returncode == 0
+    out = tmp_path / "stats"
+    one_line_error(cli("stats", shards, out, "--quiet", preexec_fn=_file_size_limit(8000)), "cannot write", "EFBIG")
+    assert not out.exists()
+
+
+def test_sample_on_a_full_disk_is_one_line_and_leaves_no_archive(tmp_path):
+    out = tmp_path / "sample"
+    args = ["sample", out, "--classes", "2", "--train-per-class", "2", "--val-per-class", "1", "--quiet"]
+    result = cli(*args, "--set", "image_scale=0.25", "--set", "workers=1", preexec_fn=_file_size_limit(20_000))
+    one_line_error(result, str(out))
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Symlinks in folder sources
+
+
+def test_dangling_and_looping_symlinks_are_one_line(tmp_path):
+    source = fx.write_own_classes(tmp_path / "src")
+    (source / "train" / "apple" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    one_line_error(cli("prepare", source, tmp_path / "a", *TINY), "gone.jpg", "dangling")
+    (source / "train" / "apple" / "gone.jpg").unlink()
+    (source / "train" / "apple" / "again").symlink_to(source / "train")
+    one_line_error(cli("prepare", source, tmp_path / "b", *TINY), "again", "loop")
+
+
+def test_symlinks_out_of_the_source_need_the_flag(tmp_path):
+    source = fx.write_own_classes(tmp_path / "src")
+    (tmp_path / "elsewhere.jpg").write_bytes(_jpeg(9))
+    (source / "train" / "apple" / "linked.jpg").symlink_to(tmp_path / "elsewhere.jpg")
+    one_line_error(cli("prepare", source, tmp_path / "a", *TINY), "linked.jpg", "follow_symlinks")
+    result = cli("prepare", source, tmp_path / "b", *TINY, "--set", "follow_symlinks=true")
+    assert result.returncode == 0, result.stderr
+    assert manifest(tmp_path / "b")["splits"]["train"]["count"] == 10
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sample does not replace the real download
+
+
+def test_sample_refuses_to_replace_official_archives(tmp_path):
+    out = tmp_path / "download"
+    out.mkdir()
+    (out / TRAIN_TAR).write_bytes(b"138 GB of the real thing")
+    args = ["sample", out, "--classes", "2", "--train-per-class", "2", "--val-per-class", "1", "--quiet"]
+    args += ["--set", "image_scale=0.25", "--set", "workers=1"]
+    one_line_error(cli(*args), TRAIN_TAR, "--overwrite")
+    assert (out / TRAIN_TAR).read_bytes() == b"138 GB of the real thing"
+    result = cli(*args, "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert tarfile.is_tarfile(out / TRAIN_TAR)
