@@ -169,6 +169,10 @@ def sample(
     train_per_class: Optional[int] = typer.Option(None, help="Training images per class."),
     val_per_class: Optional[int] = typer.Option(None, help="Validation images per class."),
     seed: Optional[int] = typer.Option(None, help="Random seed; the same seed writes byte-identical archives."),
+    scale: Optional[str] = typer.Option(
+        None, help="Write ILSVRC-2012's shape instead: 1000 classes at this fraction of the real counts "
+        "(1/64, 1/8, 1 = 1,281,167 train + 50,000 val), tiny images. --classes takes the first N classes.",
+    ),
     config: Optional[Path] = ConfigOption,
     set_: Optional[List[str]] = SetOption,
     quiet: bool = QuietOption,
@@ -177,6 +181,9 @@ def sample(
 
     Example: alexrepro sample data/sample --classes 10
     """
+    if scale is not None:
+        _sample_at_scale(out, scale, classes, train_per_class, val_per_class, seed, quiet)
+        return
     with _stage(quiet) as progress:
         from alexrepro.sample import SampleConfig, write_sample
 
@@ -187,6 +194,26 @@ def sample(
         result = write_sample(out, cfg, progress)
     if not quiet:
         err_console.print(f"wrote the sample ILSVRC-2012 to [bold]{out}[/] ({_describe_counts(result)})")
+
+
+def _sample_at_scale(out: Path, scale: str, classes: Optional[int], train_per_class: Optional[int],
+                     val_per_class: Optional[int], seed: Optional[int], quiet: bool) -> None:
+    """`sample --scale`: the ILSVRC-2012-shaped download of alexrepro.sample_scale."""
+    with _stage(quiet) as progress:
+        from alexrepro.sample_scale import ILSVRC_CLASSES, ScaleConfig, parse_scale, write_scaled_sample
+
+        if train_per_class is not None:
+            raise ConfigError("--train-per-class and --scale: the per-class train counts follow from --scale; drop one")
+        try:
+            cfg = ScaleConfig(
+                scale=parse_scale(scale), classes=classes or ILSVRC_CLASSES, val_per_class=val_per_class,
+                seed=seed or 0,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        result = write_scaled_sample(out, cfg, progress)
+    if not quiet:
+        err_console.print(f"wrote an ILSVRC-2012-shaped sample to [bold]{out}[/] ({_describe_counts(result)})")
 
 
 def _describe_counts(result: Any) -> str:
