@@ -531,6 +531,38 @@ def bench_loader(
     _print_bench(report, json_out)
 
 
+@bench_app.command("scale")
+def bench_scale(
+    scales: str = typer.Option("1/64,1/8", help="Comma-separated fractions of ILSVRC-2012's counts (1 = full)."),
+    work: Path = typer.Option(Path("bench-scale"), help="Folder for the downloads, shards and outputs (GBs)."),
+    classes: int = typer.Option(1000, help="Classes (the real 1000; fewer for a quick look)."),
+    steps: int = typer.Option(10, help="Training steps before train is stopped (SIGTERM, its clean stop)."),
+    workers: int = typer.Option(2, help="Worker processes of prepare, stats, train's loader."),
+    log: Optional[Path] = typer.Option(None, help="Append every stage's output to this file."),
+    markdown_out: Optional[Path] = typer.Option(None, help="Also write the tables as Markdown to this file."),
+    json_out: Optional[Path] = JsonOption,
+) -> None:
+    """Every stage run for real at several scales: wall time, ms/image, peak RSS, disk, time to first result.
+
+    Example: alexrepro bench scale --scales 1/64,1/8 --work /tmp/bench-scale
+    """
+    with _stage(quiet=True):
+        from alexrepro.bench_scale import bench_scale as run
+        from alexrepro.sample_scale import parse_scale
+
+        try:
+            fractions = [parse_scale(s) for s in scales.split(",") if s.strip()]
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        report = run(fractions, work, classes=classes, steps=steps, workers=workers, log=log)
+    _print_bench(report, json_out)
+    if markdown_out is not None:
+        from alexrepro.atomic import atomic_write_text
+        from alexrepro.bench_scale import markdown_table
+
+        atomic_write_text(markdown_out, markdown_table(report))
+
+
 def main() -> None:
     app(prog_name="alexrepro")
 
