@@ -30,7 +30,9 @@ How things are measured, with no timing hooks inside the stages:
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -59,6 +61,7 @@ class StageMeasure:
     rc: int
     wall_s: float
     images: int
+    cpu_s: float = 0.0  # user + system time of the stage and every descendant it waited for
     peak_main_mb: float = 0.0
     peak_other_mb: float = 0.0  # the largest single process other than the main one (workers)
     peak_tree_mb: float = 0.0
@@ -69,12 +72,18 @@ class StageMeasure:
     def ms_per_image(self) -> float:
         return 1000 * self.wall_s / max(1, self.images)
 
+    @property
+    def cpu_ms_per_image(self) -> float:
+        return 1000 * self.cpu_s / max(1, self.images)
+
     def row(self) -> dict:
         return {
             "name": f"{self.stage} @ {self.scale}",
             "wall_s": round(self.wall_s, 2),
             "images": self.images,
             "ms_per_img": round(self.ms_per_image, 4),
+            "cpu_s": round(self.cpu_s, 2),
+            "cpu_ms_per_img": round(self.cpu_ms_per_image, 4),
             "rss_main_MB": round(self.peak_main_mb),
             "rss_worker_MB": round(self.peak_other_mb),
             "rss_tree_MB": round(self.peak_tree_mb),
@@ -143,6 +152,13 @@ class _Watcher:
                 self.first_s = time.time() - self.started
 
 
+def _children_cpu_s() -> float:
+    """CPU seconds of every waited-for descendant so far: on a shared machine the wall clock stretches with the
+    load, CPU time much less, so per-image CPU time is the figure to compare across scales."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _folder_bytes(folder: Path) -> int:
     if not folder.exists():
         return 0
@@ -158,6 +174,7 @@ def run_stage(stage: str, scale: str, args: list[str], out: Path, images: int, *
     if stop_after_steps is not None:
         env[STOP_AFTER_ENV] = str(stop_after_steps)
     before = _folder_bytes(out)
+    cpu_before = _children_cpu_s()
     started = time.time()
     with open(log or os.devnull, "ab") as sink:
         process = subprocess.Popen(
@@ -171,7 +188,7 @@ def run_stage(stage: str, scale: str, args: list[str], out: Path, images: int, *
         watcher.stop.set()
         thread.join()
     measure = StageMeasure(
-        stage, scale, rc, wall, images, watcher.peak_main, watcher.peak_other, watcher.peak_tree,
+        stage, scale, rc, wall, images, _children_cpu_s() - cpu_before, watcher.peak_main, watcher.peak_other, watcher.peak_tree,
         (_folder_bytes(out) - before) / 1e6, watcher.first_s,
     )
     if first_file is None and marks.exists():
@@ -186,7 +203,7 @@ def run_stage(stage: str, scale: str, args: list[str], out: Path, images: int, *
 
 
 def bench_one_scale(scale: Fraction, work: Path, classes: int, steps: int, workers: int,
-                    log: Path | None = None) -> list[StageMeasure]:
+                    log: Path | None = None, progress_file: Path | None = None) -> list[StageMeasure]:
     from alexrepro.sample_scale import ScaleConfig, scale_classes
 
     label = str(scale)
@@ -204,6 +221,9 @@ def bench_one_scale(scale: Fraction, work: Path, classes: int, steps: int, worke
     def stage(name, args, out, images, **kwargs) -> StageMeasure:
         result = run_stage(name, label, args, out, images, log=log, **kwargs)
         results.append(result)
+        if progress_file is not None:  # one JSON line per finished stage: a long run's figures survive an abort
+            with open(progress_file, "a") as handle:
+                handle.write(json.dumps(result.row()) + "\n")
         # train stopped by SIGTERM exits 1 after writing checkpoint-last.pt: that is the expected end here.
         stopped_train = name == "train" and (train / "checkpoint-last.pt").exists()
         if result.rc != 0 and not stopped_train:
@@ -227,12 +247,12 @@ def bench_one_scale(scale: Fraction, work: Path, classes: int, steps: int, worke
 
 
 def bench_scale(scales: list[Fraction], work: Path, classes: int = 1000, steps: int = 10, workers: int = 2,
-                log: Path | None = None) -> BenchReport:
+                log: Path | None = None, progress_file: Path | None = None) -> BenchReport:
     """Run every stage at every scale; ratios compare each stage's per-image cost at the largest vs smallest."""
     work.mkdir(parents=True, exist_ok=True)
     measures: list[StageMeasure] = []
     for scale in scales:
-        measures.extend(bench_one_scale(scale, work, classes, steps, workers, log))
+        measures.extend(bench_one_scale(scale, work, classes, steps, workers, log, progress_file))
     smallest, largest = str(min(scales)), str(max(scales))
     ratios = {}
     if smallest != largest:
@@ -240,14 +260,15 @@ def bench_scale(scales: list[Fraction], work: Path, classes: int = 1000, steps: 
         for stage in dict.fromkeys(m.stage for m in measures):
             if stage == "train":
                 continue  # a fixed number of steps: its per-image cost is start-up over a constant, not a rate
-            ratios[f"{stage}: ms/img at {largest} ÷ at {smallest}"] = (
-                by[(stage, largest)].ms_per_image / by[(stage, smallest)].ms_per_image
-            )
+            big, small = by[(stage, largest)], by[(stage, smallest)]
+            ratios[f"{stage}: wall ms/img at {largest} ÷ at {smallest}"] = big.ms_per_image / small.ms_per_image
+            ratios[f"{stage}: CPU ms/img at {largest} ÷ at {smallest}"] = big.cpu_ms_per_image / small.cpu_ms_per_image
     notes = [
         machine_description(),
         f"{classes} classes; prepare --size {PREPARE_SIZE}; train {steps} steps of batch {TRAIN_BATCH}, crop {CROP}, "
         f"width {TRAIN_WIDTH}, one tower, CPU; {workers} workers where a stage takes them",
         f"memory: VmRSS of the process tree polled every {POLL_S}s (main process, largest other process, tree sum)",
+        "cpu_s: user + system time of the stage's process tree (getrusage of waited children)",
         "disk: bytes added under the stage's output folder; first_s: first shard file (prepare), first forward pass "
         "(train, evaluate)",
     ]

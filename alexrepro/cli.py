@@ -540,6 +540,7 @@ def bench_scale(
     workers: int = typer.Option(2, help="Worker processes of prepare, stats, train's loader."),
     log: Optional[Path] = typer.Option(None, help="Append every stage's output to this file."),
     markdown_out: Optional[Path] = typer.Option(None, help="Also write the tables as Markdown to this file."),
+    rows_out: Optional[Path] = typer.Option(None, help="Append each stage's row as a JSON line when it ends."),
     json_out: Optional[Path] = JsonOption,
 ) -> None:
     """Every stage run for real at several scales: wall time, ms/image, peak RSS, disk, time to first result.
@@ -554,7 +555,7 @@ def bench_scale(
             fractions = [parse_scale(s) for s in scales.split(",") if s.strip()]
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        report = run(fractions, work, classes=classes, steps=steps, workers=workers, log=log)
+        report = run(fractions, work, classes=classes, steps=steps, workers=workers, log=log, progress_file=rows_out)
     _print_bench(report, json_out)
     if markdown_out is not None:
         from alexrepro.atomic import atomic_write_text
