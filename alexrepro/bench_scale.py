@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -61,7 +60,7 @@ class StageMeasure:
     rc: int
     wall_s: float
     images: int
-    cpu_s: float = 0.0  # user + system time of the stage and every descendant it waited for
+    cpu_s: float = 0.0  # user + system time of the stage's process tree, as last polled
     peak_main_mb: float = 0.0
     peak_other_mb: float = 0.0  # the largest single process other than the main one (workers)
     peak_tree_mb: float = 0.0
@@ -131,7 +130,12 @@ class _Watcher:
     peak_other: float = 0.0
     peak_tree: float = 0.0
     first_s: float | None = None
+    cpu_ticks: dict = field(default_factory=dict)  # (pid, start time) -> utime + stime last seen
     stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.cpu_ticks.values()) / os.sysconf("SC_CLK_TCK")
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -143,6 +147,10 @@ class _Watcher:
         for pid in tree:
             tree.extend(children.get(pid, []))
         sizes = {pid: _rss_mb(pid) for pid in tree}
+        for pid in tree:
+            started, ticks = _cpu_ticks(pid)
+            if started is not None:
+                self.cpu_ticks[(pid, started)] = ticks
         self.peak_main = max(self.peak_main, sizes[self.pid])
         self.peak_other = max([self.peak_other] + [mb for pid, mb in sizes.items() if pid != self.pid])
         self.peak_tree = max(self.peak_tree, sum(sizes.values()))
@@ -152,11 +160,14 @@ class _Watcher:
                 self.first_s = time.time() - self.started
 
 
-def _children_cpu_s() -> float:
-    """CPU seconds of every waited-for descendant so far: on a shared machine the wall clock stretches with the
-    load, CPU time much less, so per-image CPU time is the figure to compare across scales."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def _cpu_ticks(pid: int) -> tuple[int | None, int]:
+    """(start time, utime + stime) of a process in clock ticks, from /proc/PID/stat; (None, 0) once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None, 0
+    return int(fields[19]), int(fields[11]) + int(fields[12])
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -174,7 +185,6 @@ def run_stage(stage: str, scale: str, args: list[str], out: Path, images: int, *
     if stop_after_steps is not None:
         env[STOP_AFTER_ENV] = str(stop_after_steps)
     before = _folder_bytes(out)
-    cpu_before = _children_cpu_s()
     started = time.time()
     with open(log or os.devnull, "ab") as sink:
         process = subprocess.Popen(
@@ -188,7 +198,7 @@ def run_stage(stage: str, scale: str, args: list[str], out: Path, images: int, *
         watcher.stop.set()
         thread.join()
     measure = StageMeasure(
-        stage, scale, rc, wall, images, _children_cpu_s() - cpu_before, watcher.peak_main, watcher.peak_other, watcher.peak_tree,
+        stage, scale, rc, wall, images, watcher.cpu_s, watcher.peak_main, watcher.peak_other, watcher.peak_tree,
         (_folder_bytes(out) - before) / 1e6, watcher.first_s,
     )
     if first_file is None and marks.exists():
@@ -268,7 +278,9 @@ def bench_scale(scales: list[Fraction], work: Path, classes: int = 1000, steps: 
         f"{classes} classes; prepare --size {PREPARE_SIZE}; train {steps} steps of batch {TRAIN_BATCH}, crop {CROP}, "
         f"width {TRAIN_WIDTH}, one tower, CPU; {workers} workers where a stage takes them",
         f"memory: VmRSS of the process tree polled every {POLL_S}s (main process, largest other process, tree sum)",
-        "cpu_s: user + system time of the stage's process tree (getrusage of waited children)",
+        "cpu_s: user + system time of every process of the tree, as last seen by the poller (getrusage of waited "
+        "children would miss workers started by a forkserver); on a shared machine wall time stretches with the "
+        "load, CPU time much less",
         "disk: bytes added under the stage's output folder; first_s: first shard file (prepare), first forward pass "
         "(train, evaluate)",
     ]
