@@ -182,7 +182,7 @@ def sample(
     Example: alexrepro sample data/sample --classes 10
     """
     if scale is not None:
-        _sample_at_scale(out, scale, classes, train_per_class, val_per_class, seed, quiet)
+        _sample_at_scale(out, scale, classes, train_per_class, val_per_class, seed, quiet, config or set_)
         return
     with _stage(quiet) as progress:
         from alexrepro.sample import SampleConfig, write_sample
@@ -197,11 +197,13 @@ def sample(
 
 
 def _sample_at_scale(out: Path, scale: str, classes: Optional[int], train_per_class: Optional[int],
-                     val_per_class: Optional[int], seed: Optional[int], quiet: bool) -> None:
+                     val_per_class: Optional[int], seed: Optional[int], quiet: bool, config_given: Any) -> None:
     """`sample --scale`: the ILSVRC-2012-shaped download of alexrepro.sample_scale."""
     with _stage(quiet) as progress:
         from alexrepro.sample_scale import ILSVRC_CLASSES, ScaleConfig, parse_scale, write_scaled_sample
 
+        if config_given:
+            raise ConfigError("--config/--set and --scale: a scaled sample takes only the flags; drop one")
         if train_per_class is not None:
             raise ConfigError("--train-per-class and --scale: the per-class train counts follow from --scale; drop one")
         try:

@@ -123,3 +123,11 @@ def test_bad_scale_is_a_one_line_error(tmp_path, scale):
     assert result.exit_code == 1
     assert "--scale" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra", [["--train-per-class", "3"], ["--set", "seed=1"]])
+def test_settings_that_scale_decides_are_refused(tmp_path, extra):
+    result = CliRunner().invoke(app, ["sample", str(tmp_path / "out"), "--scale", "1/8", *extra, "--quiet"])
+    assert result.exit_code == 1
+    assert "--scale" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
