@@ -15,7 +15,8 @@ class structure is the same at every scale; only the images per class shrink. Im
 Why a second renderer: drawing each picture from scratch (alexrepro.sample.render_image) costs about 1 ms even at
 60 px, 20 minutes of CPU for 1.28 M images. Instead each worker draws a small bank of 128×128 pictures per
 pattern once (from the seed alone), and every image is a random crop of one of them, mirrored or not, resized to
-its own size and saved at its own JPEG quality: about 0.05 ms. Class i shows pattern (i mod 16), so only 16 classes
+its own size and saved at its own JPEG quality: about 0.25 ms with its tar entry (326 CPU-seconds for the
+full count, docs/benchmarks.md). Class i shows pattern (i mod 16), so only 16 classes
 are visually distinct; that is enough for timing and memory, not for accuracy.
 
 Everything is decided from (seed, class) or (seed, val number) alone, so the archives are byte-identical for a
@@ -231,7 +232,8 @@ def _class_task(task: tuple[int, int, ScaleClass]) -> tuple[bytes, str | None]:
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as inner:
         for i, number in enumerate(numbers):
             name = f"{wnid}_{number}.JPEG"
-            _add_member(inner, name, render_small(seed, cls.pattern, rng, name, "train", odd if i == 0 and odd else "jpeg"))
+            kind = odd if i == 0 and odd else "jpeg"
+            _add_member(inner, name, render_small(seed, cls.pattern, rng, name, "train", kind))
     return buffer.getvalue(), (f"{wnid}.tar/{wnid}_{numbers[0]}.JPEG" if odd else None)
 
 
@@ -321,7 +323,9 @@ def write_scaled_sample(out: Path, config: ScaleConfig, progress: Progress) -> S
         progress.finish()
     except OSError as exc:
         reason = exc.strerror or exc
-        raise SampleOutputError(f"{out}: cannot write the sample ({reason}); check free space and permissions") from None
+        raise SampleOutputError(
+            f"{out}: cannot write the sample ({reason}); check free space and permissions"
+        ) from None
 
     progress.log(
         f"sample: {n_train:,} train and {len(val_ids):,} val images of {config.classes} classes "
@@ -366,8 +370,9 @@ def synsets(classes: tuple[ScaleClass, ...]) -> np.ndarray:
         members = [c for c in classes if c.pattern == p]
         if not members:
             continue
+        children = np.array([[c.info.ilsvrc_id for c in members]], np.uint16)
         rows.append([next_id, f"n2000{p + 200:04d}", f"{pattern.key} (all variants)", pattern.gloss, len(members),
-                     np.array([[c.info.ilsvrc_id for c in members]], np.uint16), 1, sum(c.train_count for c in members)])
+                     children, 1, sum(c.train_count for c in members)])
         pattern_nodes.setdefault(pattern.kind, []).append(next_id)
         next_id += 1
     kind_nodes = []
