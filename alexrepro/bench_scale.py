@@ -43,6 +43,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from alexrepro.bench_report import BenchReport, machine_description
+from alexrepro.errors import AlexReproError
 
 POLL_S = 0.1
 PREPARE_SIZE = 72  # a small --size: decode and resize stay cheap, bookkeeping shows
@@ -51,6 +52,10 @@ TRAIN_WIDTH = 0.05
 TRAIN_BATCH = 64
 MARKS_ENV = "ALEXREPRO_BENCH_MARKS"  # file the child wrapper appends "forward|step TIME" lines to
 STOP_AFTER_ENV = "ALEXREPRO_BENCH_STOP_AFTER_STEPS"
+
+
+class BenchStageError(AlexReproError):
+    """A stage run by the benchmark failed; its output is in the --log file."""
 
 
 @dataclass
@@ -214,12 +219,16 @@ def run_stage(stage: str, scale: str, args: list[str], out: Path, images: int, *
 
 def bench_one_scale(scale: Fraction, work: Path, classes: int, steps: int, workers: int,
                     log: Path | None = None, progress_file: Path | None = None) -> list[StageMeasure]:
+    from alexrepro.errors import ConfigError
     from alexrepro.sample_scale import ScaleConfig, scale_classes
 
     label = str(scale)
     folder = work / label.replace("/", "_")
     download, shards, stats, train, evaluation = (folder / n for n in ("download", "shards", "stats", "train", "eval"))
-    config = ScaleConfig(scale=scale, classes=classes)
+    try:
+        config = ScaleConfig(scale=scale, classes=classes)
+    except ValueError as exc:
+        raise ConfigError(f"bench scale: {exc}") from None
     n_train = sum(c.train_count for c in scale_classes(config))
     n_val = config.val_count_per_class * classes
     w = ["--workers", str(workers)]
@@ -237,7 +246,9 @@ def bench_one_scale(scale: Fraction, work: Path, classes: int, steps: int, worke
         # train stopped by SIGTERM exits 1 after writing checkpoint-last.pt: that is the expected end here.
         stopped_train = name == "train" and (train / "checkpoint-last.pt").exists()
         if result.rc != 0 and not stopped_train:
-            raise RuntimeError(f"{name} at scale {label} exited {result.rc}; see {log or 'its output'}")
+            raise BenchStageError(
+                f"{name} at scale {label} exited {result.rc}; rerun with --log FILE and read its last lines"
+            )
         return result
 
     stage("sample", ["sample", str(download), "--scale", label, "--classes", str(classes)], download, n_train + n_val)

@@ -131,3 +131,22 @@ def test_settings_that_scale_decides_are_refused(tmp_path, extra):
     assert result.exit_code == 1
     assert "--scale" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_runs_a_stage_as_a_subprocess_and_measures_it(tmp_path):
+    from alexrepro.bench_scale import run_stage
+
+    out = tmp_path / "download"
+    args = ["sample", str(out), "--scale", "1/512", "--classes", "3", "--seed", "1"]
+    measure = run_stage("sample", "1/512", args, out, images=9, first_file="ILSVRC2012_devkit_t12.tar.gz")
+    assert measure.rc == 0
+    written = sum(f.stat().st_size for f in out.iterdir())
+    assert measure.disk_mb == pytest.approx(written / 1e6)
+    assert measure.peak_main_mb > 0 and measure.peak_tree_mb >= measure.peak_main_mb
+    assert measure.first_s is None or 0 < measure.first_s <= measure.wall_s
+
+
+def test_bench_scale_refuses_a_class_count_out_of_range(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "scale", "--classes", "2", "--work", str(tmp_path / "work")])
+    assert result.exit_code == 1
+    assert "classes" in result.output and "Traceback" not in result.output
