@@ -350,6 +350,10 @@ None, metavar="OUT", help="Folder to write the three ILSVRC-2012-style archives 
     seed: Optional[int] = typer.Option(None, **default_help("sample", "seed", "Random seed; the same seed writes byte-identical archives.")),
     workers: Optional[int] = typer.Option(None, **default_help("sample", "workers", "Worker processes (0 = in this process; null = one per core).")),
     overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace ILSVRC2012_* archives already in OUT."),
+    scale: Optional[str] = typer.Option(
+        None, help="Write ILSVRC-2012's shape instead: 1000 classes at this fraction of the real counts "
+        "(1/64, 1/8, 1 = 1,281,167 train + 50,000 val), tiny images. --classes takes the first N classes.",
+    ),
     config: Optional[Path] = config_option("sample"),
     set_: Optional[List[str]] = SetOption,
     show_config: bool = ShowConfigOption,
@@ -360,6 +364,9 @@ None, metavar="OUT", help="Folder to write the three ILSVRC-2012-style archives 
 
     Example: alexrepro sample data/sample --classes 10
     """
+    if scale is not None:
+        _sample_at_scale(out, scale, classes, train_per_class, val_per_class, seed, quiet, config or set_)
+        return
     from alexrepro.locking import output_lock
     from alexrepro.sample import SampleConfig, write_sample
 
@@ -372,6 +379,30 @@ None, metavar="OUT", help="Folder to write the three ILSVRC-2012-style archives 
         with output_lock(out, "sample"):
             result = write_sample(out, cfg, progress, overwrite)
     out_console.print(f"wrote the sample ILSVRC-2012 to [bold]{out}[/] ({_describe_counts(result)})")
+
+
+def _sample_at_scale(out: Path, scale: str, classes: Optional[int], train_per_class: Optional[int],
+                     val_per_class: Optional[int], seed: Optional[int], quiet: bool, config_given: Any) -> None:
+    """`sample --scale`: the ILSVRC-2012-shaped download of alexrepro.sample_scale."""
+    from alexrepro.locking import output_lock
+    from alexrepro.sample_scale import ILSVRC_CLASSES, ScaleConfig, parse_scale, write_scaled_sample
+
+    if config_given:
+        raise _error("--config/--set and --scale: a scaled sample takes only the flags; drop one", 2)
+    if train_per_class is not None:
+        raise _error("--train-per-class and --scale: the per-class train counts follow from --scale; drop one", 2)
+    try:
+        cfg = ScaleConfig(
+            scale=parse_scale(scale), classes=classes or ILSVRC_CLASSES, val_per_class=val_per_class, seed=seed or 0
+        )
+    except ValueError as exc:
+        raise _error(f"--scale: {exc}", 2) from None
+    _require(out=out)
+    _folder_out(out, "sample")
+    with _stage(quiet) as progress:
+        with output_lock(out, "sample"):
+            result = write_scaled_sample(out, cfg, progress)
+    out_console.print(f"wrote an ILSVRC-2012-shaped sample to [bold]{out}[/] ({_describe_counts(result)})")
 
 
 def _describe_counts(result: Any) -> str:
@@ -733,6 +764,39 @@ def bench_loader(
 
         report = run(images=images, workers=workers)
     _print_bench(report, as_json)
+
+
+@bench_app.command("scale")
+def bench_scale(
+    scales: str = typer.Option("1/64,1/8", help="Comma-separated fractions of ILSVRC-2012's counts (1 = full)."),
+    work: Path = typer.Option(Path("bench-scale"), help="Folder for the downloads, shards and outputs (GBs)."),
+    classes: int = typer.Option(1000, help="Classes (the real 1000; fewer for a quick look)."),
+    steps: int = typer.Option(10, help="Training steps before train is stopped (SIGTERM, its clean stop)."),
+    workers: int = typer.Option(2, help="Worker processes of prepare, stats, train's loader."),
+    log: Optional[Path] = typer.Option(None, help="Append every stage's output to this file."),
+    markdown_out: Optional[Path] = typer.Option(None, help="Also write the tables as Markdown to this file."),
+    rows_out: Optional[Path] = typer.Option(None, help="Append each stage's row as a JSON line when it ends."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Every stage run for real at several scales: wall time, ms/image, peak RSS, disk, time to first result.
+
+    Example: alexrepro bench scale --scales 1/64,1/8 --work /tmp/bench-scale
+    """
+    with _stage(quiet=True):
+        from alexrepro.bench_scale import bench_scale as run
+        from alexrepro.sample_scale import parse_scale
+
+        try:
+            fractions = [parse_scale(s) for s in scales.split(",") if s.strip()]
+        except ValueError as exc:
+            raise _error(f"--scales: {exc}", 2) from None
+        report = run(fractions, work, classes=classes, steps=steps, workers=workers, log=log, progress_file=rows_out)
+    _print_bench(report, as_json)
+    if markdown_out is not None:
+        from alexrepro.atomic import atomic_write_text
+        from alexrepro.bench_scale import markdown_table
+
+        atomic_write_text(markdown_out, markdown_table(report))
 
 
 def main() -> None:
