@@ -504,6 +504,26 @@ def bench_loader(
     _print_bench(report, json_out)
 
 
+@app.command()
+def claims(
+    repo: Path = typer.Option(Path("."), help="The DVC project whose experiments hold the claims runs."),
+    output: Path = typer.Option(Path("docs/claims.md"), help="Where to write the table."),
+    commands: bool = typer.Option(False, "--commands", help="Print the `dvc exp run` commands instead."),
+) -> None:
+    """The paper's claims measured: docs/claims.md from `dvc exp show --json` (alexrepro.claims).
+
+    Example: alexrepro claims --commands > runs.sh; alexrepro claims --output docs/claims.md
+    """
+    with _stage(quiet=True):
+        from alexrepro import claims as measured
+
+        if commands:
+            typer.echo("\n".join(measured.commands()))
+            return
+        measured.write_claims(repo, output)
+    typer.echo(f"claims: {output}")
+
+
 def main() -> None:
     app(prog_name="alexrepro")
 
