@@ -23,7 +23,7 @@ def experiment(arm: dict, seed: int, top1: float, top5: float, ten_crop_top1: fl
     params = {"sample": {}, "prepare": {}, "train": {}, "evaluate": {}}
     for stage, key, value in claims.CLAIMS_RECIPE:
         params[stage][key] = value
-    params["train"] |= PAPER_SWITCHES | arm | {"seed": seed, "epochs": 6}
+    params["train"] |= PAPER_SWITCHES | arm | {"seed": seed}
     metrics = {"1crop": {"top1_error": top1, "top5_error": top5},
                "10crop": {"top1_error": ten_crop_top1, "top5_error": top5 - 0.01}}  # fmt: skip
     return {
