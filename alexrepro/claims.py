@@ -111,15 +111,22 @@ class ClaimsError(AlexReproError):
 
 
 def runs_from_exp_show(shown: list[dict]) -> list[Run]:
-    """Every experiment (and baseline) in `dvc exp show --json` output that has evaluation metrics."""
+    """Every finished experiment in `dvc exp show --json` output that has evaluation metrics. Left out: the
+    workspace and running or queued experiments (while one runs, it shows the workspace: its own params beside the
+    previous run's metrics), and the commits themselves (a commit's metrics are whatever was committed)."""
     runs = []
     for commit in shown:
-        for entry in [commit] + [e for exp in commit.get("experiments") or [] for e in exp.get("revs") or []]:
-            data = entry.get("data") or {}
-            params = {Path(path).stem: (v.get("data") or {}) for path, v in (data.get("params") or {}).items()}
-            metrics = {Path(path).name: (v.get("data") or {}) for path, v in (data.get("metrics") or {}).items()}
-            if "metrics.json" in metrics and "train" in params:
-                runs.append(Run(params, metrics["metrics.json"], metrics.get("last_epoch.json", {})))
+        for exp in commit.get("experiments") or []:
+            if exp.get("executor"):  # running, queued or failed: not a finished experiment
+                continue
+            for entry in exp.get("revs") or []:
+                data = entry.get("data") or {}
+                if entry.get("rev") == "workspace" or entry.get("error"):
+                    continue
+                params = {Path(p).stem: (v.get("data") or {}) for p, v in (data.get("params") or {}).items()}
+                metrics = {Path(p).name: (v.get("data") or {}) for p, v in (data.get("metrics") or {}).items()}
+                if "metrics.json" in metrics and "last_epoch.json" in metrics and "train" in params:
+                    runs.append(Run(params, metrics["metrics.json"], metrics["last_epoch.json"]))
     return runs
 
 

@@ -40,10 +40,15 @@ def experiment(arm: dict, seed: int, top1: float, top5: float, ten_crop_top1: fl
 
 
 def exp_show(entries: list[dict]) -> list[dict]:
-    baseline = {"rev": "workspace", "name": None, "data": {"params": {}, "metrics": {}}, "experiments": None}
-    commit = {"rev": "a" * 40, "name": "main", "data": {"params": {}, "metrics": {}},
-              "experiments": [{"name": e["name"], "revs": [e]} for e in entries]}  # fmt: skip
-    return [baseline, commit]
+    # Never counted: the workspace, a running experiment (DVC shows it as the workspace: its params beside the
+    # previous run's metrics), and a commit's own committed metrics.
+    stale = experiment({}, 0, 0.99, 0.99, 0.99, 0.99)
+    workspace = stale | {"rev": "workspace", "name": None, "experiments": None}
+    running = {"executor": {"state": "running", "name": "workspace"}, "name": "running",
+               "revs": [stale | {"rev": "workspace"}]}  # fmt: skip
+    commit = experiment({}, 1, 0.99, 0.99, 0.99, 0.99) | {"rev": "a" * 40, "name": "main"}
+    commit["experiments"] = [{"executor": None, "name": e["name"], "revs": [e]} for e in entries] + [running]
+    return [workspace, commit]
 
 
 @pytest.fixture
