@@ -282,7 +282,7 @@ def train(
     lr: Optional[float] = typer.Option(None, help="Initial learning rate (paper §5: 0.01)."),
     crop: Optional[int] = typer.Option(None, help="Crop size fed to the network (227; the paper's text says 224)."),
     width: Optional[float] = typer.Option(None, help="Channel multiplier (1.0 = the paper's widths)."),
-    towers: Optional[int] = typer.Option(None, help="2 = the paper's two towers; 1 = one tower of the same width."),
+    towers: Optional[int] = typer.Option(None, help="2 = the paper's two towers; 1 = one tower (§3.2's one-GPU net also halves conv1–4: layer_widths)."),
     init: Optional[str] = typer.Option(None, help="Weight initialisation: paper (§5) or he."),
     devices: Optional[str] = typer.Option(None, help="auto, cpu, cuda, or cuda:0,cuda:1 for one tower per GPU."),
     workers: Optional[int] = typer.Option(None, help="Data loader worker processes."),
