@@ -201,6 +201,8 @@ def claim_row(claim: Claim, runs: list[Run]) -> dict[str, Any]:
 def verdict(row: dict[str, Any]) -> str:
     """Whether the measured effect shows: its mean is beyond two standard errors of zero, in which direction."""
     values = row["top1"]
+    if not values:
+        return "not measured"
     if len(values) < 2:
         return "too few seeds"
     mean, std = statistics.fmean(values), statistics.stdev(values)
@@ -233,7 +235,7 @@ def render(runs: list[Run], source: str) -> str:
     for row in rows:
         claim: Claim = row["claim"]
         arm = arm_flags(claim.arm, "$SEED") if claim.arm else _flag("train", "seed", "$SEED")
-        command = f"`dvc exp run $CLAIMS {arm}`"
+        command = f"`dvc exp run \"${{CLAIMS[@]}}\" {arm}`"
         if claim.arm:
             command += " and the paper's arm"
         lines.append(
@@ -247,13 +249,15 @@ def render(runs: list[Run], source: str) -> str:
         "",
         "## Reproduce",
         "",
-        "From a clean checkout (`dvc repro` first builds nothing extra: the recipe resizes the sample itself):",
+        "Each row's command above runs one seed of its ablated arm (with `SEED` set and `CLAIMS` as below); the paper's",
+        "arm is the same command without the row's switch. Every experiment, one after another, then the table:",
         "",
         "```sh",
-        f"CLAIMS=\"{recipe_flags()}\"",
-        "for SEED in " + " ".join(map(str, SEEDS)) + "; do",
-        "  dvc exp run -n claims-paper-s$SEED $CLAIMS " + _flag("train", "seed", "$SEED"),
-        "  # then each row's command with the same $SEED",
+        f"CLAIMS=({recipe_flags()})   # a bash array: its quoted flags stay whole",
+        "dvc repro   # the demo pipeline once (the claims recipe then resamples the data itself)",
+        "alexrepro claims --commands | while read -r cmd; do",
+        "  git checkout HEAD -- stages/   # dvc exp run leaves the last experiment's params in the workspace",
+        "  eval \"nice -n 10 $cmd\"",
         "done",
         "alexrepro claims --output docs/claims.md",
         "```",

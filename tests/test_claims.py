@@ -93,9 +93,9 @@ def test_the_table_has_every_claim_and_its_command(shown):
     assert len(table) == len(claims.CLAIMS) == 9
     lrn = next(line for line in table if "§3.3 lrn" in line)
     assert "1.4 / 1.2 points" in lrn and "+5.0 ± 2.0" in lrn
-    assert "dvc exp run $CLAIMS -S stages/train.yaml:lrn=false -S stages/train.yaml:seed=$SEED" in lrn
+    assert 'dvc exp run "${CLAIMS[@]}" -S stages/train.yaml:lrn=false -S stages/train.yaml:seed=$SEED' in lrn
     assert "not measured" in next(line for line in table if "overlap-pool" in line)
-    assert f'CLAIMS="{claims.recipe_flags()}"' in text
+    assert f"CLAIMS=({claims.recipe_flags()})" in text
 
 
 def test_commands_cover_every_arm_and_seed_and_carry_the_recipe():
