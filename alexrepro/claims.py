@@ -104,6 +104,7 @@ class Run:
     params: dict[str, dict[str, Any]]  # stage → params file contents
     metrics: dict[str, Any]  # reports/metrics.json
     last_epoch: dict[str, Any]  # runs/train/last_epoch.json
+    baseline: str = ""  # the commit the experiment ran on (its code)
 
 
 class ClaimsError(AlexReproError):
@@ -126,7 +127,7 @@ def runs_from_exp_show(shown: list[dict]) -> list[Run]:
                 params = {Path(p).stem: (v.get("data") or {}) for p, v in (data.get("params") or {}).items()}
                 metrics = {Path(p).name: (v.get("data") or {}) for p, v in (data.get("metrics") or {}).items()}
                 if "metrics.json" in metrics and "last_epoch.json" in metrics and "train" in params:
-                    runs.append(Run(params, metrics["metrics.json"], metrics["last_epoch.json"]))
+                    runs.append(Run(params, metrics["metrics.json"], metrics["last_epoch.json"], commit.get("rev", "")))
     return runs
 
 
@@ -243,9 +244,15 @@ def render(runs: list[Run], source: str) -> str:
             f"{', '.join(map(str, row['seeds'])) or '–'} | {verdict(row)} | {command} |"
         )
     paper = arm_runs(runs, ())
+    used = [r for c in CLAIMS for r in arm_runs(runs, c.arm).values()] + list(paper.values())
+    commits = sorted({r.baseline[:12] for r in used if r.baseline})
+    classes = int(next(iter(paper.values())).params.get("sample", {}).get("classes", 10)) if paper else 10
     lines += [
         "",
         "The paper's arm alone (absolute errors, %, mean ± std): " + _absolute(paper),
+        f"Chance on {classes} classes: {100 - 100 / classes:.0f}% top-1, {max(0, 100 - 500 / classes):.0f}% top-5.",
+        "",
+        f"{len({id(r) for r in used})} experiments, run on commit {', '.join(commits) or '–'} of this project.",
         "",
         "## Reproduce",
         "",
