@@ -50,10 +50,19 @@ def model_from_checkpoint(ckpt: dict, devices: Sequence[torch.device | str] | No
     """The AlexNet described by the checkpoint's model_config, with its weights, placed on `devices`."""
     from alexrepro.model import AlexNet, ModelConfig
 
-    config = config_from_dict(ModelConfig, ckpt["model_config"], "checkpoint model_config")
+    config = config_from_dict(ModelConfig, model_config_of(ckpt), "checkpoint model_config")
     model = AlexNet(config, devices)
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def model_config_of(ckpt: dict) -> dict:
+    """The checkpoint's model_config, completed for checkpoints written before a switch existed, with the value
+    those runs trained with: dropout_scaling "inverted" (nn.Dropout was the only dropout then); activation and
+    layer_widths take their defaults (ReLU, the paper's widths), which is what those runs had."""
+    config = dict(ckpt["model_config"])
+    config.setdefault("dropout_scaling", "inverted")
+    return config
 
 
 def differing_keys(saved: dict[str, Any], current: dict[str, Any], ignore: Iterable[str] = ()) -> list[str]:

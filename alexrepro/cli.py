@@ -525,7 +525,7 @@ None, metavar="OUT", help="Folder for checkpoints, the per-epoch history and con
     lr: Optional[float] = typer.Option(None, **default_help("train", "lr", "Initial learning rate (paper §5).")),
     crop: Optional[int] = typer.Option(None, **default_help("train", "crop", "Crop size fed to the network (the paper's text says 224).")),
     width: Optional[float] = typer.Option(None, **default_help("train", "width", "Channel multiplier (1.0 = the paper's widths).")),
-    towers: Optional[int] = typer.Option(None, **default_help("train", "towers", "2 = the paper's two towers (§3.2); 1 = one tower of the same width.")),
+    towers: Optional[int] = typer.Option(None, **default_help("train", "towers", "2 = the paper's two towers (§3.2); 1 = one tower (§3.2's one-GPU net also halves conv1–4: layer_widths).")),
     init: Optional[str] = typer.Option(None, **default_help("train", "init", "Weight initialisation: paper (§5) or he.")),
     devices: Optional[str] = typer.Option(None, **default_help("train", "devices", "auto, cpu, cuda, or cuda:0,cuda:1 for one tower per GPU.")),
     workers: Optional[int] = typer.Option(None, **default_help("train", "workers", "Loader worker processes per rank (0 = in this process).")),
@@ -797,6 +797,26 @@ def bench_scale(
         from alexrepro.bench_scale import markdown_table
 
         atomic_write_text(markdown_out, markdown_table(report))
+
+
+@app.command()
+def claims(
+    repo: Path = typer.Option(Path("."), help="The DVC project whose experiments hold the claims runs."),
+    output: Path = typer.Option(Path("docs/claims.md"), help="Where to write the table."),
+    commands: bool = typer.Option(False, "--commands", metavar="", help="Print the `dvc exp run` commands instead."),
+) -> None:
+    """The paper's claims measured: docs/claims.md from `dvc exp show --json` (alexrepro.claims).
+
+    Example: alexrepro claims --commands > runs.sh; alexrepro claims --output docs/claims.md
+    """
+    with _stage(quiet=True):
+        from alexrepro import claims as measured
+
+        if commands:
+            typer.echo("\n".join(measured.commands()))
+            return
+        measured.write_claims(repo, output)
+    typer.echo(f"claims: {output}")
 
 
 def main() -> None:

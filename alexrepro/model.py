@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,12 @@ from torch import Tensor, nn
 from alexrepro.errors import ConfigError
 
 INITS = ("paper", "he")
+ACTIVATIONS = ("relu", "tanh")
+DROPOUT_SCALINGS = ("paper", "inverted")
+PAPER_WIDTHS = (96, 256, 384, 384, 256, 4096, 4096)  # conv1…conv5, fc6, fc7, both towers together (§3.5)
+# §3.2's one-GPU baseline: "half as many kernels in each convolutional layer", except conv5 (footnote 2: most
+# parameters are in fc6, which takes conv5 as input, so conv5 and the fully-connected layers keep their size).
+ONE_GPU_BASELINE_WIDTHS = (0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 1.0)
 
 # §3.3: b = a / (k + α Σ a²)^β over n adjacent kernel maps, the sum NOT divided by n.
 LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
@@ -49,10 +56,18 @@ class ModelConfig:
     num_classes: int = 1000  # ILSVRC-2012 (§2)
     crop: int = 227  # input side; the paper says 224, its arithmetic (55×55 after conv1) needs 227 (REFERENCE.md §1)
     width: float = 1.0  # channel multiplier for conv1…fc7: 1.0 = 96-256-384-384-256 and 4096 (§3.5)
-    towers: int = 2  # 2 = the paper's two GPU towers (§3.2); 1 = one tower of the same total width, no grouping
+    towers: int = 2  # 2 = the paper's two GPU towers (§3.2); 1 = one tower (no grouping) of the widths below
+    # Per-layer multipliers (conv1…conv5, fc6, fc7) on top of `width`. All 1 = the paper's net. §3.2's one-GPU
+    # baseline is towers=1 with ONE_GPU_BASELINE_WIDTHS (half the kernels in conv1–conv4, full conv5 and fc).
+    layer_widths: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
     lrn: bool = True  # local response normalisation after conv1 and conv2 (§3.3)
     overlap_pool: bool = True  # max-pool 3×3 stride 2 (§3.4); False = 2×2 stride 2
     dropout: float = 0.5  # on the outputs of fc6 and fc7 (§4.2); 0 disables
+    # §4.2: "setting to zero the output of each hidden neuron with probability 0.5" in training; "at test time, we
+    # use all the neurons but multiply their outputs by 0.5". "inverted" is nn.Dropout: ×1/(1−p) on the kept units
+    # in training, the identity at test time (same expectation, other training dynamics at the paper's lr and init).
+    dropout_scaling: str = "paper"
+    activation: str = "relu"  # §3.1: ReLU; "tanh" is the saturating unit it is compared with (Figure 1)
     init: str = "paper"  # "paper": N(0, 0.01), biases 1 in conv2/4/5, fc6/7 (§5); "he": Kaiming normal, biases 0
 
     def __post_init__(self):
@@ -64,6 +79,17 @@ class ModelConfig:
             raise ValueError(f"key 'width' must be a number above 0 (1.0 = the paper's widths), got {self.width}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"key 'dropout' must be in [0, 1) (0 disables dropout), got {self.dropout}")
+        if self.dropout_scaling not in DROPOUT_SCALINGS:
+            raise ValueError(
+                f"key 'dropout_scaling' must be one of {', '.join(DROPOUT_SCALINGS)}, got {self.dropout_scaling!r}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"key 'activation' must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if len(self.layer_widths) != 7 or not all(w > 0 for w in self.layer_widths):
+            raise ValueError(
+                "key 'layer_widths' must be 7 numbers above 0 (conv1…conv5, fc6, fc7; "
+                f"[0.5, 0.5, 0.5, 0.5, 1, 1, 1] with towers 1 = §3.2's one-GPU baseline), got {list(self.layer_widths)}"
+            )
         if self.init not in INITS:
             raise ValueError(f"key 'init' must be one of {', '.join(INITS)}, got {self.init!r}")
         smallest = min_crop(self.overlap_pool)
@@ -76,8 +102,9 @@ class ModelConfig:
     @property
     def widths(self) -> tuple[int, int, int, int, int, int, int]:
         """Units in conv1…conv5, fc6, fc7, both towers together; always even, so the towers are equal halves."""
-        paper = (96, 256, 384, 384, 256, 4096, 4096)  # §3.5
-        return tuple(max(2, 2 * round(c * self.width / 2)) for c in paper)
+        return tuple(
+            max(2, 2 * round(c * self.width * k / 2)) for c, k in zip(PAPER_WIDTHS, self.layer_widths)
+        )  # type: ignore[return-value]
 
     @property
     def pool(self) -> tuple[int, int]:
@@ -220,6 +247,31 @@ class LocalResponseNorm(nn.Module):
         return f"size={LRN_SIZE}, alpha={LRN_ALPHA}, beta={LRN_BETA}, k={LRN_K}, enabled={self.enabled}"
 
 
+class Dropout(nn.Module):
+    """§4.2's dropout, p = `p`. "paper": training zeroes each unit with probability p and leaves the others as
+    they are; evaluation multiplies every unit by 1 − p. "inverted" (nn.Dropout): training multiplies the kept units
+    by 1/(1 − p); evaluation is the identity. Both have the same expected output; the paper's keeps training
+    activations (and so gradients, and the balance against weight decay) at the scale the paper's lr was tuned for.
+    """
+
+    def __init__(self, p: float = 0.5, scaling: str = "paper"):
+        super().__init__()
+        self.p, self.scaling = p, scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0:
+            return x
+        if self.scaling == "inverted":
+            return F.dropout(x, self.p, self.training)
+        if self.training:  # F.dropout draws the mask (the same random stream as "inverted"); kept units stay as they are
+            kept = F.dropout(torch.ones_like(x), self.p, training=True) != 0
+            return x * kept
+        return x * (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, scaling={self.scaling}"
+
+
 class TowerConv(nn.Module):
     """A convolution whose kernels are split evenly between the towers.
 
@@ -278,16 +330,19 @@ class AlexNet(nn.Module):
         self.fc8 = nn.Linear(f7, config.num_classes)
         self.norm = LocalResponseNorm(config.lrn)  # after conv1 and conv2 (§3.3)
         self.pool = nn.MaxPool2d(*config.pool)  # after norm1, norm2 and conv5 (§3.4)
-        self.dropout = nn.Dropout(config.dropout)  # after fc6 and fc7 (§4.2)
+        self.dropout = Dropout(config.dropout, config.dropout_scaling)  # after fc6 and fc7 (§4.2)
+        self.act = torch.tanh if config.activation == "tanh" else partial(F.relu, inplace=True)  # §3.1
         self._init_weights(config.init)
         self._place(devices)
 
     def _init_weights(self, scheme: str) -> None:
         """"paper" (§5): every weight ~ N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7 ("accelerates the
         early stages of learning by providing the ReLUs with positive inputs"), 0 elsewhere.
-        "he": Kaiming normal (He et al. 2015, fan_in, gain √2) for conv1…fc7, whose outputs go through ReLUs;
-        fc8 ~ N(0, 0.01) (it feeds the softmax, not a ReLU; as torchvision's VGG does); all biases 0.
+        "he": Kaiming normal (He et al. 2015, fan_in, gain √2) for conv1…fc7, whose outputs go through ReLUs
+        (gain 5/3 with tanh units); fc8 ~ N(0, 0.01) (it feeds the softmax, not a ReLU; as torchvision's VGG
+        does); all biases 0.
         """
+        nonlinearity = self.config.activation
         ones = {"conv2", "conv4", "conv5", "fc6", "fc7"}
         for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"):
             for tower in getattr(self, name).towers:
@@ -295,7 +350,7 @@ class AlexNet(nn.Module):
                     nn.init.normal_(tower.weight, 0.0, 0.01)
                     nn.init.constant_(tower.bias, 1.0 if name in ones else 0.0)
                 else:
-                    nn.init.kaiming_normal_(tower.weight, mode="fan_in", nonlinearity="relu")
+                    nn.init.kaiming_normal_(tower.weight, mode="fan_in", nonlinearity=nonlinearity)
                     nn.init.zeros_(tower.bias)
         nn.init.normal_(self.fc8.weight, 0.0, 0.01)
         nn.init.zeros_(self.fc8.bias)
@@ -335,7 +390,7 @@ class AlexNet(nn.Module):
         return self.fc8(_both(h, self.fc8.weight.device))  # N×1000: fc8 sees both towers
 
     def fc7_features(self, x: Tensor) -> Tensor:
-        """fc7's activations after ReLU, N×4096 on the first device: the paper's image representation for the
+        """fc7's activations after ReLU (fc6's dropout scaled as in evaluation, §4.2), N×4096 on the first device: the paper's image representation for the
         nearest-neighbour retrieval of Figure 4 (§6.1). Call in eval mode (fc6's dropout runs in train mode)."""
         return _both(self._hidden(x), self.fc8.weight.device)
 
@@ -348,22 +403,22 @@ class AlexNet(nn.Module):
         h = [self._conv1_2(x.to(device), towers) for device, towers in placement]  # N×256×13×13
         h = [self._conv3_5(_both(h, device), towers) for device, towers in placement]  # N×256×6×6
         h = [torch.flatten(t, 1) for t in h]  # N×9216, tower 0's maps first
-        h = [self.dropout(F.relu(self.fc6(_both(h, device), towers), inplace=True)) for device, towers in placement]
-        return [F.relu(self.fc7(_both(h, device), towers), inplace=True) for device, towers in placement]  # N×4096
+        h = [self.dropout(self.act(self.fc6(_both(h, device), towers))) for device, towers in placement]
+        return [self.act(self.fc7(_both(h, device), towers)) for device, towers in placement]  # N×4096
 
     def _conv1_2(self, x: Tensor, towers: Sequence[int]) -> Tensor:
         """conv1 and conv2 of the given towers; x is the whole image (N×3×227×227), seen by every tower."""
         groups = len(towers)
-        x = F.relu(self.conv1(x, towers), inplace=True)  # N×96×55×55
+        x = self.act(self.conv1(x, towers))  # N×96×55×55
         x = self.pool(self.norm(x, groups))  # N×96×27×27
-        x = F.relu(self.conv2(x, towers), inplace=True)  # N×256×27×27, within each tower
+        x = self.act(self.conv2(x, towers))  # N×256×27×27, within each tower
         return self.pool(self.norm(x, groups))  # N×256×13×13
 
     def _conv3_5(self, x: Tensor, towers: Sequence[int]) -> Tensor:
         """conv3 (x = both towers' maps, N×256×13×13), then conv4 and conv5 within each tower."""
-        x = F.relu(self.conv3(x, towers), inplace=True)  # N×384×13×13
-        x = F.relu(self.conv4(x, towers), inplace=True)  # N×384×13×13
-        x = F.relu(self.conv5(x, towers), inplace=True)  # N×256×13×13
+        x = self.act(self.conv3(x, towers))  # N×384×13×13
+        x = self.act(self.conv4(x, towers))  # N×384×13×13
+        x = self.act(self.conv5(x, towers))  # N×256×13×13
         return self.pool(x)  # N×256×6×6
 
     def conv1_kernels(self) -> Tensor:

@@ -65,7 +65,7 @@ HISTORY_FIELDS = (
 RESULT_FIELDS = ("train_loss", "train_top1_error", "train_top5_error", "val_loss", "val_top1_error", "val_top5_error")
 
 # Settings that may change when a run is resumed: they decide how fast it runs, not what it computes.
-RESUMABLE_CHANGES = ("epochs", "workers", "devices", "precision", "channels_last", "compile", "log_every", "decoder")
+RESUMABLE_CHANGES = ("epochs", "workers", "devices", "precision", "tf32", "channels_last", "compile", "log_every", "decoder")
 
 
 @dataclass(frozen=True)
@@ -78,20 +78,26 @@ class TrainConfig:
     lr: float = 0.01  # ε at the start
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # §5's rule decays the weights w only, and cuda-convnet (the paper's code) gives biases a weight cost of 0;
+    # true = PyTorch's habit of decaying every parameter (which pulls the bias-1 init of §5 towards 0).
+    decay_biases: bool = False
     update_rule: Literal["paper", "pytorch"] = "paper"  # see `apply_lr`: how momentum carries over an lr change
     lr_schedule: Literal["plateau", "step"] = "plateau"  # §5: ÷10 "when the validation error rate stopped improving"
     lr_patience: int = 3  # epochs without improvement before ÷10 (not given in the paper)
     lr_min_improvement: float = 0.001  # top-1 error (fraction) an epoch must gain to count as improving (not given)
     max_lr_drops: int = 3  # §5: "reduced three times prior to termination"
-    lr_milestones: tuple[int, ...] = (30, 60, 80)  # "step": ÷10 after these epochs (a fixed stand-in for plateaus)
+    lr_milestones: tuple[int, ...] = (30, 60, 80)  # "step": ÷10 after these epochs (not in the paper: a fixed stand-in for plateaus)
     # The network (§3); see alexrepro.model.ModelConfig
     crop: int = 227  # §4.1 says 224; 227 makes conv1's arithmetic give 55×55 (REFERENCE.md §1)
     width: float = 1.0
     towers: int = 2  # §3.2
+    layer_widths: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)  # §3.2's baseline: towers 1, [.5 ×4, 1 ×3]
     init: Literal["paper", "he"] = "paper"  # §5
+    activation: Literal["relu", "tanh"] = "relu"  # §3.1
     lrn: bool = True  # §3.3
     overlap_pool: bool = True  # §3.4
     dropout: float = 0.5  # §4.2
+    dropout_scaling: Literal["paper", "inverted"] = "paper"  # §4.2: ×0.5 at test time; "inverted" = nn.Dropout
     # Augmentation and input (§2, §4.1)
     random_crop: bool = True  # random crop of the 256×256 image (False: the centre crop)
     flip: bool = True  # horizontal reflections
@@ -99,12 +105,16 @@ class TrainConfig:
     lighting_std: float = 0.1  # std of α
     lighting_scale: Literal["eigval", "sqrt_eigval"] = "eigval"  # λ as a variance (§4.1 text) or its sqrt (cuda-convnet2)
     input_scale: float = 1.0  # §2: raw mean-subtracted 0–255 values; smaller is a deviation for quick demos
-    shuffle_buffer: int = 2000  # samples in the per-epoch shuffle buffer (the shards are already shuffled once)
+    shuffle_buffer: int = 2000  # samples in the per-epoch shuffle buffer (not in the paper; shards are shuffled once)
     # Machinery (not from the paper)
     devices: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", or "cuda:0,cuda:1" for one tower per GPU
     workers: int = 4  # loader worker processes per rank (0: load in the training process)
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    # The paper trained in fp32 on GTX 580s (§3.2), which have no TF32 or bf16: "fp32" with tf32 false is its
+    # arithmetic. "bf16" (autocast; LRN and the loss stay fp32) and tf32 are speed choices that differ from it;
+    # "auto" = bf16 on CUDA, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    tf32: bool = False  # CUDA only: TF32 tensor cores for fp32 matmuls and convolutions (10-bit mantissa)
     channels_last: bool = True  # CUDA only
     compile: bool = False  # torch.compile the model (CUDA)
     log_every: int = 20  # steps between loss read-outs (each one waits for the device) and NaN checks
@@ -127,13 +137,20 @@ class TrainConfig:
             raise ValueError("keys 'workers' and 'shuffle_buffer' must be 0 or more")
         if list(self.lr_milestones) != sorted(set(self.lr_milestones)) or any(m < 1 for m in self.lr_milestones):
             raise ValueError(f"key 'lr_milestones' must be increasing positive epochs, got {list(self.lr_milestones)}")
+        if self.lr_schedule == "step" and any(m > self.epochs for m in self.lr_milestones):
+            raise ValueError(
+                f"key 'lr_milestones' {list(self.lr_milestones)} goes beyond epochs ({self.epochs}); "
+                "give milestones at most epochs, or more epochs"
+            )
+        self.model_config(num_classes=1)  # the network's keys (width, towers, crop, dropout…), before any data is read
 
     def model_config(self, num_classes: int):
         from alexrepro.model import ModelConfig
 
         return ModelConfig(
             num_classes=num_classes, crop=self.crop, width=self.width, towers=self.towers, lrn=self.lrn,
-            overlap_pool=self.overlap_pool, dropout=self.dropout, init=self.init,
+            overlap_pool=self.overlap_pool, dropout=self.dropout, init=self.init, layer_widths=self.layer_widths,
+            dropout_scaling=self.dropout_scaling, activation=self.activation,
         )  # fmt: skip
 
     def augmentation(self) -> Augmentation:
@@ -141,8 +158,9 @@ class TrainConfig:
 
     def switches(self) -> dict[str, Any]:
         """Every ablation switch and its value, as recorded in checkpoints and reports."""
-        keys = ("towers", "lrn", "overlap_pool", "dropout", "init", "width", "crop", "random_crop", "flip",
-                "pca_lighting", "lighting_scale", "input_scale", "update_rule", "lr_schedule")  # fmt: skip
+        keys = ("towers", "layer_widths", "activation", "lrn", "overlap_pool", "dropout", "dropout_scaling", "init",
+                "width", "crop", "random_crop", "flip", "pca_lighting", "lighting_scale", "input_scale", "update_rule",
+                "decay_biases", "lr_schedule", "precision", "tf32")  # fmt: skip
         return {k: getattr(self, k) for k in keys}
 
 
@@ -433,8 +451,10 @@ def build_run(shards, out, config, manifest, normalization, stats, ranks, device
     model = wrap_model(net, devices, ranks)
     if config.compile:
         model = torch.compile(model)
-    optimizer = torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(net, config)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
+    if cuda:
+        set_tf32(config.tf32)
     base_state = {
         "model_config": config_to_dict(model_config),
         "train_config": config_to_dict(config),
@@ -452,6 +472,25 @@ def build_run(shards, out, config, manifest, normalization, stats, ranks, device
         autocast=lambda: torch.autocast(device_type=devices[0].type, dtype=torch.bfloat16, enabled=bf16),
         base_state=base_state, progress=progress if ranks.is_main else NullProgress(),
     )  # fmt: skip
+
+
+def make_optimizer(net: torch.nn.Module, config: TrainConfig) -> torch.optim.SGD:
+    """SGD with momentum and weight decay (§5), in two groups: weights, decayed; biases, decayed only with
+    decay_biases (the paper's rule decays w; cuda-convnet's layer files give biases a weight cost of 0)."""
+    named = list(net.named_parameters())
+    weights = [p for name, p in named if not name.endswith("bias")]
+    biases = [p for name, p in named if name.endswith("bias")]
+    groups = [
+        {"params": weights, "weight_decay": config.weight_decay},
+        {"params": biases, "weight_decay": config.weight_decay if config.decay_biases else 0.0},
+    ]
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions, on or off (cuDNN's default is on: fp32 must switch it off)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def stats_sha256(stats: Path) -> str:

@@ -66,7 +66,7 @@ TINY = {
     "prepare": {"size": 80, "quality": 90, "shard_size": 10, "workers": 1, "max_rejected": 0, "seed": 0},
     "stats": {"workers": 1, "max_images": None},
     "train": {"epochs": 1, "batch_size": 8, "lr": 0.01, "crop": 67, "width": 0.125, "init": "he",
-              "input_scale": 0.015625, "devices": "cpu", "workers": 0, "seed": 0, "lr_schedule": "step", "lrn": True},
+              "input_scale": 0.015625, "devices": "cpu", "workers": 0, "seed": 0, "lr_schedule": "step", "lr_milestones": [], "lrn": True},
     "evaluate": {"batch_size": 8, "devices": "cpu", "workers": 0, "neighbours_max_train": None},
 }
 

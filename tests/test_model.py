@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from alexrepro.errors import ConfigError
-from alexrepro.model import AlexNet, ModelConfig, count_parameters, local_response_norm, min_crop
+from alexrepro.model import (
+    ONE_GPU_BASELINE_WIDTHS,
+    AlexNet,
+    Dropout,
+    ModelConfig,
+    count_parameters,
+    local_response_norm,
+    min_crop,
+)
 
 SMALL = dict(num_classes=10, width=0.25, crop=99)  # fast; exact sizes are not the point where this is used
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
@@ -140,6 +148,76 @@ def test_lrn_runs_per_tower_and_switches_off(monkeypatch):
     assert calls == []
 
 
+def test_one_gpu_baseline_has_half_the_kernels_in_conv1_to_conv4():
+    """§3.2 and its footnote: the one-GPU net halves conv1–conv4 but keeps conv5 and the fully-connected layers.
+    Parameters by hand (weights + biases, one tower, so conv2/4/5 see all their input maps):"""
+    conv1 = 48 * 3 * 11 * 11 + 48  # 17,472
+    conv2 = 128 * 48 * 5 * 5 + 128  # 153,728
+    conv3 = 192 * 128 * 3 * 3 + 192  # 221,376
+    conv4 = 192 * 192 * 3 * 3 + 192  # 331,968
+    conv5 = 256 * 192 * 3 * 3 + 256  # 442,624
+    fc6 = 256 * 6 * 6 * 4096 + 4096  # 37,752,832
+    fc7 = 4096 * 4096 + 4096  # 16,781,312
+    fc8 = 4096 * 1000 + 1000  # 4,097,000
+    assert conv1 + conv2 + conv3 + conv4 + conv5 + fc6 + fc7 + fc8 == 59_798_312
+    config = ModelConfig(towers=1, layer_widths=ONE_GPU_BASELINE_WIDTHS)
+    assert config.widths == (48, 128, 192, 192, 256, 4096, 4096)
+    model = AlexNet(config)
+    assert count_parameters(model) == 59_798_312  # "approximately the same number" as the two-tower 60,965,224
+    assert model(torch.randn(1, 3, 227, 227)).shape == (1, 1000)
+
+
+def test_layer_widths_multiply_width():
+    assert ModelConfig(width=0.25, layer_widths=ONE_GPU_BASELINE_WIDTHS).widths == (12, 32, 48, 48, 64, 1024, 1024)
+
+
+def test_paper_dropout_keeps_training_units_and_halves_at_test_time():
+    """§4.2 by hand: training zeroes units with probability 0.5 and leaves the kept ones as they are; at test time
+    every unit is multiplied by 0.5. nn.Dropout ("inverted") doubles the kept units and is the identity at test."""
+    x = torch.arange(1.0, 2001.0).reshape(4, 500)
+    paper, inverted = Dropout(0.5, "paper"), Dropout(0.5, "inverted")
+    torch.manual_seed(0)
+    out = paper.train()(x)
+    kept = out != 0
+    assert torch.equal(out[kept], x[kept])  # kept units unchanged
+    assert 0.4 < kept.float().mean().item() < 0.6
+    torch.manual_seed(0)
+    out_inverted = inverted.train()(x)
+    assert torch.equal(out_inverted != 0, kept)  # the same mask from the same seed
+    assert torch.equal(out_inverted[kept], x[kept] * 2)
+    assert torch.equal(paper.eval()(x), x * 0.5)  # test time: ×0.5
+    assert torch.equal(inverted.eval()(x), x)
+    assert torch.equal(Dropout(0.0, "paper").eval()(x), x)  # no dropout, no scaling
+
+
+def test_paper_dropout_scales_the_networks_test_output():
+    """In eval mode the paper's net multiplies fc6's and fc7's outputs by 0.5: fc8's input is half the inverted
+    net's, so logits − fc8.bias halve too (fc6's halving reaches fc7 through the ReLU: checked on fc7 features)."""
+    torch.manual_seed(0)
+    paper = AlexNet(ModelConfig(**SMALL, init="he")).eval()
+    inverted = AlexNet(ModelConfig(**SMALL, init="he", dropout_scaling="inverted")).eval()
+    inverted.load_state_dict(paper.state_dict())
+    x = torch.randn(2, 3, 99, 99) * 50
+    with torch.no_grad():
+        h_paper, h_inverted = paper._hidden(x)[0], inverted._hidden(x)[0]
+        assert not torch.allclose(h_paper, h_inverted)
+        fc7_of_halved = F.relu(inverted.fc7(0.5 * F.relu(inverted.fc6(torch.flatten(inverted._conv3_5(
+            inverted._conv1_2(x, (0, 1)), (0, 1)), 1), (0, 1))), (0, 1)))
+        torch.testing.assert_close(h_paper, fc7_of_halved)
+        torch.testing.assert_close(paper(x) - paper.fc8.bias, 0.5 * (inverted.fc8(h_paper) - inverted.fc8.bias))
+
+
+def test_tanh_activation_switch():
+    torch.manual_seed(0)
+    model = AlexNet(ModelConfig(**SMALL, init="he", activation="tanh")).eval()
+    with torch.no_grad():
+        features = model.fc7_features(torch.randn(2, 3, 99, 99) * 50)
+    assert features.min() < 0 and features.abs().max() <= 1  # tanh's range; a ReLU's output is never negative
+    relu = AlexNet(ModelConfig(**SMALL, init="he")).eval()
+    with torch.no_grad():
+        assert relu.fc7_features(torch.randn(2, 3, 99, 99) * 50).min() >= 0
+
+
 @pytest.mark.parametrize(
     ("crop", "overlap_pool", "side"),
     [(227, True, 6), (224, True, 5), (224, False, 6), (67, True, 1), (99, False, 2), (39, False, 1)],
@@ -176,6 +254,10 @@ def test_dropout_switch():
         ("dropout", 1.0, "key 'dropout'"),
         ("init", "xavier", "key 'init' must be one of paper, he"),
         ("num_classes", 0, "key 'num_classes'"),
+        ("dropout_scaling", "scaled", "key 'dropout_scaling' must be one of paper, inverted"),
+        ("activation", "sigmoid", "key 'activation' must be one of relu, tanh"),
+        ("layer_widths", (1.0, 1.0), "key 'layer_widths' must be 7 numbers"),
+        ("layer_widths", (1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0), "key 'layer_widths' must be 7 numbers above 0"),
     ],
 )
 def test_config_validation_names_the_key(key, value, message):

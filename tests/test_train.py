@@ -183,3 +183,93 @@ def test_cuda_run_with_bf16_and_channels_last(data, tmp_path, devices):
     result = train(*data, tmp_path, config, False, NullProgress())
     assert all(math.isfinite(row["train_loss"]) for row in result.history)
     assert load_checkpoint(result.checkpoint_last)["model"]["fc8.weight"].device.type == "cpu"
+
+
+# --- The paper's defaults and their switches ----------------------------------------------------------------------
+
+
+def test_biases_are_untouched_by_weight_decay_after_one_step():
+    """§5 decays the weights w; cuda-convnet gives biases a weight cost of 0. With a zero gradient, one SGD step
+    moves a weight by −ε·λ·w (hand computation: momentum buffer starts at λ·w) and leaves every bias as it was."""
+    from alexrepro.model import AlexNet
+    from alexrepro.train import make_optimizer
+
+    config = TrainConfig(lr=0.01, weight_decay=5e-4, crop=67, width=0.125)
+    torch.manual_seed(0)
+    net = AlexNet(config.model_config(num_classes=3))
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    optimizer = make_optimizer(net, config)
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for name, p in net.named_parameters():
+        if name.endswith("bias"):
+            assert torch.equal(p, before[name]), name
+        else:
+            torch.testing.assert_close(p, before[name] * (1 - 0.01 * 5e-4), rtol=1e-6, atol=0)
+    assert before["conv2.towers.0.bias"].eq(1).all()  # the paper's init: bias 1, still 1 after the step
+
+    decayed = TrainConfig(lr=0.01, weight_decay=5e-4, crop=67, width=0.125, decay_biases=True)  # PyTorch's habit
+    optimizer = make_optimizer(net, decayed)
+    optimizer.step()
+    torch.testing.assert_close(net.conv2.towers[0].bias, before["conv2.towers.0.bias"] * (1 - 0.01 * 5e-4))
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"width": 0}, "key 'width'"),
+        ({"width": -1.0}, "key 'width'"),
+        ({"towers": 3}, "key 'towers' must be 1 or 2"),
+        ({"crop": 60}, "key 'crop' must be at least 67"),
+        ({"dropout": 1.0}, "key 'dropout'"),
+        ({"dropout": -0.1}, "key 'dropout'"),
+        ({"dropout_scaling": "scaled"}, "key 'dropout_scaling'"),
+        ({"activation": "sigmoid"}, "key 'activation'"),
+        ({"layer_widths": (0.5, 0.5)}, "key 'layer_widths'"),
+        ({"epochs": 10, "lr_schedule": "step", "lr_milestones": (5, 12)}, "key 'lr_milestones'.*beyond epochs"),
+    ],
+)
+def test_train_config_rejects_bad_values_naming_the_key(values, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**values)
+
+
+def test_a_bad_model_value_fails_at_config_load_before_any_data_is_read(tmp_path):
+    """Through the real CLI: one line naming the key, non-zero exit, and the (missing) data is never opened."""
+    config = tmp_path / "train.yaml"
+    config.write_text("width: 0\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "alexrepro", "train", str(tmp_path / "no-shards"), str(tmp_path / "no-stats"),
+         str(tmp_path / "out"), "--config", str(config)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "width" in result.stderr and "no-shards" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_milestones_within_epochs_and_plateau_ignores_them():
+    TrainConfig(epochs=6, lr_schedule="step", lr_milestones=(5, 6))
+    TrainConfig(epochs=2)  # the default milestones are unused by the plateau schedule
+
+
+def test_paper_switches_are_recorded_in_the_checkpoint(two_epochs):
+    out, _ = two_epochs
+    ckpt = load_checkpoint(out / "checkpoint-last.pt")
+    assert ckpt["model_config"]["dropout_scaling"] == "paper"
+    assert ckpt["model_config"]["activation"] == "relu"
+    assert ckpt["switches"]["decay_biases"] is False and ckpt["switches"]["precision"] == "fp32"
+    assert model_from_checkpoint(ckpt).dropout.scaling == "paper"
+
+
+def test_a_checkpoint_from_before_the_switch_evaluates_with_inverted_dropout(two_epochs):
+    """Checkpoints written before dropout_scaling existed were trained with nn.Dropout: they keep evaluating so."""
+    out, _ = two_epochs
+    ckpt = load_checkpoint(out / "checkpoint-last.pt")
+    del ckpt["model_config"]["dropout_scaling"]
+    model = model_from_checkpoint(ckpt).eval()
+    assert model.dropout.scaling == "inverted"
+    x = torch.ones(2, 8)
+    assert torch.equal(model.dropout(x), x)  # identity at test time, as nn.Dropout was
