@@ -40,9 +40,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from alexrepro.augment import center_offset
 from alexrepro.progress import NullProgress, Progress
+from alexrepro.errors import FormatError
 from alexrepro.shards import Manifest, ShardIndex, ShardReader, verify_shards
 
 Decoder = Literal["torchvision", "pil"]
+DecodeOn = Literal["workers", "device"]  # where the JPEGs are decoded (alexrepro.feed decodes on the device)
 
 
 @dataclass(frozen=True)
@@ -82,13 +84,16 @@ class EpochPlan:
 
 @dataclass
 class Batch:
-    """One rank batch as the workers hand it over: uint8 crops and where they came from.
+    """One rank batch as the workers hand it over: uint8 crops (or the JPEG bytes) and where they came from.
 
     The crops are not yet mirrored: `flipped` says which ones the device mirrors (alexrepro.augment.flip_where),
     where it costs nothing; in a worker, mirroring an H×W×3 crop costs about a sixth of the JPEG decode.
+    With `decode_on="device"` the workers only read: `images` is None and `jpegs` holds the batch's JPEG files end
+    to end (one buffer, so one shared-memory segment per batch), cut by `jpeg_sizes`; alexrepro.feed decodes and
+    crops them on the device at the same `offsets`.
     """
 
-    images: torch.Tensor  # n×3×crop×crop uint8 (channels-last storage: n×crop×crop×3 in memory)
+    images: torch.Tensor | None  # n×3×crop×crop uint8 (channels-last storage: n×crop×crop×3 in memory)
     labels: torch.Tensor  # n int64
     offsets: torch.Tensor  # n×2 int64 (y, x) of each crop in the full image
     flipped: torch.Tensor  # n bool: this crop is to be mirrored left-right
@@ -96,11 +101,21 @@ class Batch:
     keys: list[str]
     step: int  # index of the global batch in the epoch
     global_size: int  # images in the whole global batch (all ranks), for averaging the loss
+    crop: int = 0  # side of the crops (the whole image's side when evaluating uncropped)
+    jpegs: torch.Tensor | None = None  # decode_on="device": the n JPEG files concatenated, uint8
+    jpeg_sizes: torch.Tensor | None = None  # n int64: the length of each file in `jpegs`
+    inputs: torch.Tensor | None = None  # set by alexrepro.feed: the preprocessed batch on the device
+    targets: torch.Tensor | None = None  # set by alexrepro.feed: `labels` on the device
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
 
     def pin_memory(self) -> "Batch":
-        self.images = self.images.permute(0, 2, 3, 1).pin_memory().permute(0, 3, 1, 2)  # pin the contiguous storage
-        for name in ("labels", "offsets", "flipped", "alphas"):
-            setattr(self, name, getattr(self, name).pin_memory())
+        if self.images is not None:  # pin the contiguous (channels-last) storage
+            self.images = self.images.permute(0, 2, 3, 1).pin_memory().permute(0, 3, 1, 2)
+        for name in ("labels", "offsets", "flipped", "alphas", "jpegs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).pin_memory())
         return self
 
 
@@ -146,6 +161,7 @@ class ShardBatches(IterableDataset):
         start_step: int = 0,
         decoder: Decoder = "torchvision",
         crop: int | None = None,
+        decode_on: DecodeOn = "workers",
     ):
         self.index = index
         self.plan = plan
@@ -156,6 +172,9 @@ class ShardBatches(IterableDataset):
         self.start_step = start_step
         self.decoder = decoder
         self.crop: int | None = augmentation.crop if augmentation else crop
+        if decode_on not in ("workers", "device"):
+            raise ValueError(f"decode_on must be 'workers' or 'device', got {decode_on!r}")
+        self.decode_on = decode_on
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -167,41 +186,64 @@ class ShardBatches(IterableDataset):
                 if step % workers != worker:
                     continue
                 start, end = self.plan.rank_batch(step)
-                items = [self._load(files, int(sequence[i]), i, decode) for i in range(start, end)]
-                yield self._collate(items, step)
+                if self.decode_on == "device":
+                    yield self._collate_jpegs([self._read(files, int(sequence[i]), i) for i in range(start, end)], step)
+                else:
+                    yield self._collate([self._load(files, int(sequence[i]), i, decode) for i in range(start, end)], step)
 
     def _load(self, files: ShardReader, sample: int, position: int, decode: Callable[[bytes], torch.Tensor]):
         image = decode(files.jpeg(sample))  # 3×H×W uint8
-        label = files.label(sample)  # checked against the manifest's classes
-        key = self.index.key(sample)
-        size = image.shape[1]
-        aug = self.augmentation
-        alphas = (0.0, 0.0, 0.0)
-        flipped = False
-        if aug is None:
-            crop = self.crop or size
-            y, x = center_offset(size, crop)
-        else:
-            crop = aug.crop
-            rng = random.Random(f"{self.seed}/{self.epoch}/{position}")  # per sample: independent of ranks, workers
-            y, x = (rng.randrange(size - crop + 1), rng.randrange(image.shape[2] - crop + 1)) if aug.random_crop else center_offset(size, crop)
-            flipped = aug.flip and rng.random() < 0.5
-            if aug.lighting_std > 0:
-                alphas = tuple(rng.gauss(0.0, aug.lighting_std) for _ in range(3))
+        crop, (y, x), flipped, alphas = self._view(position, image.shape[1], image.shape[2])
         # Crop in the decoder's H×W×3 layout: rows of the crop are contiguous there, so stacking is a plain copy
         # (cropping the 3×H×W view instead costs 15× more). The reflection is left to the device (see Batch).
         view = image.permute(1, 2, 0)[y : y + crop, x : x + crop]  # crop×crop×3
-        return view, label, (y, x), flipped, alphas, key
+        return view, files.label(sample), (y, x), flipped, alphas, self.index.key(sample)
+
+    def _read(self, files: ShardReader, sample: int, position: int):
+        """decode_on="device": the JPEG bytes and the same view draws as `_load`, sized from the JPEG's header."""
+        data = files.jpeg(sample)
+        height, width = jpeg_size(data)
+        crop, offset, flipped, alphas = self._view(position, height, width)
+        return data, files.label(sample), offset, flipped, alphas, self.index.key(sample)
+
+    def _view(self, position: int, height: int, width: int):
+        """(crop side, (y, x), flipped, α) of the image at `position`: per sample, independent of ranks and workers."""
+        aug = self.augmentation
+        if aug is None:
+            crop = self.crop or height
+            return crop, center_offset(height, crop), False, (0.0, 0.0, 0.0)
+        crop = aug.crop
+        rng = random.Random(f"{self.seed}/{self.epoch}/{position}")  # per sample: independent of ranks, workers
+        if aug.random_crop:
+            offset = (rng.randrange(height - crop + 1), rng.randrange(width - crop + 1))
+        else:
+            offset = center_offset(height, crop)
+        flipped = aug.flip and rng.random() < 0.5
+        alphas = tuple(rng.gauss(0.0, aug.lighting_std) for _ in range(3)) if aug.lighting_std > 0 else (0.0, 0.0, 0.0)
+        return crop, offset, flipped, alphas
 
     def _collate(self, items: list, step: int) -> Batch:
-        crop = self.crop or 0
+        crop = self.crop or (items[0][0].shape[0] if items else 0)
+        # In a worker, stack straight into shared memory (as DataLoader's default_collate does): the batch then
+        # crosses to the training process without another copy into a fresh shared segment.
+        images = _shared_empty((len(items), crop, crop, 3), torch.uint8)  # n×crop×crop×3
         if items:
-            images = torch.stack([item[0] for item in items])  # n×crop×crop×3
-        else:
-            images = torch.zeros((0, crop, crop, 3), dtype=torch.uint8)
+            torch.stack([item[0] for item in items], out=images)
+        return self._batch(items, step, crop, images=images.permute(0, 3, 1, 2))  # n×3×crop×crop, channels-last
+
+    def _collate_jpegs(self, items: list, step: int) -> Batch:
+        sizes = [len(item[0]) for item in items]
+        jpegs = _shared_empty((sum(sizes),), torch.uint8)
+        if items:
+            jpegs.numpy()[:] = np.frombuffer(b"".join(item[0] for item in items), dtype=np.uint8)
+        batch = self._batch(items, step, self.crop or 0, images=None)
+        batch.jpegs, batch.jpeg_sizes = jpegs, torch.tensor(sizes, dtype=torch.int64)
+        return batch
+
+    def _batch(self, items: list, step: int, crop: int, images: torch.Tensor | None) -> Batch:
         start, end = self.plan.global_batch(step)
         return Batch(
-            images=images.permute(0, 3, 1, 2),  # n×3×crop×crop, stored channels-last
+            images=images,
             labels=torch.tensor([item[1] for item in items], dtype=torch.int64),
             offsets=torch.tensor([item[2] for item in items], dtype=torch.int64).reshape(-1, 2),
             flipped=torch.tensor([item[3] for item in items], dtype=torch.bool),
@@ -209,7 +251,34 @@ class ShardBatches(IterableDataset):
             keys=[item[5] for item in items],
             step=step,
             global_size=end - start,
+            crop=crop,
         )
+
+
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor in shared memory inside a DataLoader worker (plain memory elsewhere)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from a JPEG's start-of-frame header, without decoding (ITU-T T.81 §B.2.2)."""
+    at = 2  # after the SOI marker
+    while at + 9 <= len(data):
+        if data[at] != 0xFF:
+            break
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        length = int.from_bytes(data[at + 2 : at + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn: baseline, progressive, …
+            return int.from_bytes(data[at + 5 : at + 7], "big"), int.from_bytes(data[at + 7 : at + 9], "big")
+        at += 2 + length
+    raise FormatError("a shard member is not a JPEG with a frame header; rerun `alexrepro prepare`")
 
 
 def split_index(shards: Path, manifest: Manifest, split: str) -> ShardIndex:
@@ -243,11 +312,13 @@ def train_loader(
     pin_memory: bool = False,
     decoder: Decoder = "torchvision",
     index: ShardIndex | None = None,
+    decode_on: DecodeOn = "workers",
 ) -> DataLoader:
-    """The rank batches of train epoch `epoch` (0-based), from `start_step` on. `batch_size` is the global batch."""
+    """The rank batches of train epoch `epoch` (0-based), from `start_step` on. `batch_size` is the global batch.
+    With `decode_on="device"` the batches hold JPEG bytes, for alexrepro.feed to decode on the device."""
     index = index or split_index(shards, manifest, "train")
     plan = EpochPlan(len(index), batch_size, rank, world_size)
-    dataset = ShardBatches(index, plan, augmentation, seed, epoch, shuffle_buffer, start_step, decoder)
+    dataset = ShardBatches(index, plan, augmentation, seed, epoch, shuffle_buffer, start_step, decoder, None, decode_on)
     return _loader(dataset, workers, pin_memory)
 
 
@@ -262,10 +333,11 @@ def val_loader(
     pin_memory: bool = False,
     decoder: Decoder = "torchvision",
     index: ShardIndex | None = None,
+    decode_on: DecodeOn = "workers",
 ) -> DataLoader:
     """Every validation image exactly once, in manifest order, centre-cropped to `crop` (None: the whole image)."""
     index = index or split_index(shards, manifest, "val")
-    return ordered_loader(index, crop, batch_size, workers, rank, world_size, pin_memory, decoder)
+    return ordered_loader(index, crop, batch_size, workers, rank, world_size, pin_memory, decoder, decode_on)
 
 
 def ordered_loader(
@@ -277,10 +349,11 @@ def ordered_loader(
     world_size: int = 1,
     pin_memory: bool = False,
     decoder: Decoder = "torchvision",
+    decode_on: DecodeOn = "workers",
 ) -> DataLoader:
     """Every sample of `index` exactly once across ranks, in stored order, centre-cropped to `crop` (None: whole)."""
     plan = EpochPlan(len(index), batch_size, rank, world_size)
-    dataset = ShardBatches(index, plan, None, 0, 0, 0, 0, decoder, crop=crop)
+    dataset = ShardBatches(index, plan, None, 0, 0, 0, 0, decoder, crop=crop, decode_on=decode_on)
     return _loader(dataset, workers, pin_memory)
 
 
