@@ -28,6 +28,7 @@ and sees exactly the data an uninterrupted run would.
 
 from __future__ import annotations
 
+import functools
 import random
 import warnings
 from dataclasses import dataclass
@@ -386,13 +387,28 @@ def _decoders() -> dict[str, Callable[[bytes], torch.Tensor]]:
 
 def decode_torchvision(data: bytes) -> torch.Tensor:
     """libjpeg-turbo via torchvision: JPEG bytes → 3×H×W uint8 RGB (faster than PIL here; see bench_loader)."""
+    return _jpeg_op()(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+
+@functools.cache
+def _jpeg_op() -> Callable[[torch.Tensor], torch.Tensor]:
+    """torchvision's JPEG decoding op (`torch.ops.image.decode_jpeg`, what `torchvision.io.decode_jpeg` calls on the
+    CPU), called directly: per image, the Python wrapper's API-usage log and the deprecation warning that
+    torchvision 0.29 raises on every call (silenced with `warnings.catch_warnings`) cost 10–15 % of the decode
+    itself on 256² JPEGs (docs/benchmarks.md "Loader"). Falls back to the wrapper where the op is missing."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its JPEG decoder in favour of TorchCodec but it still works; without this the
-        # warning is printed once per image.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    rgb = ImageReadMode.RGB
+    op = getattr(torch.ops.image, "decode_jpeg", None)
+    if op is not None:
+        return lambda tensor: op(tensor, rgb.value, False)  # (data, mode, apply_exif_orientation)
+
+    def wrapped(tensor: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # deprecated in favour of TorchCodec; still works
+            return decode_jpeg(tensor, mode=rgb)
+
+    return wrapped
 
 
 def decode_pil(data: bytes) -> torch.Tensor:

@@ -202,3 +202,14 @@ def test_training_with_device_decoding_matches_worker_decoding(tmp_path):
     (a, row_a), (b, row_b) = runs["workers"], runs["device"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert row_a["val_loss"] == row_b["val_loss"] and row_a["train_loss"] == row_b["train_loss"]
+
+
+def test_bench_loader_reports_the_worker_side_and_the_feed():
+    from alexrepro.bench_loader import bench_loader
+
+    report = bench_loader(images=24, workers=2, crop=56, size=64, batch_size=8, rounds=1, decode_on="device")
+    names = [row["name"] for row in report.rows]
+    assert names[-1] == "feed to cpu, decode on device, 2 workers" and "training loader, 1 worker" in names
+    assert all(row["img_per_cpu_s"] > 0 for row in report.rows)
+    side = "worker side (read + decode + crop, uint8 out), 1 worker / torchvision decode, per CPU-second"
+    assert report.ratios[side] > 0 and "loader, 2 workers / 1 worker, wall clock" in report.ratios
