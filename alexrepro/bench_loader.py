@@ -6,8 +6,8 @@ offset, shuffle buffer, per-rank/worker selection, decode, crop, batching into s
 (in-process), 1 worker and `workers` workers; for each, images per CPU-second of the whole (workers + the training
 process that receives the batches) and of the worker side alone. Loader rates are steady-state: timed from the first
 batch to the last, so worker start-up is left out. Then the feed to `device` (alexrepro.feed: pinned copies, uint8
-crops on the device) with `workers` workers, for the chosen `decode_on`: "device" times workers that only read plus
-a batched decode_jpeg on `device` (on the CPU: in the training process, one thread). Also measured: loading the
+crops on the device) with `workers` workers, for each `decode_on`: "device" times workers that only read plus a
+batched decode_jpeg on `device` (on the CPU: in the training process, one thread). Also measured: loading the
 member index that prepare persisted, paid once per run.
 """
 
@@ -37,7 +37,6 @@ def bench_loader(
     shards: Path | None = None,
     seed: int = 0,
     rounds: int = 2,
-    decode_on: str = "workers",
     device: str = "cpu",
 ) -> BenchReport:
     """Measure the loader on `images` synthetic photo-like shard JPEGs (or on the train split of `shards`)."""
@@ -54,7 +53,10 @@ def bench_loader(
             lambda: _index_cost(folder, manifest),
         ] + [
             lambda n=n: _loader_row(folder, manifest, crop, batch_size, n, decoder, seed) for n in sorted({0, 1, workers})
-        ] + [lambda: _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, decode_on, device)]
+        ] + [
+            lambda on=on: _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, on, device)
+            for on in ("workers", "device")
+        ]
         rows = [_best_of(measure, rounds) for measure in measures]
         torch.set_num_threads(threads)
     rate = {row["name"]: row["img_s"] for row in rows}
@@ -83,7 +85,7 @@ def bench_loader(
         "img_s: wall clock (loaders: from the first batch on, so worker start-up is left out); img_per_cpu_s: images "
         "per CPU-second of this process and its finished workers (robust to other load on the machine); "
         "img_per_worker_cpu_s: per CPU-second of the workers alone (the worker side)",
-        f"feed: uint8 crops on {device}, decode_on {decode_on}",
+        f"feed: uint8 crops on {device} through alexrepro.feed, decoded in the workers or on {device}",
         "workers share the machine's cores with the training process and anything else running",
         f"each figure is the best of {rounds} rounds (the machine may be shared)",
     ]
@@ -243,3 +245,60 @@ def _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, decode
     name = f"feed to {device}, decode on {decode_on}, {workers} worker{'s' if workers != 1 else ''}"
     return {"name": name, "img_s": rate, "img_per_cpu_s": total / cpu, "workers": workers,
             "img_s_per_worker": rate / max(workers, 1)}  # fmt: skip
+
+
+def bench_training(
+    folder: Path,
+    images: int = 51_200,
+    workers: int = 8,
+    decode_on: str = "workers",
+    device: str = "cuda",
+    batch_size: int = 128,
+    width: float = 1.0,
+    crop: int = 227,
+    size: int = 256,
+    distinct: int = 512,
+    classes: int = 1000,
+) -> dict:
+    """End to end: one epoch of `alexrepro train` (the paper's network at `width`, `crop`) on a prepared sample
+    of `images` photo-like JPEGs in `folder` (written once, reused: `distinct` images cycled, which costs the
+    decoder the same), with its stats. Returns the epoch's training img/s and the fraction of that time the
+    training loop waited for data, as the trainer measures them (validation excluded)."""
+    from alexrepro.progress import NullProgress
+    from alexrepro.stats import StatsConfig, compute_stats
+    from alexrepro.train import TrainConfig, train
+
+    shards, stats = folder / "shards", folder / "stats"
+    if not (shards / "manifest.json").exists():
+        write_sample_shards(shards, images, size, distinct, classes)
+        compute_stats(shards, stats, StatsConfig(workers=workers or None), NullProgress())
+    out = folder / f"train-{decode_on}-{device.replace(':', '')}"
+    config = TrainConfig(epochs=1, batch_size=batch_size, width=width, crop=crop, devices=device, workers=workers,
+                         decode_on=decode_on, log_every=50)  # fmt: skip
+    history = train(shards, stats, out, config, False, NullProgress()).history[-1]
+    return {"name": f"training, decode on {decode_on}, {workers} workers, {device}", "img_s": history["images_per_s"],
+            "data_wait_fraction": history["data_wait_fraction"], "workers": workers}  # fmt: skip
+
+
+def write_sample_shards(folder: Path, images: int, size: int, distinct: int, classes: int, per_shard: int = 1000):
+    """A prepared sample for `bench_training`: train `images` (and val a tenth of it) size×size JPEGs, cycling
+    `distinct` photo-like ones, in shards of `per_shard`, with a manifest."""
+    from alexrepro.bench_data import photo_like_jpeg
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    pool = [photo_like_jpeg(rng, size, size, quality=90) for _ in range(min(distinct, images))]
+    splits = {}
+    for split, count in (("train", images), ("val", max(1, images // 10))):
+        samples = [Sample(f"{split}_{i:07d}", pool[i % len(pool)], i % classes) for i in range(count)]
+        infos = [
+            write_shard(folder / f"{split}-{n:06d}.tar", samples[start : start + per_shard])
+            for n, start in enumerate(range(0, count, per_shard))
+        ]
+        splits[split] = SplitInfo(count, tuple(infos))
+    manifest = Manifest(
+        settings={"size": size},
+        classes=tuple(ClassInfo(i, f"n{i:08d}", None, f"class {i}") for i in range(classes)),
+        splits=splits,
+    )
+    return write_manifest(folder, manifest)

@@ -722,8 +722,8 @@ def bench_train(
 def bench_loader(
     images: int = typer.Option(1500, help="Number of 256×256 shard images to stream."),
     workers: int = typer.Option(2, help="Loader worker processes (also measured with 1)."),
-    decode_on: str = typer.Option("workers", help="Where the feed row decodes: workers or device."),
-    device: str = typer.Option("cpu", help="Device the feed row brings the crops to (cpu, cuda)."),
+    device: str = typer.Option("cpu", help="Device the feed rows bring the crops to (cpu, cuda), decoded in the "
+                               "workers or on it."),
     as_json: bool = JsonOption,
 ) -> None:
     """Loader img/s per worker vs plain decode of the same shard JPEGs.
@@ -733,7 +733,7 @@ def bench_loader(
     with _stage(quiet=True):
         from alexrepro.bench_loader import bench_loader as run
 
-        report = run(images=images, workers=workers, decode_on=decode_on, device=device)
+        report = run(images=images, workers=workers, device=device)
     _print_bench(report, as_json)
 
 

@@ -207,9 +207,19 @@ def test_training_with_device_decoding_matches_worker_decoding(tmp_path):
 def test_bench_loader_reports_the_worker_side_and_the_feed():
     from alexrepro.bench_loader import bench_loader
 
-    report = bench_loader(images=24, workers=2, crop=56, size=64, batch_size=8, rounds=1, decode_on="device")
+    report = bench_loader(images=24, workers=2, crop=56, size=64, batch_size=8, rounds=1)
     names = [row["name"] for row in report.rows]
-    assert names[-1] == "feed to cpu, decode on device, 2 workers" and "training loader, 1 worker" in names
+    assert names[-2:] == ["feed to cpu, decode on workers, 2 workers", "feed to cpu, decode on device, 2 workers"]
+    assert "training loader, 1 worker" in names
     assert all(row["img_per_cpu_s"] > 0 for row in report.rows)
     side = "worker side (read + decode + crop, uint8 out), 1 worker / torchvision decode, per CPU-second"
     assert report.ratios[side] > 0 and "loader, 2 workers / 1 worker, wall clock" in report.ratios
+
+
+@pytest.mark.parametrize("decode_on", ["workers", "device"])
+def test_bench_training_reports_img_s_and_data_wait(tmp_path, decode_on):
+    from alexrepro.bench_loader import bench_training
+
+    row = bench_training(tmp_path, images=24, workers=2, decode_on=decode_on, device="cpu", batch_size=8, width=0.125,
+                         crop=67, size=72, distinct=6, classes=4)  # fmt: skip
+    assert row["img_s"] > 0 and 0 <= row["data_wait_fraction"] <= 1
