@@ -45,7 +45,8 @@ class DeviceFeed:
     """Iterate over a loader's batches with `inputs` and `targets` set on `device`, prepared one batch ahead.
 
     `prepare(batch)` turns a batch into the model's input on the device (alexrepro.train.Preprocess); it runs on a
-    side stream on CUDA. Iterating yields the loader's `Batch` objects, in order, with `inputs` and `targets` filled.
+    side stream on CUDA. Iterating yields the loader's `Batch` objects, in order, with `inputs` and `targets` filled
+    and their worker buffers released (`Batch.release`: `images` is then gone unless it was pinned).
     """
 
     def __init__(self, loader: Iterable[Batch], prepare: Callable[[Batch], torch.Tensor], device: torch.device):
@@ -61,6 +62,7 @@ class DeviceFeed:
             with torch.cuda.stream(stream) if cuda else contextlib.nullcontext():
                 batch.targets = batch.labels.to(self.device, non_blocking=True)
                 batch.inputs = self.prepare(batch)
+                batch.release()  # the pixels are copied out (pinned, or read by `prepare`): the worker may reuse them
                 done = torch.cuda.Event() if cuda else None
                 if done is not None:
                     done.record(stream)

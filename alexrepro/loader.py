@@ -107,6 +107,7 @@ class Batch:
     jpeg_sizes: torch.Tensor | None = None  # n int64: the length of each file in `jpegs`
     inputs: torch.Tensor | None = None  # set by alexrepro.feed: the preprocessed batch on the device
     targets: torch.Tensor | None = None  # set by alexrepro.feed: `labels` on the device
+    slot: torch.Tensor | None = None  # the flag of the worker's shared buffer that `images` lies in (SharedSlots)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -114,10 +115,20 @@ class Batch:
     def pin_memory(self) -> "Batch":
         if self.images is not None:  # pin the contiguous (channels-last) storage
             self.images = self.images.permute(0, 2, 3, 1).pin_memory().permute(0, 3, 1, 2)
+            self.release()  # the pixels are copied out: the worker may refill its buffer
         for name in ("labels", "offsets", "flipped", "alphas", "jpegs"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).pin_memory())
         return self
+
+    def release(self) -> None:
+        """Hand the worker's shared buffer back for a later batch; `images` may be overwritten from now on (so it is
+        dropped here). Whoever has copied the pixels out calls this: alexrepro.feed after preprocessing, or
+        pin_memory. Batches never released keep their buffer (see SharedSlots)."""
+        if self.slot is not None:
+            self.images = None if self.images is None or not self.images.is_pinned() else self.images
+            self.slot.zero_()
+            self.slot = None
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -176,6 +187,7 @@ class ShardBatches(IterableDataset):
         if decode_on not in ("workers", "device"):
             raise ValueError(f"decode_on must be 'workers' or 'device', got {decode_on!r}")
         self.decode_on = decode_on
+        self._slots = SharedSlots()  # filled in each worker process (each has its own copy of the dataset)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -189,8 +201,10 @@ class ShardBatches(IterableDataset):
                 start, end = self.plan.rank_batch(step)
                 if self.decode_on == "device":
                     yield self._collate_jpegs([self._read(files, int(sequence[i]), i) for i in range(start, end)], step)
-                else:
+                elif self.crop is None:  # whole images: their size is known once decoded
                     yield self._collate([self._load(files, int(sequence[i]), i, decode) for i in range(start, end)], step)
+                else:
+                    yield self._decode_batch(files, sequence, start, end, step, decode)
 
     def _load(self, files: ShardReader, sample: int, position: int, decode: Callable[[bytes], torch.Tensor]):
         image = decode(files.jpeg(sample))  # 3×H×W uint8
@@ -223,14 +237,36 @@ class ShardBatches(IterableDataset):
         alphas = tuple(rng.gauss(0.0, aug.lighting_std) for _ in range(3)) if aug.lighting_std > 0 else (0.0, 0.0, 0.0)
         return crop, offset, flipped, alphas
 
+    def _decode_batch(self, files: ShardReader, sequence: np.ndarray, start: int, end: int, step: int, decode) -> Batch:
+        crop = self.crop
+        images, slot = self._buffer((end - start, crop, crop, 3))  # n×crop×crop×3
+        items = []
+        for row, position in enumerate(range(start, end)):
+            view, *meta = self._load(files, int(sequence[position]), position, decode)
+            # Copied at once, so each decoded image is freed before the next one is decoded and the allocator
+            # hands the same, cache-warm memory back (holding a batch of them costs fresh pages: ~10 % of a decode).
+            images[row].copy_(view)
+            items.append((None, *meta))
+        batch = self._batch(items, step, crop, images=images.permute(0, 3, 1, 2))  # n×3×crop×crop, channels-last
+        batch.slot = slot
+        return batch
+
     def _collate(self, items: list, step: int) -> Batch:
-        crop = self.crop or (items[0][0].shape[0] if items else 0)
-        # In a worker, stack straight into shared memory (as DataLoader's default_collate does): the batch then
-        # crosses to the training process without another copy into a fresh shared segment.
-        images = _shared_empty((len(items), crop, crop, 3), torch.uint8)  # n×crop×crop×3
+        crop = items[0][0].shape[0] if items else 0
+        images, slot = self._buffer((len(items), crop, crop, 3))  # n×crop×crop×3
         if items:
             torch.stack([item[0] for item in items], out=images)
-        return self._batch(items, step, crop, images=images.permute(0, 3, 1, 2))  # n×3×crop×crop, channels-last
+        batch = self._batch(items, step, crop, images=images.permute(0, 3, 1, 2))  # n×3×crop×crop, channels-last
+        batch.slot = slot
+        return batch
+
+    def _buffer(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Where a batch's pixels go. In a worker: shared memory (as DataLoader's default_collate does), one of the
+        worker's reusable buffers when one is free (SharedSlots), so that the batch crosses to the training process
+        without another copy and without the page faults of a fresh segment."""
+        if get_worker_info() is None:
+            return torch.empty(shape, dtype=torch.uint8), None
+        return self._slots.take(shape)
 
     def _collate_jpegs(self, items: list, step: int) -> Batch:
         sizes = [len(item[0]) for item in items]
@@ -254,6 +290,41 @@ class ShardBatches(IterableDataset):
             global_size=end - start,
             crop=crop,
         )
+
+
+class SharedSlots:
+    """A loader worker's few shared-memory buffers for its batches' pixels, reused once the training process is done
+    with them.
+
+    Why: a fresh shared-memory segment per batch (what DataLoader does) is paid in page faults: measured ~100 µs per
+    227² crop in the worker alone, a fifth of the JPEG decode (docs/benchmarks.md "Loader"). Each buffer starts with a
+    flag byte: the worker sets it when it fills the buffer; the training process clears it (`Batch.release`) once it
+    has copied the pixels out. A consumer that never releases loses nothing: with every buffer taken, the worker
+    falls back to a fresh segment per batch. `size` covers the batches in flight: DataLoader's prefetch (4 per
+    worker), the batch being pinned and the feed's one batch ahead.
+    """
+
+    HEADER = 64  # bytes before the pixels: the flag, and alignment
+
+    def __init__(self, size: int = 7):
+        self.size = size
+        self.buffers: list[torch.UntypedStorage] = []
+
+    def __getstate__(self) -> dict:
+        return {"size": self.size, "buffers": []}  # each worker keeps its own buffers
+
+    def take(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """An uninitialised uint8 tensor of `shape` in shared memory, and its buffer's flag (None: not pooled)."""
+        nbytes = self.HEADER + int(np.prod(shape))
+        free = next((b for b in self.buffers if b[0] == 0 and b.nbytes() >= nbytes), None)
+        if free is None and len(self.buffers) < self.size:
+            free = torch.UntypedStorage._new_shared(nbytes)
+            self.buffers.append(free)
+        if free is None:
+            return _shared_empty(shape, torch.uint8), None
+        free[0] = 1
+        flag = torch.empty(0, dtype=torch.uint8).set_(free, 0, (1,))
+        return torch.empty(0, dtype=torch.uint8).set_(free, self.HEADER, shape), flag
 
 
 def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -174,12 +174,29 @@ def test_feed_prepares_each_batch_once_and_in_order(shards):
         prepared.append(batch.step)
         return batch.images.float() + batch.step
 
+    expected = [b.images.float() + b.step for b in train_loader(out, manifest, AUG, 8, seed=1, epoch=0, workers=0)]
     fed = []
     for batch in DeviceFeed(train_loader(out, manifest, AUG, 8, seed=1, epoch=0, workers=2), prepare, "cpu"):
         fed.append(batch.step)
         assert prepared[-1] == min(batch.step + 1, 3)  # the next batch is already prepared
-        assert torch.equal(batch.inputs, batch.images.float() + batch.step) and torch.equal(batch.targets, batch.labels)
+        assert torch.equal(batch.inputs, expected[batch.step]) and torch.equal(batch.targets, batch.labels)
+        assert batch.images is None and batch.slot is None  # released: the worker refills that buffer
     assert fed == prepared == [0, 1, 2, 3]
+
+
+def test_released_buffers_are_reused_and_unreleased_ones_are_not_overwritten(shards):
+    """A worker refills a shared buffer only once the training process released it: batches kept without release
+    keep their pixels (the test compares them after the epoch); released ones are recycled."""
+    out, manifest = shards
+    reference = [b.images.clone() for b in train_loader(out, manifest, AUG, 4, seed=1, epoch=0, workers=0)]
+    kept = list(train_loader(out, manifest, AUG, 4, seed=1, epoch=0, workers=1))  # 7 batches > the pool's 7 - 1
+    assert all(torch.equal(b.images, r) for b, r in zip(kept, reference)) and len(kept) == len(reference)
+    storages = set()
+    for batch in train_loader(out, manifest, AUG, 4, seed=1, epoch=0, workers=1):
+        assert torch.equal(batch.images, reference[batch.step])
+        storages.add(batch.images.untyped_storage().data_ptr())
+        batch.release()
+    assert len(storages) < len(reference)  # buffers came back round
 
 
 def test_training_with_device_decoding_matches_worker_decoding(tmp_path):
