@@ -198,6 +198,7 @@ def _loader_row(folder, manifest, crop, batch_size, workers, decoder, seed) -> d
     main, children = _cpu_seconds()
     for batch in loader:
         total += len(batch)
+        batch.release()  # as the training loop does once the batch is preprocessed: the worker reuses the buffer
         if first is None:
             first = time.perf_counter()  # steady state: from the first batch on
             continue
