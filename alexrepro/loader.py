@@ -240,12 +240,13 @@ class ShardBatches(IterableDataset):
     def _decode_batch(self, files: ShardReader, sequence: np.ndarray, start: int, end: int, step: int, decode) -> Batch:
         crop = self.crop
         images, slot = self._buffer((end - start, crop, crop, 3))  # n×crop×crop×3
+        rows = images.numpy()  # numpy copies a strided crop 5× faster than Tensor.copy_ (4 vs 24 µs for 227²)
         items = []
         for row, position in enumerate(range(start, end)):
             view, *meta = self._load(files, int(sequence[position]), position, decode)
             # Copied at once, so each decoded image is freed before the next one is decoded and the allocator
             # hands the same, cache-warm memory back (holding a batch of them costs fresh pages: ~10 % of a decode).
-            images[row].copy_(view)
+            rows[row] = view.numpy()
             items.append((None, *meta))
         batch = self._batch(items, step, crop, images=images.permute(0, 3, 1, 2))  # n×3×crop×crop, channels-last
         batch.slot = slot
