@@ -74,7 +74,8 @@ def bench_loader(
         / per_cpu["decode + crop + flip + to-tensor (1 core)"],
     }
     if workers > 1:
-        ratios[f"loader, {workers} workers / 1 worker, wall clock"] = rate[_loader_name(workers)] / rate[_loader_name(1)]
+        scaling = rate[_loader_name(workers)] / rate[_loader_name(1)]
+        ratios[f"loader, {workers} workers / 1 worker, wall clock"] = scaling
         ratios[f"loader, {workers} workers / ({workers} × 1 worker), wall clock"] = rate[_loader_name(workers)] / (
             workers * rate[_loader_name(1)]
         )
@@ -209,8 +210,9 @@ def _loader_row(folder, manifest, crop, batch_size, workers, decoder, seed) -> d
     main, children = main_after - main, children_after - children
     rate = count / seconds if count else float("nan")
     worker_cpu = children if workers else main
-    return {"name": _loader_name(workers), "img_s": rate, "img_per_cpu_s": total / (main + children), "workers": workers,
-            "img_s_per_worker": rate / max(workers, 1), "img_per_worker_cpu_s": total / worker_cpu}  # fmt: skip
+    return {"name": _loader_name(workers), "img_s": rate, "img_per_cpu_s": total / (main + children),
+            "workers": workers, "img_s_per_worker": rate / max(workers, 1),
+            "img_per_worker_cpu_s": total / worker_cpu}  # fmt: skip
 
 
 def _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, decode_on, device) -> dict:

@@ -202,7 +202,8 @@ class ShardBatches(IterableDataset):
                 if self.decode_on == "device":
                     yield self._collate_jpegs([self._read(files, int(sequence[i]), i) for i in range(start, end)], step)
                 elif self.crop is None:  # whole images: their size is known once decoded
-                    yield self._collate([self._load(files, int(sequence[i]), i, decode) for i in range(start, end)], step)
+                    items = [self._load(files, int(sequence[i]), i, decode) for i in range(start, end)]
+                    yield self._collate(items, step)
                 else:
                     yield self._decode_batch(files, sequence, start, end, step, decode)
 

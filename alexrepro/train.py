@@ -204,7 +204,11 @@ def normalization_from_stats(stats_dir: Path, input_scale: float) -> dict:
 
 
 def make_preprocess(
-    normalization: dict, config: TrainConfig, device: torch.device, channels_last: bool, dtype: torch.dtype = torch.float32
+    normalization: dict,
+    config: TrainConfig,
+    device: torch.device,
+    channels_last: bool,
+    dtype: torch.dtype = torch.float32,
 ) -> Preprocess:
     return Preprocess(
         mean_image=normalization["mean_image"].permute(2, 0, 1).contiguous().to(device),
@@ -466,7 +470,8 @@ def build_run(shards, out, config, manifest, normalization, stats, ranks, device
         indexes={split: verified_index(shards, manifest, split, out, config.workers, (ranks.rank, ranks.world_size),
                                        progress if ranks.is_main else NullProgress())
                  for split in ("train", "val")}, devices=devices, net=net, model=model,
-        optimizer=optimizer, preprocess=make_preprocess(normalization, config, devices[0], channels_last, input_dtype(bf16, devices)),
+        optimizer=optimizer,
+        preprocess=make_preprocess(normalization, config, devices[0], channels_last, input_dtype(bf16, devices)),
         autocast=lambda: torch.autocast(device_type=devices[0].type, dtype=torch.bfloat16, enabled=bf16),
         base_state=base_state, progress=progress if ranks.is_main else NullProgress(),
     )  # fmt: skip

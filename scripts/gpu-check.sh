@@ -31,7 +31,7 @@ run_step() {  # name, step timeout (s), command…: run if the budget allows, wi
   elif (( status != 0 )); then echo "failed (exit $status)" >> "$out/$name.txt"; rm -f "$out/$name.json"; fi
 }
 
-"$py" - <<'PY' | tee "$out/device.txt" || { echo "gpu-check: no CUDA GPU visible to torch; nothing to check" >&2; exit 2; }
+"$py" - <<'PY' | tee "$out/device.txt" || { echo "gpu-check: torch sees no CUDA GPU; nothing to check" >&2; exit 2; }
 import sys, torch, torchvision
 print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, CUDA {torch.version.cuda}")
 for i in range(torch.cuda.device_count()):

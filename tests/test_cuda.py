@@ -3,8 +3,8 @@ devices, DDP with NCCL under torchrun, the device feed (side stream, bf16, chann
 torch.compile, resume, and evaluation against the CPU with tolerances a real bug would exceed.
 
 Each tolerance says why: bf16 keeps 8 significant bits (relative rounding 2⁻⁹ ≈ 0.2 % per value), nvJPEG and
-libjpeg-turbo round their IDCT and colour conversion differently (a level or two per pixel), and GPU kernels are not
-bit-deterministic (cuDNN picks its algorithms by benchmark)."""
+libjpeg-turbo round their IDCT and colour conversion differently (a few levels at colour edges), and GPU kernels
+are not bit-deterministic (cuDNN picks its algorithms by benchmark)."""
 
 from __future__ import annotations
 
@@ -84,8 +84,8 @@ def test_training_with_one_tower_per_device(data, tmp_path, devices):
 @pytest.mark.parametrize("decode_on", ["workers", "device"])
 def test_feed_on_cuda_gives_the_cpu_input_in_bf16_channels_last(data, decode_on):
     """What the model is fed on CUDA (side stream, pinned non-blocking copies, nvJPEG when decode_on is device,
-    bf16, channels_last) against the CPU path's float32 input: equal up to bf16 rounding (and the decoders' rounding,
-    a level or two in 0–255: a crop one pixel off or channels swapped differ by tens)."""
+    bf16, channels_last) against the CPU path's float32 input: equal up to bf16 rounding (and the decoders' rounding:
+    a crop one pixel off, or channels swapped, differ by far more)."""
     shards, stats = data
     manifest = read_manifest(shards)
     config = TrainConfig(crop=64, input_scale=1.0)
@@ -101,9 +101,11 @@ def test_feed_on_cuda_gives_the_cpu_input_in_bf16_channels_last(data, decode_on)
         assert x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
         assert batch.targets.device.type == "cuda" and torch.equal(batch.targets.cpu(), batch.labels)
         error = (x.float().cpu() - want).abs()
-        rounding = want.abs() * 2**-8 + (2.5 if decode_on == "device" else 0.0)
-        assert (error <= rounding + 1e-3).float().mean() > 0.99, f"{error.max()} at batch {batch.step}"
-        assert error.mean() < (1.5 if decode_on == "device" else 0.3)
+        # nvJPEG may upsample chroma differently from libjpeg-turbo's "fancy" filter: a few levels at colour edges.
+        # A crop one pixel off on these noisy images differs by ~13 levels on average.
+        rounding = want.abs() * 2**-8 + (8.0 if decode_on == "device" else 0.0)
+        assert (error <= rounding + 1e-3).float().mean() > 0.98, f"{error.max()} at batch {batch.step}"
+        assert error.mean() < (3.0 if decode_on == "device" else 0.3)
 
 
 # ------------------------------------------------------------------------------------- compile, resume, DDP
@@ -112,7 +114,8 @@ def test_feed_on_cuda_gives_the_cpu_input_in_bf16_channels_last(data, decode_on)
 @pytest.mark.usefixtures("no_tf32")
 def test_compiled_model_matches_eager_on_cuda():
     torch.manual_seed(0)
-    model = AlexNet(ModelConfig(**SMALL, dropout=0.0, init="he"), devices=["cuda"]).to(memory_format=torch.channels_last)
+    model = AlexNet(ModelConfig(**SMALL, dropout=0.0, init="he"), devices=["cuda"])
+    model = model.to(memory_format=torch.channels_last)
     compiled = torch.compile(model)
     x = (torch.randn(4, 3, 99, 99, device="cuda") * 50).contiguous(memory_format=torch.channels_last)
     eager_out = model(x)
