@@ -246,7 +246,8 @@ class ShardBatches(IterableDataset):
         for row, position in enumerate(range(start, end)):
             view, *meta = self._load(files, int(sequence[position]), position, decode)
             # Copied at once, so each decoded image is freed before the next one is decoded and the allocator
-            # hands the same, cache-warm memory back (holding a batch of them costs fresh pages: ~10 % of a decode).
+            # hands the same, cache-warm memory back (holding a batch of them costs fresh pages, which page faults
+            # make dear: docs/benchmarks.md "Loader").
             rows[row] = view.numpy()
             items.append((None, *meta))
         batch = self._batch(items, step, crop, images=images.permute(0, 3, 1, 2))  # n×3×crop×crop, channels-last
