@@ -14,6 +14,7 @@ member index that prepare persisted, paid once per run.
 from __future__ import annotations
 
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -276,6 +277,7 @@ def bench_training(
         write_sample_shards(shards, images, size, distinct, classes)
         compute_stats(shards, stats, StatsConfig(workers=workers or None), NullProgress())
     out = folder / f"train-{decode_on}-{device.replace(':', '')}"
+    shutil.rmtree(out, ignore_errors=True)  # a scratch run of this benchmark's own, from an earlier call
     config = TrainConfig(epochs=1, batch_size=batch_size, width=width, crop=crop, devices=device, workers=workers,
                          decode_on=decode_on, log_every=50)  # fmt: skip
     history = train(shards, stats, out, config, False, NullProgress()).history[-1]

@@ -240,3 +240,6 @@ def test_bench_training_reports_img_s_and_data_wait(tmp_path, decode_on):
     row = bench_training(tmp_path, images=24, workers=2, decode_on=decode_on, device="cpu", batch_size=8, width=0.125,
                          crop=67, size=72, distinct=6, classes=4)  # fmt: skip
     assert row["img_s"] > 0 and 0 <= row["data_wait_fraction"] <= 1
+    again = bench_training(tmp_path, images=24, workers=0, decode_on=decode_on, device="cpu", batch_size=8,
+                           width=0.125, crop=67, size=72, distinct=6, classes=4)  # fmt: skip
+    assert again["img_s"] > 0  # the sample is reused and the scratch run replaced
