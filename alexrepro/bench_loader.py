@@ -1,15 +1,20 @@
 """`alexrepro bench loader`: training-loader img/s per worker beside plain decoding of the same 256×256 shard JPEGs.
 
-Baselines, on one core each: Pillow decode only, torchvision decode only, and decode + crop + flip + to-tensor
-(what any loader must do per image). Then the real training loader (alexrepro.loader: tar streaming, shuffle buffer,
-per-rank/worker selection, decode, crop, flip, batching) with 0 workers (in-process), 1 worker and `workers`
-workers. Loader rates are steady-state: timed from the first batch to the last, so worker start-up is left out.
-Also measured: loading the member index that prepare persisted, paid once per run.
+Baselines, on one core each: Pillow decode only, a plain `torchvision.io.decode_jpeg` of each file, and decode +
+crop + flip + to-tensor (what any loader must do per image). Then the real training loader (alexrepro.loader: read by
+offset, shuffle buffer, per-rank/worker selection, decode, crop, batching into shared memory) with 0 workers
+(in-process), 1 worker and `workers` workers; for each, images per CPU-second of the whole (workers + the training
+process that receives the batches) and of the worker side alone. Loader rates are steady-state: timed from the first
+batch to the last, so worker start-up is left out. Then the feed to `device` (alexrepro.feed: pinned copies, uint8
+crops on the device) with `workers` workers, for each `decode_on`: "device" times workers that only read plus a
+batched decode_jpeg on `device` (on the CPU: in the training process, one thread). Also measured: loading the
+member index that prepare persisted, paid once per run.
 """
 
 from __future__ import annotations
 
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +24,7 @@ import numpy as np
 import torch
 
 from alexrepro.bench_report import BenchReport, machine_description
-from alexrepro.loader import Augmentation, ShardIndex, decode_pil, decode_torchvision, train_loader
+from alexrepro.loader import Augmentation, ShardIndex, decode_pil, train_loader
 from alexrepro.shards import ClassInfo, Manifest, Sample, SplitInfo, write_manifest, write_shard
 
 
@@ -33,6 +38,7 @@ def bench_loader(
     shards: Path | None = None,
     seed: int = 0,
     rounds: int = 2,
+    device: str = "cpu",
 ) -> BenchReport:
     """Measure the loader on `images` synthetic photo-like shard JPEGs (or on the train split of `shards`)."""
     with tempfile.TemporaryDirectory(prefix="alexrepro-bench-loader-") as tmp:
@@ -43,24 +49,34 @@ def bench_loader(
         torch.set_num_threads(1)
         measures = [
             lambda: _per_image("Pillow decode only (1 core)", jpegs, decode_pil),
-            lambda: _per_image("torchvision decode only (1 core)", jpegs, decode_torchvision),
+            lambda: _per_image("torchvision decode only (1 core)", jpegs, _plain_decode_jpeg()),
             lambda: _per_image("decode + crop + flip + to-tensor (1 core)", jpegs, _crop_flip(crop)),
             lambda: _index_cost(folder, manifest),
         ] + [
             lambda n=n: _loader_row(folder, manifest, crop, batch_size, n, decoder, seed) for n in sorted({0, 1, workers})
+        ] + [
+            lambda on=on: _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, on, device)
+            for on in ("workers", "device")
         ]
         rows = [_best_of(measure, rounds) for measure in measures]
         torch.set_num_threads(threads)
     rate = {row["name"]: row["img_s"] for row in rows}
     per_cpu = {row["name"]: row["img_per_cpu_s"] for row in rows}
     loader_one = per_cpu[_loader_name(1)]
+    worker_side = {row["name"]: row["img_per_worker_cpu_s"] for row in rows if "img_per_worker_cpu_s" in row}
     ratios = {
+        "worker side (read + decode + crop, uint8 out), 1 worker / torchvision decode, per CPU-second": worker_side[
+            _loader_name(1)
+        ]
+        / per_cpu["torchvision decode only (1 core)"],
         "loader, 1 worker / Pillow decode, per CPU-second": loader_one / per_cpu["Pillow decode only (1 core)"],
         "loader, 1 worker / torchvision decode, per CPU-second": loader_one / per_cpu["torchvision decode only (1 core)"],
         "loader, 1 worker / decode + crop + flip, per CPU-second": loader_one
         / per_cpu["decode + crop + flip + to-tensor (1 core)"],
     }
     if workers > 1:
+        scaling = rate[_loader_name(workers)] / rate[_loader_name(1)]
+        ratios[f"loader, {workers} workers / 1 worker, wall clock"] = scaling
         ratios[f"loader, {workers} workers / ({workers} × 1 worker), wall clock"] = rate[_loader_name(workers)] / (
             workers * rate[_loader_name(1)]
         )
@@ -69,7 +85,9 @@ def bench_loader(
         f"{len(jpegs)} images of {size}×{size}, crop {crop}, batch {batch_size}, decoder {decoder}",
         f"torch {torch.__version__}; each worker uses one thread",
         "img_s: wall clock (loaders: from the first batch on, so worker start-up is left out); img_per_cpu_s: images "
-        "per CPU-second of this process and its finished workers (robust to other load on the machine)",
+        "per CPU-second of this process and its finished workers (robust to other load on the machine); "
+        "img_per_worker_cpu_s: per CPU-second of the workers alone (the worker side)",
+        f"feed: uint8 crops on {device} through alexrepro.feed, decoded in the workers or on {device}",
         "workers share the machine's cores with the training process and anything else running",
         f"each figure is the best of {rounds} rounds (the machine may be shared)",
     ]
@@ -112,17 +130,30 @@ def _best_of(measure: Callable[[], dict], rounds: int) -> dict:
     """The best of `rounds` runs, figure by figure (each is a lower bound of what the machine can do)."""
     runs = [measure() for _ in range(max(rounds, 1))]
     best = dict(runs[0])
-    for key in ("img_s", "img_per_cpu_s", "img_s_per_worker"):
-        best[key] = max(run[key] for run in runs)
+    for key in ("img_s", "img_per_cpu_s", "img_s_per_worker", "img_per_worker_cpu_s"):
+        if key in best:
+            best[key] = max(run[key] for run in runs)
     return best
 
 
-def _cpu_seconds() -> float:
-    """CPU time of this process and of its children that have exited (the DataLoader workers)."""
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU time of this process, and of its children that have exited (the DataLoader workers)."""
     import resource
 
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
+    return time.process_time(), children.ru_utime + children.ru_stime
+
+
+def _plain_decode_jpeg() -> Callable[[bytes], torch.Tensor]:
+    """The baseline: torchvision.io.decode_jpeg as its documentation shows it, bytes → tensor → RGB image."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    # torchvision 0.29 deprecates the function (for TorchCodec) and warns on every call; filtered once, outside
+    # the timed loop, so the baseline times the decoding.
+    warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+    return lambda data: decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
 
 
 def _per_image(name: str, jpegs: list[bytes], work: Callable[[bytes], object]) -> dict:
@@ -166,16 +197,113 @@ def _loader_row(folder, manifest, crop, batch_size, workers, decoder, seed) -> d
     )
     first = None
     count = total = 0
-    cpu = _cpu_seconds()
+    main, children = _cpu_seconds()
     for batch in loader:
-        total += batch.images.shape[0]
+        total += len(batch)
+        batch.release()  # as the training loop does once the batch is preprocessed: the worker reuses the buffer
         if first is None:
             first = time.perf_counter()  # steady state: from the first batch on
             continue
-        count += batch.images.shape[0]
+        count += len(batch)
     seconds = time.perf_counter() - first if first is not None else float("nan")
     del loader  # the workers have exited once the epoch ends; their CPU time is now counted
-    cpu = _cpu_seconds() - cpu
+    main_after, children_after = _cpu_seconds()
+    main, children = main_after - main, children_after - children
     rate = count / seconds if count else float("nan")
-    return {"name": _loader_name(workers), "img_s": rate, "img_per_cpu_s": total / cpu, "workers": workers,
+    worker_cpu = children if workers else main
+    return {"name": _loader_name(workers), "img_s": rate, "img_per_cpu_s": total / (main + children),
+            "workers": workers, "img_s_per_worker": rate / max(workers, 1),
+            "img_per_worker_cpu_s": total / worker_cpu}  # fmt: skip
+
+
+def _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, decode_on, device) -> dict:
+    """The loader's uint8 crops brought onto `device` through alexrepro.feed (decoded there with decode_on=device)."""
+    from alexrepro.feed import DeviceFeed, device_crops
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    loader = train_loader(
+        folder, manifest, Augmentation(crop), batch_size, seed, 0, workers, shuffle_buffer=2000, pin_memory=cuda,
+        decoder=decoder, decode_on=decode_on,
+    )  # fmt: skip
+
+    def crops(batch):
+        return device_crops(batch, device) if batch.images is None else batch.images.to(device, non_blocking=True)
+
+    first = None
+    count = total = 0
+    main, children = _cpu_seconds()
+    for batch in DeviceFeed(loader, crops, device):
+        total += len(batch)
+        if cuda:
+            torch.cuda.current_stream(device).synchronize()  # the batch is on the device, decoded
+        if first is None:
+            first = time.perf_counter()
+            continue
+        count += len(batch)
+    seconds = time.perf_counter() - first if first is not None else float("nan")
+    del loader
+    main_after, children_after = _cpu_seconds()
+    rate = count / seconds if count else float("nan")
+    cpu = main_after - main + children_after - children
+    name = f"feed to {device}, decode on {decode_on}, {workers} worker{'s' if workers != 1 else ''}"
+    return {"name": name, "img_s": rate, "img_per_cpu_s": total / cpu, "workers": workers,
             "img_s_per_worker": rate / max(workers, 1)}  # fmt: skip
+
+
+def bench_training(
+    folder: Path,
+    images: int = 51_200,
+    workers: int = 8,
+    decode_on: str = "workers",
+    device: str = "cuda",
+    batch_size: int = 128,
+    width: float = 1.0,
+    crop: int = 227,
+    size: int = 256,
+    distinct: int = 512,
+    classes: int = 1000,
+) -> dict:
+    """End to end: one epoch of `alexrepro train` (the paper's network at `width`, `crop`) on a prepared sample
+    of `images` photo-like JPEGs in `folder` (written once, reused: `distinct` images cycled, which costs the
+    decoder the same), with its stats. Returns the epoch's training img/s and the fraction of that time the
+    training loop waited for data, as the trainer measures them (validation excluded)."""
+    from alexrepro.progress import NullProgress
+    from alexrepro.stats import StatsConfig, compute_stats
+    from alexrepro.train import TrainConfig, train
+
+    shards, stats = folder / "shards", folder / "stats"
+    if not (shards / "manifest.json").exists():
+        write_sample_shards(shards, images, size, distinct, classes)
+        compute_stats(shards, stats, StatsConfig(workers=workers or None), NullProgress())
+    out = folder / f"train-{decode_on}-{device.replace(':', '')}"
+    shutil.rmtree(out, ignore_errors=True)  # a scratch run of this benchmark's own, from an earlier call
+    config = TrainConfig(epochs=1, batch_size=batch_size, width=width, crop=crop, devices=device, workers=workers,
+                         decode_on=decode_on, log_every=50)  # fmt: skip
+    history = train(shards, stats, out, config, False, NullProgress()).history[-1]
+    return {"name": f"training, decode on {decode_on}, {workers} workers, {device}", "img_s": history["images_per_s"],
+            "data_wait_fraction": history["data_wait_fraction"], "workers": workers}  # fmt: skip
+
+
+def write_sample_shards(folder: Path, images: int, size: int, distinct: int, classes: int, per_shard: int = 1000):
+    """A prepared sample for `bench_training`: train `images` (and val a tenth of it) size×size JPEGs, cycling
+    `distinct` photo-like ones, in shards of `per_shard`, with a manifest."""
+    from alexrepro.bench_data import photo_like_jpeg
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    pool = [photo_like_jpeg(rng, size, size, quality=90) for _ in range(min(distinct, images))]
+    splits = {}
+    for split, count in (("train", images), ("val", max(1, images // 10))):
+        samples = [Sample(f"{split}_{i:07d}", pool[i % len(pool)], i % classes) for i in range(count)]
+        infos = [
+            write_shard(folder / f"{split}-{n:06d}.tar", samples[start : start + per_shard])
+            for n, start in enumerate(range(0, count, per_shard))
+        ]
+        splits[split] = SplitInfo(count, tuple(infos))
+    manifest = Manifest(
+        settings={"size": size},
+        classes=tuple(ClassInfo(i, f"n{i:08d}", None, f"class {i}") for i in range(classes)),
+        splits=splits,
+    )
+    return write_manifest(folder, manifest)

@@ -28,6 +28,7 @@ and sees exactly the data an uninterrupted run would.
 
 from __future__ import annotations
 
+import functools
 import random
 import warnings
 from dataclasses import dataclass
@@ -40,9 +41,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from alexrepro.augment import center_offset
 from alexrepro.progress import NullProgress, Progress
+from alexrepro.errors import FormatError
 from alexrepro.shards import Manifest, ShardIndex, ShardReader, verify_shards
 
 Decoder = Literal["torchvision", "pil"]
+DecodeOn = Literal["workers", "device"]  # where the JPEGs are decoded (alexrepro.feed decodes on the device)
 
 
 @dataclass(frozen=True)
@@ -82,13 +85,16 @@ class EpochPlan:
 
 @dataclass
 class Batch:
-    """One rank batch as the workers hand it over: uint8 crops and where they came from.
+    """One rank batch as the workers hand it over: uint8 crops (or the JPEG bytes) and where they came from.
 
     The crops are not yet mirrored: `flipped` says which ones the device mirrors (alexrepro.augment.flip_where),
     where it costs nothing; in a worker, mirroring an H×W×3 crop costs about a sixth of the JPEG decode.
+    With `decode_on="device"` the workers only read: `images` is None and `jpegs` holds the batch's JPEG files end
+    to end (one buffer, so one shared-memory segment per batch), cut by `jpeg_sizes`; alexrepro.feed decodes and
+    crops them on the device at the same `offsets`.
     """
 
-    images: torch.Tensor  # n×3×crop×crop uint8 (channels-last storage: n×crop×crop×3 in memory)
+    images: torch.Tensor | None  # n×3×crop×crop uint8 (channels-last storage: n×crop×crop×3 in memory)
     labels: torch.Tensor  # n int64
     offsets: torch.Tensor  # n×2 int64 (y, x) of each crop in the full image
     flipped: torch.Tensor  # n bool: this crop is to be mirrored left-right
@@ -96,12 +102,33 @@ class Batch:
     keys: list[str]
     step: int  # index of the global batch in the epoch
     global_size: int  # images in the whole global batch (all ranks), for averaging the loss
+    crop: int = 0  # side of the crops (the whole image's side when evaluating uncropped)
+    jpegs: torch.Tensor | None = None  # decode_on="device": the n JPEG files concatenated, uint8
+    jpeg_sizes: torch.Tensor | None = None  # n int64: the length of each file in `jpegs`
+    inputs: torch.Tensor | None = None  # set by alexrepro.feed: the preprocessed batch on the device
+    targets: torch.Tensor | None = None  # set by alexrepro.feed: `labels` on the device
+    slot: torch.Tensor | None = None  # the flag of the worker's shared buffer that `images` lies in (SharedSlots)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
 
     def pin_memory(self) -> "Batch":
-        self.images = self.images.permute(0, 2, 3, 1).pin_memory().permute(0, 3, 1, 2)  # pin the contiguous storage
-        for name in ("labels", "offsets", "flipped", "alphas"):
-            setattr(self, name, getattr(self, name).pin_memory())
+        if self.images is not None:  # pin the contiguous (channels-last) storage
+            self.images = self.images.permute(0, 2, 3, 1).pin_memory().permute(0, 3, 1, 2)
+            self.release()  # the pixels are copied out: the worker may refill its buffer
+        for name in ("labels", "offsets", "flipped", "alphas", "jpegs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).pin_memory())
         return self
+
+    def release(self) -> None:
+        """Hand the worker's shared buffer back for a later batch; `images` may be overwritten from now on (so it is
+        dropped here). Whoever has copied the pixels out calls this: alexrepro.feed after preprocessing, or
+        pin_memory. Batches never released keep their buffer (see SharedSlots)."""
+        if self.slot is not None:
+            self.images = None if self.images is None or not self.images.is_pinned() else self.images
+            self.slot.zero_()
+            self.slot = None
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -146,6 +173,7 @@ class ShardBatches(IterableDataset):
         start_step: int = 0,
         decoder: Decoder = "torchvision",
         crop: int | None = None,
+        decode_on: DecodeOn = "workers",
     ):
         self.index = index
         self.plan = plan
@@ -156,6 +184,10 @@ class ShardBatches(IterableDataset):
         self.start_step = start_step
         self.decoder = decoder
         self.crop: int | None = augmentation.crop if augmentation else crop
+        if decode_on not in ("workers", "device"):
+            raise ValueError(f"decode_on must be 'workers' or 'device', got {decode_on!r}")
+        self.decode_on = decode_on
+        self._slots = SharedSlots()  # filled in each worker process (each has its own copy of the dataset)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -167,41 +199,91 @@ class ShardBatches(IterableDataset):
                 if step % workers != worker:
                     continue
                 start, end = self.plan.rank_batch(step)
-                items = [self._load(files, int(sequence[i]), i, decode) for i in range(start, end)]
-                yield self._collate(items, step)
+                if self.decode_on == "device":
+                    yield self._collate_jpegs([self._read(files, int(sequence[i]), i) for i in range(start, end)], step)
+                elif self.crop is None:  # whole images: their size is known once decoded
+                    items = [self._load(files, int(sequence[i]), i, decode) for i in range(start, end)]
+                    yield self._collate(items, step)
+                else:
+                    yield self._decode_batch(files, sequence, start, end, step, decode)
 
     def _load(self, files: ShardReader, sample: int, position: int, decode: Callable[[bytes], torch.Tensor]):
         image = decode(files.jpeg(sample))  # 3×H×W uint8
-        label = files.label(sample)  # checked against the manifest's classes
-        key = self.index.key(sample)
-        size = image.shape[1]
-        aug = self.augmentation
-        alphas = (0.0, 0.0, 0.0)
-        flipped = False
-        if aug is None:
-            crop = self.crop or size
-            y, x = center_offset(size, crop)
-        else:
-            crop = aug.crop
-            rng = random.Random(f"{self.seed}/{self.epoch}/{position}")  # per sample: independent of ranks, workers
-            y, x = (rng.randrange(size - crop + 1), rng.randrange(image.shape[2] - crop + 1)) if aug.random_crop else center_offset(size, crop)
-            flipped = aug.flip and rng.random() < 0.5
-            if aug.lighting_std > 0:
-                alphas = tuple(rng.gauss(0.0, aug.lighting_std) for _ in range(3))
+        crop, (y, x), flipped, alphas = self._view(position, image.shape[1], image.shape[2])
         # Crop in the decoder's H×W×3 layout: rows of the crop are contiguous there, so stacking is a plain copy
         # (cropping the 3×H×W view instead costs 15× more). The reflection is left to the device (see Batch).
         view = image.permute(1, 2, 0)[y : y + crop, x : x + crop]  # crop×crop×3
-        return view, label, (y, x), flipped, alphas, key
+        return view, files.label(sample), (y, x), flipped, alphas, self.index.key(sample)
+
+    def _read(self, files: ShardReader, sample: int, position: int):
+        """decode_on="device": the JPEG bytes and the same view draws as `_load`, sized from the JPEG's header."""
+        data = files.jpeg(sample)
+        height, width = jpeg_size(data)
+        crop, offset, flipped, alphas = self._view(position, height, width)
+        return data, files.label(sample), offset, flipped, alphas, self.index.key(sample)
+
+    def _view(self, position: int, height: int, width: int):
+        """(crop side, (y, x), flipped, α) of the image at `position`: per sample, independent of ranks and workers."""
+        aug = self.augmentation
+        if aug is None:
+            crop = self.crop or height
+            return crop, center_offset(height, crop), False, (0.0, 0.0, 0.0)
+        crop = aug.crop
+        rng = random.Random(f"{self.seed}/{self.epoch}/{position}")  # per sample: independent of ranks, workers
+        if aug.random_crop:
+            offset = (rng.randrange(height - crop + 1), rng.randrange(width - crop + 1))
+        else:
+            offset = center_offset(height, crop)
+        flipped = aug.flip and rng.random() < 0.5
+        alphas = tuple(rng.gauss(0.0, aug.lighting_std) for _ in range(3)) if aug.lighting_std > 0 else (0.0, 0.0, 0.0)
+        return crop, offset, flipped, alphas
+
+    def _decode_batch(self, files: ShardReader, sequence: np.ndarray, start: int, end: int, step: int, decode) -> Batch:
+        crop = self.crop
+        images, slot = self._buffer((end - start, crop, crop, 3))  # n×crop×crop×3
+        rows = images.numpy()  # numpy copies a strided crop 5× faster than Tensor.copy_ (4 vs 24 µs for 227²)
+        items = []
+        for row, position in enumerate(range(start, end)):
+            view, *meta = self._load(files, int(sequence[position]), position, decode)
+            # Copied at once, so each decoded image is freed before the next one is decoded and the allocator
+            # hands the same, cache-warm memory back (holding a batch of them costs fresh pages, which page faults
+            # make dear: docs/benchmarks.md "Loader").
+            rows[row] = view.numpy()
+            items.append((None, *meta))
+        batch = self._batch(items, step, crop, images=images.permute(0, 3, 1, 2))  # n×3×crop×crop, channels-last
+        batch.slot = slot
+        return batch
 
     def _collate(self, items: list, step: int) -> Batch:
-        crop = self.crop or 0
+        crop = items[0][0].shape[0] if items else 0
+        images, slot = self._buffer((len(items), crop, crop, 3))  # n×crop×crop×3
         if items:
-            images = torch.stack([item[0] for item in items])  # n×crop×crop×3
-        else:
-            images = torch.zeros((0, crop, crop, 3), dtype=torch.uint8)
+            torch.stack([item[0] for item in items], out=images)
+        batch = self._batch(items, step, crop, images=images.permute(0, 3, 1, 2))  # n×3×crop×crop, channels-last
+        batch.slot = slot
+        return batch
+
+    def _buffer(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Where a batch's pixels go. In a worker: shared memory (as DataLoader's default_collate does), one of the
+        worker's reusable buffers when one is free (SharedSlots), so that the batch crosses to the training process
+        without another copy and without the page faults of a fresh segment."""
+        if get_worker_info() is None:
+            return torch.empty(shape, dtype=torch.uint8), None
+        return self._slots.take(shape)
+
+    def _collate_jpegs(self, items: list, step: int) -> Batch:
+        sizes = [len(item[0]) for item in items]
+        jpegs = _shared_empty((sum(sizes),), torch.uint8)
+        if items:
+            jpegs.numpy()[:] = np.frombuffer(b"".join(item[0] for item in items), dtype=np.uint8)
+        batch = self._batch(items, step, self.crop or 0, images=None)
+        batch.jpegs, batch.jpeg_sizes = jpegs, torch.tensor(sizes, dtype=torch.int64)
+        return batch
+
+    def _batch(self, items: list, step: int, crop: int, images: torch.Tensor | None) -> Batch:
         start, end = self.plan.global_batch(step)
         return Batch(
-            images=images.permute(0, 3, 1, 2),  # n×3×crop×crop, stored channels-last
+            images=images,
             labels=torch.tensor([item[1] for item in items], dtype=torch.int64),
             offsets=torch.tensor([item[2] for item in items], dtype=torch.int64).reshape(-1, 2),
             flipped=torch.tensor([item[3] for item in items], dtype=torch.bool),
@@ -209,7 +291,69 @@ class ShardBatches(IterableDataset):
             keys=[item[5] for item in items],
             step=step,
             global_size=end - start,
+            crop=crop,
         )
+
+
+class SharedSlots:
+    """A loader worker's few shared-memory buffers for its batches' pixels, reused once the training process is done
+    with them.
+
+    Why: a fresh shared-memory segment per batch (what DataLoader does) is paid in page faults: measured ~100 µs per
+    227² crop in the worker alone, a fifth of the JPEG decode (docs/benchmarks.md "Loader"). Each buffer starts with a
+    flag byte: the worker sets it when it fills the buffer; the training process clears it (`Batch.release`) once it
+    has copied the pixels out. A consumer that never releases loses nothing: with every buffer taken, the worker
+    falls back to a fresh segment per batch. `size` covers the batches in flight: DataLoader's prefetch (4 per
+    worker), the batch being pinned and the feed's one batch ahead.
+    """
+
+    HEADER = 64  # bytes before the pixels: the flag, and alignment
+
+    def __init__(self, size: int = 7):
+        self.size = size
+        self.buffers: list[torch.UntypedStorage] = []
+
+    def __getstate__(self) -> dict:
+        return {"size": self.size, "buffers": []}  # each worker keeps its own buffers
+
+    def take(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """An uninitialised uint8 tensor of `shape` in shared memory, and its buffer's flag (None: not pooled)."""
+        nbytes = self.HEADER + int(np.prod(shape))
+        free = next((b for b in self.buffers if b[0] == 0 and b.nbytes() >= nbytes), None)
+        if free is None and len(self.buffers) < self.size:
+            free = torch.UntypedStorage._new_shared(nbytes)
+            self.buffers.append(free)
+        if free is None:
+            return _shared_empty(shape, torch.uint8), None
+        free[0] = 1
+        flag = torch.empty(0, dtype=torch.uint8).set_(free, 0, (1,))
+        return torch.empty(0, dtype=torch.uint8).set_(free, self.HEADER, shape), flag
+
+
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor in shared memory inside a DataLoader worker (plain memory elsewhere)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """(height, width) from a JPEG's start-of-frame header, without decoding (ITU-T T.81 §B.2.2)."""
+    at = 2  # after the SOI marker
+    while at + 9 <= len(data):
+        if data[at] != 0xFF:
+            break
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        length = int.from_bytes(data[at + 2 : at + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn: baseline, progressive, …
+            return int.from_bytes(data[at + 5 : at + 7], "big"), int.from_bytes(data[at + 7 : at + 9], "big")
+        at += 2 + length
+    raise FormatError("a shard member is not a JPEG with a frame header; rerun `alexrepro prepare`")
 
 
 def split_index(shards: Path, manifest: Manifest, split: str) -> ShardIndex:
@@ -243,11 +387,13 @@ def train_loader(
     pin_memory: bool = False,
     decoder: Decoder = "torchvision",
     index: ShardIndex | None = None,
+    decode_on: DecodeOn = "workers",
 ) -> DataLoader:
-    """The rank batches of train epoch `epoch` (0-based), from `start_step` on. `batch_size` is the global batch."""
+    """The rank batches of train epoch `epoch` (0-based), from `start_step` on. `batch_size` is the global batch.
+    With `decode_on="device"` the batches hold JPEG bytes, for alexrepro.feed to decode on the device."""
     index = index or split_index(shards, manifest, "train")
     plan = EpochPlan(len(index), batch_size, rank, world_size)
-    dataset = ShardBatches(index, plan, augmentation, seed, epoch, shuffle_buffer, start_step, decoder)
+    dataset = ShardBatches(index, plan, augmentation, seed, epoch, shuffle_buffer, start_step, decoder, None, decode_on)
     return _loader(dataset, workers, pin_memory)
 
 
@@ -262,10 +408,11 @@ def val_loader(
     pin_memory: bool = False,
     decoder: Decoder = "torchvision",
     index: ShardIndex | None = None,
+    decode_on: DecodeOn = "workers",
 ) -> DataLoader:
     """Every validation image exactly once, in manifest order, centre-cropped to `crop` (None: the whole image)."""
     index = index or split_index(shards, manifest, "val")
-    return ordered_loader(index, crop, batch_size, workers, rank, world_size, pin_memory, decoder)
+    return ordered_loader(index, crop, batch_size, workers, rank, world_size, pin_memory, decoder, decode_on)
 
 
 def ordered_loader(
@@ -277,10 +424,11 @@ def ordered_loader(
     world_size: int = 1,
     pin_memory: bool = False,
     decoder: Decoder = "torchvision",
+    decode_on: DecodeOn = "workers",
 ) -> DataLoader:
     """Every sample of `index` exactly once across ranks, in stored order, centre-cropped to `crop` (None: whole)."""
     plan = EpochPlan(len(index), batch_size, rank, world_size)
-    dataset = ShardBatches(index, plan, None, 0, 0, 0, 0, decoder, crop=crop)
+    dataset = ShardBatches(index, plan, None, 0, 0, 0, 0, decoder, crop=crop, decode_on=decode_on)
     return _loader(dataset, workers, pin_memory)
 
 
@@ -313,13 +461,28 @@ def _decoders() -> dict[str, Callable[[bytes], torch.Tensor]]:
 
 def decode_torchvision(data: bytes) -> torch.Tensor:
     """libjpeg-turbo via torchvision: JPEG bytes → 3×H×W uint8 RGB (faster than PIL here; see bench_loader)."""
+    return _jpeg_op()(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+
+@functools.cache
+def _jpeg_op() -> Callable[[torch.Tensor], torch.Tensor]:
+    """torchvision's JPEG decoding op (`torch.ops.image.decode_jpeg`, what `torchvision.io.decode_jpeg` calls on the
+    CPU), called directly: per image, the Python wrapper's API-usage log and the deprecation warning that
+    torchvision 0.29 raises on every call (silenced with `warnings.catch_warnings`) cost 10–15 % of the decode
+    itself on 256² JPEGs (docs/benchmarks.md "Loader"). Falls back to the wrapper where the op is missing."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    with warnings.catch_warnings():
-        # torchvision 0.29 deprecates its JPEG decoder in favour of TorchCodec but it still works; without this the
-        # warning is printed once per image.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    rgb = ImageReadMode.RGB
+    op = getattr(torch.ops.image, "decode_jpeg", None)
+    if op is not None:
+        return lambda tensor: op(tensor, rgb.value, False)  # (data, mode, apply_exif_orientation)
+
+    def wrapped(tensor: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # deprecated in favour of TorchCodec; still works
+            return decode_jpeg(tensor, mode=rgb)
+
+    return wrapped
 
 
 def decode_pil(data: bytes) -> torch.Tensor:

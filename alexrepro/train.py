@@ -48,6 +48,7 @@ from alexrepro.distributed import (
     wrap_model,
 )
 from alexrepro.errors import ConfigError, FormatError, OutputExistsError, TrainingError
+from alexrepro.feed import DeviceFeed, device_crops
 from alexrepro.locking import output_lock
 from alexrepro.loader import Augmentation, Batch, ShardIndex, train_loader, val_loader, verified_index
 from alexrepro.progress import NullProgress, Progress
@@ -65,7 +66,9 @@ HISTORY_FIELDS = (
 RESULT_FIELDS = ("train_loss", "train_top1_error", "train_top5_error", "val_loss", "val_top1_error", "val_top5_error")
 
 # Settings that may change when a run is resumed: they decide how fast it runs, not what it computes.
-RESUMABLE_CHANGES = ("epochs", "workers", "devices", "precision", "tf32", "channels_last", "compile", "log_every", "decoder")
+RESUMABLE_CHANGES = (
+    "epochs", "workers", "devices", "precision", "tf32", "channels_last", "compile", "log_every", "decoder", "decode_on",
+)
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,8 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only
     compile: bool = False  # torch.compile the model (CUDA)
     log_every: int = 20  # steps between loss read-outs (each one waits for the device) and NaN checks
-    decoder: Literal["torchvision", "pil"] = "torchvision"
+    decoder: Literal["torchvision", "pil"] = "torchvision"  # the workers' JPEG decoder (decode_on: workers)
+    decode_on: Literal["workers", "device"] = "workers"  # device: workers read bytes, the GPU decodes (alexrepro.feed)
 
     def __post_init__(self):
         positive = ("epochs", "batch_size", "log_every", "max_lr_drops", "lr_patience")
@@ -179,7 +183,10 @@ class TrainResult:
 
 @dataclass
 class Preprocess:
-    """The per-batch float work on the training device (DESIGN.md "Training"), set up once from the stats."""
+    """The per-batch float work on the training device (DESIGN.md "Training"), set up once from the stats.
+
+    Takes the workers' uint8 crops (or, with decode_on: device, decodes and crops the batch's JPEGs on the device)
+    and returns the model's input in its dtype and memory format; alexrepro.feed runs it one batch ahead."""
 
     mean_image: torch.Tensor  # 3×S×S float32 on the device, RGB 0–255
     eigval: torch.Tensor
@@ -189,14 +196,17 @@ class Preprocess:
     crop: int
     device: torch.device
     memory_format: torch.memory_format = torch.contiguous_format
+    dtype: torch.dtype = torch.float32  # bf16 where every tower runs under CUDA bf16 autocast (its first cast)
 
     def __call__(self, batch: Batch, train: bool) -> torch.Tensor:
-        images = batch.images.to(self.device, non_blocking=True)
-        mean = crop_mean(self.mean_image, batch.offsets, self.crop)  # N×3×c×c, each crop's own window
-        x = flip_where(normalize(images, mean, 1.0), batch.flipped)  # mirror image and mean together
+        move = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731  (from pinned memory on CUDA)
+        images = move(batch.images) if batch.images is not None else device_crops(batch, self.device)
+        offsets, flipped, alphas = move(batch.offsets), move(batch.flipped), move(batch.alphas)
+        mean = crop_mean(self.mean_image, offsets, self.crop)  # N×3×c×c, each crop's own window
+        x = flip_where(normalize(images, mean, 1.0), flipped)  # mirror image and mean together
         if train:  # α is all zero when lighting is switched off: then this adds nothing
-            x = pca_lighting(x, self.eigval, self.eigvec, alphas=batch.alphas, scale=self.lighting_scale)
-        return (x * self.input_scale).contiguous(memory_format=self.memory_format)
+            x = pca_lighting(x, self.eigval, self.eigvec, alphas=alphas, scale=self.lighting_scale)
+        return (x * self.input_scale).to(dtype=self.dtype, memory_format=self.memory_format)
 
 
 def normalization_from_stats(stats_dir: Path, input_scale: float) -> dict:
@@ -212,7 +222,13 @@ def normalization_from_stats(stats_dir: Path, input_scale: float) -> dict:
     }
 
 
-def make_preprocess(normalization: dict, config: TrainConfig, device: torch.device, channels_last: bool) -> Preprocess:
+def make_preprocess(
+    normalization: dict,
+    config: TrainConfig,
+    device: torch.device,
+    channels_last: bool,
+    dtype: torch.dtype = torch.float32,
+) -> Preprocess:
     return Preprocess(
         mean_image=normalization["mean_image"].permute(2, 0, 1).contiguous().to(device),
         eigval=normalization["eigval"].to(device),
@@ -222,7 +238,14 @@ def make_preprocess(normalization: dict, config: TrainConfig, device: torch.devi
         crop=config.crop,
         device=device,
         memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+        dtype=dtype,
     )
+
+
+def input_dtype(bf16: bool, devices: list[torch.device]) -> torch.dtype:
+    """The dtype the batch is handed to the model in: bf16 when every tower runs under CUDA bf16 autocast, whose
+    first convolution would cast it anyway (half the bytes, one cast fewer); else float32."""
+    return torch.bfloat16 if bf16 and all(d.type == "cuda" for d in devices) else torch.float32
 
 
 # ------------------------------------------------------------------------------------------------ learning rate
@@ -468,7 +491,8 @@ def build_run(shards, out, config, manifest, normalization, stats, ranks, device
         indexes={split: verified_index(shards, manifest, split, out, config.workers, (ranks.rank, ranks.world_size),
                                        progress if ranks.is_main else NullProgress())
                  for split in ("train", "val")}, devices=devices, net=net, model=model,
-        optimizer=optimizer, preprocess=make_preprocess(normalization, config, devices[0], channels_last),
+        optimizer=optimizer,
+        preprocess=make_preprocess(normalization, config, devices[0], channels_last, input_dtype(bf16, devices)),
         autocast=lambda: torch.autocast(device_type=devices[0].type, dtype=torch.bfloat16, enabled=bf16),
         base_state=base_state, progress=progress if ranks.is_main else NullProgress(),
     )  # fmt: skip
@@ -532,8 +556,9 @@ def train_epoch(run: Run, epoch: int, position: dict, stop: StopRequest) -> Sums
     loader = train_loader(
         run.shards, run.manifest, config.augmentation(), config.batch_size, config.seed, epoch, config.workers,
         ranks.rank, ranks.world_size, config.shuffle_buffer, position["step"], device.type == "cuda", config.decoder,
-        run.indexes["train"],
+        run.indexes["train"], config.decode_on,
     )  # fmt: skip
+    batches = DeviceFeed(loader, lambda batch: run.preprocess(batch, train=True), device)  # one batch ahead
     steps = -(-run.manifest.split("train").count // config.batch_size)
     sums = Sums.from_state(position["sums"], device) if position["sums"] else Sums.zeros(device)
     run.model.train()
@@ -542,7 +567,7 @@ def train_epoch(run: Run, epoch: int, position: dict, stop: StopRequest) -> Sums
     window_images = 0  # images (all ranks) in that sum
     loss_value: float | None = None  # shown as '—' until the first read-out
     tick = time.perf_counter()
-    for batch in loader:
+    for batch in batches:
         waited = time.perf_counter() - tick
         loss_sum = train_step(run, batch, epoch, sums)
         window += loss_sum.detach().double()
@@ -576,8 +601,7 @@ def should_stop(stop: StopRequest, step: int, log_every: int, device: torch.devi
 def train_step(run: Run, batch: Batch, epoch: int, sums: Sums) -> torch.Tensor:
     """Forward, backward and one SGD step on this rank's share of a global batch; returns the share's loss sum."""
     torch.manual_seed(step_seed(run.config.seed, epoch, batch.step, run.ranks.rank))  # dropout masks
-    x = run.preprocess(batch, train=True)
-    labels = batch.labels.to(run.devices[0], non_blocking=True)
+    x, labels = batch.inputs, batch.targets  # preprocessed on the device by alexrepro.feed
     with run.autocast():
         logits = run.model(x)
     losses = F.cross_entropy(logits.float(), labels, reduction="none")
@@ -650,15 +674,14 @@ def validate(run: Run) -> tuple[float, float, float]:
     config, ranks, device = run.config, run.ranks, run.devices[0]
     loader = val_loader(
         run.shards, run.manifest, config.crop, config.batch_size, config.workers, ranks.rank, ranks.world_size,
-        device.type == "cuda", config.decoder, run.indexes["val"],
+        device.type == "cuda", config.decoder, run.indexes["val"], config.decode_on,
     )  # fmt: skip
     expected = run.manifest.split("val").count
     sums = Sums.zeros(device)
     run.net.eval()
     run.progress.start("validate", -(-expected // config.batch_size), unit="step")
-    for batch in loader:
-        x = run.preprocess(batch, train=False)
-        labels = batch.labels.to(device, non_blocking=True)
+    for batch in DeviceFeed(loader, lambda batch: run.preprocess(batch, train=False), device):
+        x, labels = batch.inputs, batch.targets
         with run.autocast():
             logits = run.net(x)  # not the DDP wrapper: no gradient sync in evaluation
         sums.add(logits.float(), labels, F.cross_entropy(logits.float(), labels, reduction="sum"))

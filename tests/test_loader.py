@@ -116,3 +116,130 @@ def test_shard_that_disagrees_with_the_manifest_is_refused(shards, tmp_path):
     bad = dataclasses.replace(manifest, splits={**manifest.splits, "train": dataclasses.replace(train, shards=(wrong, *train.shards[1:]))})
     with pytest.raises(FormatError, match="rerun `alexrepro prepare`"):
         split_index(out, bad, "train")
+
+
+# ------------------------------------------------------------------ decode_on="device" and the device feed (CPU)
+
+
+def test_jpeg_size_reads_the_frame_header(shards):
+    from alexrepro.errors import FormatError
+    from alexrepro.loader import jpeg_size
+
+    out, manifest = shards
+    for sample in list(iter_split(out, "train", manifest))[:3]:
+        assert jpeg_size(sample.jpeg) == tuple(decode_torchvision(sample.jpeg).shape[1:])
+    with pytest.raises(FormatError, match="rerun `alexrepro prepare`"):
+        jpeg_size(b"\xff\xd8\xff\xe0\x00\x10JFIF" + b"\x00" * 20)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_device_decoding_gives_the_workers_crops(shards, workers):
+    """Workers that only read, then one batched decode_jpeg (here on the CPU): the same crops, bit for bit, and the
+    same draws, labels and keys as workers that decode — on CPU both are the same libjpeg-turbo."""
+    from alexrepro.feed import device_crops
+
+    out, manifest = shards
+    cpu = torch.device("cpu")
+    decoded = list(train_loader(out, manifest, AUG, 8, seed=1, epoch=2, workers=0))
+    read = list(train_loader(out, manifest, AUG, 8, seed=1, epoch=2, workers=workers, decode_on="device"))
+    assert [b.step for b in read] == [b.step for b in decoded] == list(range(4))
+    for a, b in zip(decoded, read):
+        assert b.images is None and b.jpegs.dtype == torch.uint8 and int(b.jpeg_sizes.sum()) == b.jpegs.numel()
+        assert a.keys == b.keys and a.global_size == b.global_size
+        for name in ("labels", "offsets", "flipped", "alphas"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert torch.equal(device_crops(b, cpu), a.images)
+
+
+def test_device_decoding_of_uncropped_and_centre_cropped_val(shards):
+    from alexrepro.feed import device_crops
+
+    out, manifest = shards
+    for crop in (None, 64):
+        decoded = list(val_loader(out, manifest, crop, 5, workers=0))
+        read = list(val_loader(out, manifest, crop, 5, workers=0, decode_on="device"))
+        assert [b.keys for b in read] == [b.keys for b in decoded]
+        assert all(torch.equal(device_crops(b, torch.device("cpu")), a.images) for a, b in zip(decoded, read))
+
+
+def test_feed_prepares_each_batch_once_and_in_order(shards):
+    """DeviceFeed on the CPU: the loader's batches in order, each with `prepare`'s output and its labels attached,
+    and batch k+1 prepared before batch k is handed over (one batch ahead)."""
+    from alexrepro.feed import DeviceFeed
+
+    out, manifest = shards
+    prepared: list[int] = []
+
+    def prepare(batch):
+        prepared.append(batch.step)
+        return batch.images.float() + batch.step
+
+    expected = [b.images.float() + b.step for b in train_loader(out, manifest, AUG, 8, seed=1, epoch=0, workers=0)]
+    fed = []
+    for batch in DeviceFeed(train_loader(out, manifest, AUG, 8, seed=1, epoch=0, workers=2), prepare, "cpu"):
+        fed.append(batch.step)
+        assert prepared[-1] == min(batch.step + 1, 3)  # the next batch is already prepared
+        assert torch.equal(batch.inputs, expected[batch.step]) and torch.equal(batch.targets, batch.labels)
+        assert batch.images is None and batch.slot is None  # released: the worker refills that buffer
+    assert fed == prepared == [0, 1, 2, 3]
+
+
+def test_released_buffers_are_reused_and_unreleased_ones_are_not_overwritten(shards):
+    """A worker refills a shared buffer only once the training process released it: batches kept without release
+    keep their pixels (the test compares them after the epoch); released ones are recycled."""
+    out, manifest = shards
+    reference = [b.images.clone() for b in train_loader(out, manifest, AUG, 4, seed=1, epoch=0, workers=0)]
+    kept = list(train_loader(out, manifest, AUG, 4, seed=1, epoch=0, workers=1))  # 7 batches > the pool's 7 - 1
+    assert all(torch.equal(b.images, r) for b, r in zip(kept, reference)) and len(kept) == len(reference)
+    storages = set()
+    for batch in train_loader(out, manifest, AUG, 4, seed=1, epoch=0, workers=1):
+        assert torch.equal(batch.images, reference[batch.step])
+        storages.add(batch.images.untyped_storage().data_ptr())
+        batch.release()
+    assert len(storages) < len(reference)  # buffers came back round
+
+
+def test_training_with_device_decoding_matches_worker_decoding(tmp_path):
+    """On the CPU, decode_on: device trains to the very same weights as decode_on: workers: it is a setting of
+    speed, not of what is computed."""
+    from train_helpers import make_stats
+
+    from alexrepro.checkpoint import load_checkpoint
+    from alexrepro.progress import NullProgress
+    from alexrepro.train import TrainConfig, train
+
+    make_shards(tmp_path / "shards", classes=3, train_per_class=6, val_per_class=2, size=72, shard_size=10)
+    make_stats(tmp_path / "shards", tmp_path / "stats")
+    tiny = dict(epochs=1, batch_size=8, crop=67, width=0.125, init="he", input_scale=1 / 64, devices="cpu", log_every=2)
+    runs = {}
+    for decode_on in ("workers", "device"):
+        config = TrainConfig(workers=2 if decode_on == "device" else 0, decode_on=decode_on, **tiny)
+        result = train(tmp_path / "shards", tmp_path / "stats", tmp_path / decode_on, config, False, NullProgress())
+        runs[decode_on] = load_checkpoint(result.checkpoint_last)["model"], result.history[-1]
+    (a, row_a), (b, row_b) = runs["workers"], runs["device"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert row_a["val_loss"] == row_b["val_loss"] and row_a["train_loss"] == row_b["train_loss"]
+
+
+def test_bench_loader_reports_the_worker_side_and_the_feed():
+    from alexrepro.bench_loader import bench_loader
+
+    report = bench_loader(images=24, workers=2, crop=56, size=64, batch_size=8, rounds=1)
+    names = [row["name"] for row in report.rows]
+    assert names[-2:] == ["feed to cpu, decode on workers, 2 workers", "feed to cpu, decode on device, 2 workers"]
+    assert "training loader, 1 worker" in names
+    assert all(row["img_per_cpu_s"] > 0 for row in report.rows)
+    side = "worker side (read + decode + crop, uint8 out), 1 worker / torchvision decode, per CPU-second"
+    assert report.ratios[side] > 0 and "loader, 2 workers / 1 worker, wall clock" in report.ratios
+
+
+@pytest.mark.parametrize("decode_on", ["workers", "device"])
+def test_bench_training_reports_img_s_and_data_wait(tmp_path, decode_on):
+    from alexrepro.bench_loader import bench_training
+
+    row = bench_training(tmp_path, images=24, workers=2, decode_on=decode_on, device="cpu", batch_size=8, width=0.125,
+                         crop=67, size=72, distinct=6, classes=4)  # fmt: skip
+    assert row["img_s"] > 0 and 0 <= row["data_wait_fraction"] <= 1
+    again = bench_training(tmp_path, images=24, workers=0, decode_on=decode_on, device="cpu", batch_size=8,
+                           width=0.125, crop=67, size=72, distinct=6, classes=4)  # fmt: skip
+    assert again["img_s"] > 0  # the sample is reused and the scratch run replaced
