@@ -33,6 +33,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile
 
+from alexrepro.errors import exception_text
+
 # Larger than any ILSVRC-2012 image (the biggest train image has about 12 M pixels) and equal to Pillow's own
 # warning threshold. A header claiming more is a decompression bomb: decoding it could take gigabytes of memory.
 MAX_PIXELS = 89_478_485
@@ -224,5 +226,4 @@ def _centre_square(width: int, height: int) -> tuple[float, float, float, float]
 
 
 def _reason(prefix: str, exc: BaseException) -> str:
-    detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-    return f"{prefix}: {detail}"
+    return f"{prefix}: {exception_text(exc)}"

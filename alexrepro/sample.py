@@ -27,8 +27,6 @@ from __future__ import annotations
 import gzip
 import io
 import math
-import multiprocessing
-import os
 import tarfile
 import dataclasses
 from dataclasses import dataclass
@@ -42,6 +40,7 @@ from PIL import Image
 from alexrepro.atomic import atomic_open
 from alexrepro.errors import AlexReproError, OutputExistsError
 from alexrepro.progress import Progress
+from alexrepro.workers import map_ordered, worker_count
 
 TRAIN_ARCHIVE = "ILSVRC2012_img_train.tar"
 VAL_ARCHIVE = "ILSVRC2012_img_val.tar"
@@ -635,7 +634,7 @@ def write_sample(out: Path, config: SampleConfig, progress: Progress, overwrite:
     _refuse_to_replace(out, overwrite)
     _make_output_folder(out)
     plan = plan_sample(config)
-    workers = (os.cpu_count() or 1) if config.workers is None else max(1, config.workers)
+    workers = worker_count(config.workers)
     paths = {"train": out / TRAIN_ARCHIVE, "val": out / VAL_ARCHIVE, "devkit": out / DEVKIT_ARCHIVE}
     odd_files: dict[str, str] = {}
 
@@ -718,6 +717,12 @@ def _write_devkit_archive(handle, plan: SamplePlan, config: SampleConfig) -> Non
         f"seed {config.seed}.\nSame layout as the real development kit: data/meta.mat and "
         "data/ILSVRC2012_validation_ground_truth.txt.\n"
     )
+    write_devkit(handle, readme, meta, ground_truth)
+
+
+def write_devkit(handle, readme: str, meta: bytes, ground_truth: str) -> None:
+    """The devkit tar.gz in the real layout (the built-in sample's and `sample --scale`'s): a readme, meta.mat and
+    the validation ground truth; gzip header without name or time, so the bytes depend only on the content."""
     with gzip.GzipFile(filename="", mode="wb", fileobj=handle, mtime=0) as compressed:
         with tarfile.open(fileobj=compressed, mode="w", format=tarfile.USTAR_FORMAT) as archive:
             _add_folder(archive, f"{DEVKIT_DIR}/")
@@ -799,12 +804,9 @@ def _fixed_info(name: str) -> tarfile.TarInfo:
 
 def _render_in_order(specs: list[ImageSpec], workers: int) -> Iterator[bytes]:
     """Render `specs`, yielding bytes in the same order; in worker processes when there is enough work."""
-    workers = min(workers, max(1, len(specs) // 32))  # a pool costs more than it saves on a handful of images
-    if workers == 1:
-        yield from map(render_image, specs)
-        return
-    with multiprocessing.get_context().Pool(workers) as pool:
-        yield from pool.imap(render_image, specs, chunksize=8)
+    # A pool costs more than it saves on a handful of images. The workers are fresh interpreters, never forks of
+    # this process, which may have imported torch (alexrepro.workers).
+    yield from map_ordered(render_image, specs, min(workers, max(1, len(specs) // 32)), preload=__name__)
 
 
 def _refuse_to_replace(out: Path, overwrite: bool) -> None:

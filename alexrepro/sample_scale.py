@@ -26,10 +26,7 @@ seed whatever the worker count, and no plan of a million entries is ever held in
 from __future__ import annotations
 
 import functools
-import gzip
 import io
-import multiprocessing
-import os
 import tarfile
 from dataclasses import dataclass
 from fractions import Fraction
@@ -41,13 +38,11 @@ from PIL import Image
 
 from alexrepro.atomic import atomic_open
 from alexrepro.progress import Progress
+from alexrepro.workers import map_ordered, worker_count
 
 # The archive writers and the pattern renderer are the built-in sample's, so both downloads share one format.
 from alexrepro.sample import (
     DEVKIT_ARCHIVE,
-    DEVKIT_DIR,
-    GROUND_TRUTH_MEMBER,
-    META_MEMBER,
     PATTERNS,
     SYNSET_FIELDS,
     TRAIN_ARCHIVE,
@@ -56,7 +51,6 @@ from alexrepro.sample import (
     SampleClass,
     SampleOutputError,
     SampleResult,
-    _add_folder,
     _add_member,
     _as_matlab,
     _encode,
@@ -64,6 +58,7 @@ from alexrepro.sample import (
     _mat_file,
     image_size,
     render_pixels,
+    write_devkit,
 )
 
 # ILSVRC-2012's counts (REFERENCE.md §5).
@@ -253,12 +248,7 @@ def _val_name(number: int) -> str:
 
 def _in_workers(function, tasks: list, workers: int) -> Iterator:
     """`function` over `tasks`, results in task order; in worker processes when there is more than one task."""
-    workers = min(workers, len(tasks))
-    if workers <= 1:
-        yield from map(function, tasks)
-        return
-    with multiprocessing.get_context().Pool(workers) as pool:
-        yield from pool.imap(function, tasks)
+    yield from map_ordered(function, tasks, min(workers, len(tasks)), preload=__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -274,7 +264,7 @@ def write_scaled_sample(out: Path, config: ScaleConfig, progress: Progress) -> S
     out = Path(out)
     _make_output_folder(out)
     classes = scale_classes(config)
-    workers = config.workers or os.cpu_count() or 1
+    workers = worker_count(config.workers or None)  # 0: all cores
     paths = {"train": out / TRAIN_ARCHIVE, "val": out / VAL_ARCHIVE, "devkit": out / DEVKIT_ARCHIVE}
     odd_files: dict[str, str] = {}
     n_train = sum(c.train_count for c in classes)
@@ -347,13 +337,7 @@ def _write_devkit(handle, classes: tuple[ScaleClass, ...], val_ids: np.ndarray, 
         f"{config.classes} classes at scale {config.scale} of the real per-class counts, "
         f"{config.val_count_per_class} val images per class, seed {config.seed}.\n"
     )
-    with gzip.GzipFile(filename="", mode="wb", fileobj=handle, mtime=0) as compressed:
-        with tarfile.open(fileobj=compressed, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-            _add_folder(archive, f"{DEVKIT_DIR}/")
-            _add_member(archive, f"{DEVKIT_DIR}/readme.txt", readme.encode())
-            _add_folder(archive, f"{DEVKIT_DIR}/data/")
-            _add_member(archive, META_MEMBER, meta)
-            _add_member(archive, GROUND_TRUTH_MEMBER, ground_truth.encode())
+    write_devkit(handle, readme, meta, ground_truth)
 
 
 def synsets(classes: tuple[ScaleClass, ...]) -> np.ndarray:

@@ -278,7 +278,7 @@ def write_manifest(shards_dir: Path, manifest: Manifest) -> Manifest:
 
 def manifest_sha256(shards_dir: Path) -> str:
     """Identity of a prepared dataset: the hash of its manifest (which holds every shard's hash)."""
-    return hashlib.sha256((Path(shards_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
+    return sha256_file(Path(shards_dir) / MANIFEST_NAME)
 
 
 def shard_paths(shards_dir: Path, manifest: Manifest, split: str) -> list[Path]:

@@ -38,7 +38,7 @@ from alexrepro.imaging import UnreadableImage, decode_rgb_planes
 from alexrepro.locking import output_lock, reported_write_errors
 from alexrepro.progress import Progress
 from alexrepro.shards import MANIFEST_NAME, ShardIndex, check_format, manifest_sha256, read_manifest, read_verified_shard
-from alexrepro.workers import map_unordered, usable_cores
+from alexrepro.workers import map_unordered, worker_count
 
 FORMAT = "alexrepro-stats"
 VERSION = 1
@@ -101,7 +101,7 @@ def _compute_stats(shards: Path, out: Path, config: StatsConfig, progress: Progr
         raise FormatError(f"{shards}: the train split has no images; prepare a source with training images")
     source_sha = manifest_sha256(shards)
     _claim_output(out, source_sha, config.max_images, overwrite)
-    workers = _worker_count(config.workers)
+    workers = worker_count(config.workers)
     tasks = _plan(ShardIndex.load(shards, manifest, "train").head(available), workers)
 
     progress.start("stats", available)
@@ -294,10 +294,6 @@ def _plan(index: ShardIndex, workers: int) -> list[_Task]:
         step = max(1, -(-use // pieces))
         tasks += [_Task(shard, start, min(start + step, use)) for start in range(0, use, step)]
     return tasks
-
-
-def _worker_count(requested: int | None) -> int:
-    return usable_cores() if requested is None else max(1, requested)
 
 
 def _sum_task(task: _Task) -> _Sums:
