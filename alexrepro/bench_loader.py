@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -47,7 +47,8 @@ def bench_loader(
             lambda: _per_image("decode + crop + flip + to-tensor (1 core)", jpegs, _crop_flip(crop)),
             lambda: _index_cost(folder, manifest),
         ] + [
-            lambda n=n: _loader_row(folder, manifest, crop, batch_size, n, decoder, seed) for n in sorted({0, 1, workers})
+            lambda n=n: _loader_row(folder, manifest, crop, batch_size, n, decoder, seed)
+            for n in sorted({0, 1, workers})
         ]
         rows = [_best_of(measure, rounds) for measure in measures]
         torch.set_num_threads(threads)
@@ -56,7 +57,8 @@ def bench_loader(
     loader_one = per_cpu[_loader_name(1)]
     ratios = {
         "loader, 1 worker / Pillow decode, per CPU-second": loader_one / per_cpu["Pillow decode only (1 core)"],
-        "loader, 1 worker / torchvision decode, per CPU-second": loader_one / per_cpu["torchvision decode only (1 core)"],
+        "loader, 1 worker / torchvision decode, per CPU-second": loader_one
+        / per_cpu["torchvision decode only (1 core)"],
         "loader, 1 worker / decode + crop + flip, per CPU-second": loader_one
         / per_cpu["decode + crop + flip + to-tensor (1 core)"],
     }
@@ -68,8 +70,10 @@ def bench_loader(
         machine_description(),
         f"{len(jpegs)} images of {size}×{size}, crop {crop}, batch {batch_size}, decoder {decoder}",
         f"torch {torch.__version__}; each worker uses one thread",
-        "img_s: wall clock (loaders: from the first batch on, so worker start-up is left out); img_per_cpu_s: images "
-        "per CPU-second of this process and its finished workers (robust to other load on the machine)",
+        (
+            "img_s: wall clock (loaders: from the first batch on, so worker start-up is left out); img_per_cpu_s: images "
+            "per CPU-second of this process and its finished workers (robust to other load on the machine)"
+        ),
         "workers share the machine's cores with the training process and anything else running",
         f"each figure is the best of {rounds} rounds (the machine may be shared)",
     ]

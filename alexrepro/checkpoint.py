@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -41,7 +42,9 @@ def load_checkpoint(path: Path) -> dict:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         reason = exception_text(exc, limit=1000)
-        raise FormatError(f"{path}: not a readable checkpoint ({reason}); use one written by `alexrepro train`") from None
+        raise FormatError(
+            f"{path}: not a readable checkpoint ({reason}); use one written by `alexrepro train`"
+        ) from None
     check_format(data, FORMAT, VERSION, str(path), "alexrepro train")
     return data
 

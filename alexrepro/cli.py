@@ -43,12 +43,13 @@ from alexrepro.progress import LineProgress, format_fields
 
 if TYPE_CHECKING:  # the stages import torch; the CLI imports them inside the commands so that --help is instant
     import numpy as np
+    from _typeshed import DataclassInstance
 
     from alexrepro.bench_report import BenchReport
     from alexrepro.sample import SampleResult
     from alexrepro.train import TrainConfig
 
-C = TypeVar("C")  # a stage's config dataclass
+C = TypeVar("C", bound="DataclassInstance")  # a stage's config dataclass
 
 
 # Typer 0.29 writes required arguments as `{shards}` in the usage line; click, argparse and POSIX usage write SHARDS.
@@ -103,8 +104,12 @@ SetOption = typer.Option(
     None, "--set", "-S", metavar="KEY=VALUE",
     help="Override any key of this stage (repeatable); the keys and their defaults are listed below and by --show-config.",
 )  # fmt: skip
-QuietOption = typer.Option(False, "--quiet", "-q", metavar="", help="No progress bars or interval lines; keeps the per-epoch lines and errors.")
-VerboseOption = typer.Option(False, "--verbose", "-v", metavar="", help="Also print the whole resolved configuration at the start.")
+QuietOption = typer.Option(
+    False, "--quiet", "-q", metavar="", help="No progress bars or interval lines; keeps the per-epoch lines and errors."
+)
+VerboseOption = typer.Option(
+    False, "--verbose", "-v", metavar="", help="Also print the whole resolved configuration at the start."
+)
 ShowConfigOption = typer.Option(
     False, "--show-config", metavar="", help="Print the resolved configuration (every key, its value and source) as YAML and exit."
 )  # fmt: skip
@@ -234,7 +239,11 @@ def _stage(quiet: bool, flags: dict[str, str] | None = None, interval: int | Non
         if os.environ.get("ALEXREPRO_TRACEBACK"):
             raise
         stopped = re.match(r"stopped by (SIG[A-Z]+)", str(exc))
-        code = 128 + signal.Signals[stopped.group(1)].value if stopped and stopped.group(1) in signal.Signals.__members__ else 1
+        code = (
+            128 + signal.Signals[stopped.group(1)].value
+            if stopped and stopped.group(1) in signal.Signals.__members__
+            else 1
+        )
         raise _error(str(exc), code) from None
     except KeyboardInterrupt:
         raise _error("interrupted", 130) from None
@@ -293,7 +302,9 @@ def _config(
     if show:
         defaults = {k.name: k.comment for k in stage_keys(stage)}
         for key, value in values.items():
-            where = origin.get(key) or (str(config_path) if config_path and key in _file_keys(config_path) else "default")
+            where = origin.get(key) or (
+                str(config_path) if config_path and key in _file_keys(config_path) else "default"
+            )
             note = f"  # {where}" + (f"; {defaults[key]}" if defaults.get(key) else "")
             print(f"{key}: {show_value(value)}{note}")
         raise typer.Exit(0)
@@ -363,15 +374,27 @@ def _percent(fraction: float) -> str:
 @app.command(epilog=keys_epilog("sample"))
 def sample(
     out: Path | None = typer.Argument(
-None, metavar="OUT", help="Folder to write the three ILSVRC-2012-style archives into."),
+        None, metavar="OUT", help="Folder to write the three ILSVRC-2012-style archives into."
+    ),
     classes: int | None = typer.Option(None, **default_help("sample", "classes", "Number of synthetic classes.")),
-    train_per_class: int | None = typer.Option(None, **default_help("sample", "train_per_class", "Training images per class.")),
-    val_per_class: int | None = typer.Option(None, **default_help("sample", "val_per_class", "Validation images per class.")),
-    seed: int | None = typer.Option(None, **default_help("sample", "seed", "Random seed; the same seed writes byte-identical archives.")),
-    workers: int | None = typer.Option(None, **default_help("sample", "workers", "Worker processes (0 = in this process; null = one per core).")),
-    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace ILSVRC2012_* archives already in OUT."),
+    train_per_class: int | None = typer.Option(
+        None, **default_help("sample", "train_per_class", "Training images per class.")
+    ),
+    val_per_class: int | None = typer.Option(
+        None, **default_help("sample", "val_per_class", "Validation images per class.")
+    ),
+    seed: int | None = typer.Option(
+        None, **default_help("sample", "seed", "Random seed; the same seed writes byte-identical archives.")
+    ),
+    workers: int | None = typer.Option(
+        None, **default_help("sample", "workers", "Worker processes (0 = in this process; null = one per core).")
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", metavar="", help="Replace ILSVRC2012_* archives already in OUT."
+    ),
     scale: str | None = typer.Option(
-        None, help="Write ILSVRC-2012's shape instead: 1000 classes at this fraction of the real counts "
+        None,
+        help="Write ILSVRC-2012's shape instead: 1000 classes at this fraction of the real counts "
         "(1/64, 1/8, 1 = 1,281,167 train + 50,000 val), tiny images. --classes takes the first N classes.",
     ),
     config: Path | None = config_option("sample"),
@@ -390,7 +413,9 @@ None, metavar="OUT", help="Folder to write the three ILSVRC-2012-style archives 
     from alexrepro.locking import output_lock
     from alexrepro.sample import SampleConfig, write_sample
 
-    flags = dict(classes=classes, train_per_class=train_per_class, val_per_class=val_per_class, seed=seed, workers=workers)
+    flags = dict(
+        classes=classes, train_per_class=train_per_class, val_per_class=val_per_class, seed=seed, workers=workers
+    )
     cfg = _config("sample", SampleConfig, config, set_, flags, show_config, verbose, quiet)
     (out,) = _require(out=out)
     _folder_out(out, "sample")
@@ -401,8 +426,16 @@ None, metavar="OUT", help="Folder to write the three ILSVRC-2012-style archives 
     out_console.print(f"wrote the sample ILSVRC-2012 to [bold]{out}[/] ({_describe_counts(result)})")
 
 
-def _sample_at_scale(out: Path | None, scale: str, classes: int | None, train_per_class: int | None,
-                     val_per_class: int | None, seed: int | None, quiet: bool, config_given: Any) -> None:
+def _sample_at_scale(
+    out: Path | None,
+    scale: str,
+    classes: int | None,
+    train_per_class: int | None,
+    val_per_class: int | None,
+    seed: int | None,
+    quiet: bool,
+    config_given: Any,
+) -> None:
     """`sample --scale`: the ILSVRC-2012-shaped download of alexrepro.sample_scale."""
     from alexrepro.locking import output_lock
     from alexrepro.sample_scale import ILSVRC_CLASSES, ScaleConfig, parse_scale, write_scaled_sample
@@ -434,13 +467,20 @@ def prepare(
     source: Path | None = typer.Argument(
         None, metavar="SOURCE", help="The ILSVRC-2012 download folder, an extracted tree or an ImageFolder."
     ),
-    out: Path | None = typer.Argument(
-None, metavar="OUT", help="Folder for the webdataset shards and manifest.json."),
-    size: int | None = typer.Option(None, **default_help("prepare", "size", "Shorter side and square crop size in pixels (paper §2).")),
-    quality: int | None = typer.Option(None, **default_help("prepare", "quality", "JPEG quality of the re-encoded images.")),
+    out: Path | None = typer.Argument(None, metavar="OUT", help="Folder for the webdataset shards and manifest.json."),
+    size: int | None = typer.Option(
+        None, **default_help("prepare", "size", "Shorter side and square crop size in pixels (paper §2).")
+    ),
+    quality: int | None = typer.Option(
+        None, **default_help("prepare", "quality", "JPEG quality of the re-encoded images.")
+    ),
     shard_size: int | None = typer.Option(None, **default_help("prepare", "shard_size", "Images per shard.")),
-    workers: int | None = typer.Option(None, **default_help("prepare", "workers", "Worker processes (0 = in this process; null = one per core).")),
-    max_rejected: int | None = typer.Option(None, **default_help("prepare", "max_rejected", "Exit non-zero if more unreadable images than this.")),
+    workers: int | None = typer.Option(
+        None, **default_help("prepare", "workers", "Worker processes (0 = in this process; null = one per core).")
+    ),
+    max_rejected: int | None = typer.Option(
+        None, **default_help("prepare", "max_rejected", "Exit non-zero if more unreadable images than this.")
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace output made with other settings."),
     config: Path | None = config_option("prepare"),
     set_: list[str] | None = SetOption,
@@ -478,13 +518,17 @@ None, metavar="OUT", help="Folder for the webdataset shards and manifest.json.")
 
 @app.command(epilog=keys_epilog("stats"))
 def stats(
-    shards: Path | None = typer.Argument(
-None, metavar="SHARDS", help="Folder written by `alexrepro prepare`."),
-    out: Path | None = typer.Argument(
-None, metavar="OUT", help="Folder for stats.npz, stats.json and mean.png."),
-    workers: int | None = typer.Option(None, **default_help("stats", "workers", "Worker processes (0 = in this process; null = one per core).")),
-    max_images: int | None = typer.Option(None, **default_help("stats", "max_images", "Use only the first N training images (a quick estimate).")),
-    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace statistics of other shards or settings."),
+    shards: Path | None = typer.Argument(None, metavar="SHARDS", help="Folder written by `alexrepro prepare`."),
+    out: Path | None = typer.Argument(None, metavar="OUT", help="Folder for stats.npz, stats.json and mean.png."),
+    workers: int | None = typer.Option(
+        None, **default_help("stats", "workers", "Worker processes (0 = in this process; null = one per core).")
+    ),
+    max_images: int | None = typer.Option(
+        None, **default_help("stats", "max_images", "Use only the first N training images (a quick estimate).")
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", metavar="", help="Replace statistics of other shards or settings."
+    ),
     config: Path | None = config_option("stats"),
     set_: list[str] | None = SetOption,
     show_config: bool = ShowConfigOption,
@@ -497,7 +541,9 @@ None, metavar="OUT", help="Folder for stats.npz, stats.json and mean.png."),
     """
     from alexrepro.stats import StatsConfig, compute_stats
 
-    cfg = _config("stats", StatsConfig, config, set_, dict(workers=workers, max_images=max_images), show_config, verbose, quiet)
+    cfg = _config(
+        "stats", StatsConfig, config, set_, dict(workers=workers, max_images=max_images), show_config, verbose, quiet
+    )
     shards, out = _require(shards=shards, out=out)
     _folder_in(shards, "SHARDS", "alexrepro prepare")
     _folder_out(out, "stats")
@@ -524,23 +570,41 @@ def _check_model(cfg: TrainConfig) -> None:
 
 @app.command(epilog=keys_epilog("train"))
 def train(
-    shards: Path | None = typer.Argument(
-None, metavar="SHARDS", help="Folder written by `alexrepro prepare`."),
-    stats: Path | None = typer.Argument(
-None, metavar="STATS", help="Folder written by `alexrepro stats`."),
+    shards: Path | None = typer.Argument(None, metavar="SHARDS", help="Folder written by `alexrepro prepare`."),
+    stats: Path | None = typer.Argument(None, metavar="STATS", help="Folder written by `alexrepro stats`."),
     out: Path | None = typer.Argument(
-None, metavar="OUT", help="Folder for checkpoints, the per-epoch history and config.yaml."),
+        None, metavar="OUT", help="Folder for checkpoints, the per-epoch history and config.yaml."
+    ),
     epochs: int | None = typer.Option(None, **default_help("train", "epochs", "Epochs (paper §5: about 90).")),
     batch_size: int | None = typer.Option(None, **default_help("train", "batch_size", "Global batch size (paper §5).")),
     lr: float | None = typer.Option(None, **default_help("train", "lr", "Initial learning rate (paper §5).")),
-    crop: int | None = typer.Option(None, **default_help("train", "crop", "Crop size fed to the network (the paper's text says 224).")),
-    width: float | None = typer.Option(None, **default_help("train", "width", "Channel multiplier (1.0 = the paper's widths).")),
-    towers: int | None = typer.Option(None, **default_help("train", "towers", "2 = the paper's two towers (§3.2); 1 = one tower (§3.2's one-GPU net also halves conv1–4: layer_widths).")),
+    crop: int | None = typer.Option(
+        None, **default_help("train", "crop", "Crop size fed to the network (the paper's text says 224).")
+    ),
+    width: float | None = typer.Option(
+        None, **default_help("train", "width", "Channel multiplier (1.0 = the paper's widths).")
+    ),
+    towers: int | None = typer.Option(
+        None,
+        **default_help(
+            "train",
+            "towers",
+            "2 = the paper's two towers (§3.2); 1 = one tower (§3.2's one-GPU net also halves conv1–4: layer_widths).",
+        ),
+    ),
     init: str | None = typer.Option(None, **default_help("train", "init", "Weight initialisation: paper (§5) or he.")),
-    devices: str | None = typer.Option(None, **default_help("train", "devices", "auto, cpu, cuda, or cuda:0,cuda:1 for one tower per GPU.")),
-    workers: int | None = typer.Option(None, **default_help("train", "workers", "Loader worker processes per rank (0 = in this process).")),
-    seed: int | None = typer.Option(None, **default_help("train", "seed", "Random seed for initialisation, shuffling and augmentation.")),
-    resume: bool = typer.Option(False, "--resume", metavar="", help="Continue from OUT/checkpoint-last.pt (says which epoch and step)."),
+    devices: str | None = typer.Option(
+        None, **default_help("train", "devices", "auto, cpu, cuda, or cuda:0,cuda:1 for one tower per GPU.")
+    ),
+    workers: int | None = typer.Option(
+        None, **default_help("train", "workers", "Loader worker processes per rank (0 = in this process).")
+    ),
+    seed: int | None = typer.Option(
+        None, **default_help("train", "seed", "Random seed for initialisation, shuffling and augmentation.")
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", metavar="", help="Continue from OUT/checkpoint-last.pt (says which epoch and step)."
+    ),
     config: Path | None = config_option("train"),
     set_: list[str] | None = SetOption,
     show_config: bool = ShowConfigOption,
@@ -574,14 +638,26 @@ None, metavar="OUT", help="Folder for checkpoints, the per-epoch history and con
 @app.command(epilog=keys_epilog("evaluate"))
 def evaluate(
     checkpoint: Path | None = typer.Argument(
-None, metavar="CHECKPOINT", help="A checkpoint written by `alexrepro train`."),
+        None, metavar="CHECKPOINT", help="A checkpoint written by `alexrepro train`."
+    ),
     shards: Path | None = typer.Argument(
-None, metavar="SHARDS", help="Folder written by `alexrepro prepare` (its val split is used)."),
+        None, metavar="SHARDS", help="Folder written by `alexrepro prepare` (its val split is used)."
+    ),
     out: Path | None = typer.Argument(
-None, metavar="OUT", help="Folder for metrics.json, the submission file and the report."),
-    batch_size: int | None = typer.Option(None, **default_help("evaluate", "batch_size", "Images per batch (each image gives 10 views).")),
-    devices: str | None = typer.Option(None, **default_help("evaluate", "devices", "auto, cpu, cuda, or cuda:0,cuda:1 for one tower per GPU.")),
-    workers: int | None = typer.Option(None, **default_help("evaluate", "workers", "Decoding processes (0 = in this process; null = one per core, at most 8).")),
+        None, metavar="OUT", help="Folder for metrics.json, the submission file and the report."
+    ),
+    batch_size: int | None = typer.Option(
+        None, **default_help("evaluate", "batch_size", "Images per batch (each image gives 10 views).")
+    ),
+    devices: str | None = typer.Option(
+        None, **default_help("evaluate", "devices", "auto, cpu, cuda, or cuda:0,cuda:1 for one tower per GPU.")
+    ),
+    workers: int | None = typer.Option(
+        None,
+        **default_help(
+            "evaluate", "workers", "Decoding processes (0 = in this process; null = one per core, at most 8)."
+        ),
+    ),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print metrics.json on stdout instead of a table."),
     config: Path | None = config_option("evaluate"),
     set_: list[str] | None = SetOption,
@@ -625,7 +701,9 @@ None, metavar="OUT", help="Folder for metrics.json, the submission file and the 
 @app.command()
 def predict(
     checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="A checkpoint written by `alexrepro train`."),
-    images: list[Path] = typer.Argument(..., metavar="IMAGE...", help="Image files of any size and format Pillow reads."),
+    images: list[Path] = typer.Argument(
+        ..., metavar="IMAGE...", help="Image files of any size and format Pillow reads."
+    ),
     crops: int = typer.Option(10, help="10 = the paper's ten-patch average (§4.1); 1 = the centre crop."),
     devices: str = typer.Option("auto", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print JSON on stdout instead of a table."),

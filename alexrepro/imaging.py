@@ -98,7 +98,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
     return np.asarray(image)
 
 
-def decode_rgb_planes(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_rgb_planes(data: bytes | memoryview) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode an image to its R, G and B planes, each H×W uint8 (Pillow splits bands in C, cheaper than a
     numpy transpose of the interleaved array; `stats` wants planes)."""
     image = _to_rgb(_load(_open(data), data))
@@ -125,7 +125,7 @@ def resize_obvious_way(data: bytes, size: int = 256, quality: int = 95) -> bytes
     return out.getvalue()
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes | memoryview) -> Image.Image:
     """Identify the image from its content and check its claimed size before any pixel is decoded."""
     if not data:
         raise UnreadableImage("empty file")
@@ -147,7 +147,7 @@ def _open(data: bytes) -> Image.Image:
     return image
 
 
-def _load(image: Image.Image, data: bytes, draft: tuple[int, int] | None = None) -> Image.Image:
+def _load(image: Image.Image, data: bytes | memoryview, draft: tuple[int, int] | None = None) -> Image.Image:
     """Decode the pixels; truncated or corrupt data raises UnreadableImage instead of being padded."""
     assert not ImageFile.LOAD_TRUNCATED_IMAGES, "LOAD_TRUNCATED_IMAGES would let truncated files through as grey"
     try:
@@ -166,7 +166,7 @@ _NO_DATA = (127, 128)
 _FILLER = b"\x5a\xa5" * 2048
 
 
-def _jpeg_ran_out(image: Image.Image, data: bytes, draft: tuple[int, int] | None) -> bool:
+def _jpeg_ran_out(image: Image.Image, data: bytes | memoryview, draft: tuple[int, int] | None) -> bool:
     """Whether libjpeg met the end of the data (an early EOI marker) before the last block of the image.
 
     libjpeg treats that as a warning ("Premature end of JPEG file", "Corrupt JPEG data: premature end of data
@@ -180,6 +180,7 @@ def _jpeg_ran_out(image: Image.Image, data: bytes, draft: tuple[int, int] | None
     last = image.getpixel((image.width - 1, image.height - 1))
     if any(channel not in _NO_DATA for channel in (last if isinstance(last, tuple) else (last,))):
         return False
+    data = bytes(data)  # a slice of a shard read whole (stats) is a memoryview, which has no rfind
     end = data.rfind(b"\xff\xd9")
     if end < 0:
         return False  # no EOI at all: Pillow itself raised "image file is truncated" above

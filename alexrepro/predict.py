@@ -9,16 +9,17 @@ the ten patches, or the centre patch alone with `crops=1`. A file that is missin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from alexrepro.distributed import resolve_devices
 from alexrepro.errors import ConfigError
-from alexrepro.inference import InferenceNetwork
 from alexrepro.imaging import UnreadableImage, resize_square_jpeg
+from alexrepro.inference import InferenceNetwork
 from alexrepro.prepare import PrepareConfig
 
 
@@ -37,7 +38,7 @@ class Prediction:
             "crops": self.crops,
             "top": [
                 {"class": c, "wnid": w, "name": n, "probability": p}
-                for c, w, n, p in zip(self.classes, self.wnids, self.names, self.probabilities)
+                for c, w, n, p in zip(self.classes, self.wnids, self.names, self.probabilities, strict=True)
             ],
         }
 

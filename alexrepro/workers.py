@@ -76,14 +76,24 @@ def map_ordered(function: Callable[[T], R], tasks: Iterable[T], workers: int, pr
 @contextlib.contextmanager
 def _pool(workers: int, preload: str) -> Iterator[ProcessPoolExecutor]:
     """A pool of fresh interpreters (see `map_unordered`); a dead worker becomes WorkerDiedError."""
+    context: multiprocessing.context.BaseContext
     if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([preload])
+        forkserver = multiprocessing.get_context("forkserver")
+        forkserver.set_forkserver_preload([preload])
+        context = forkserver
     else:
         context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context)
     try:
-        yield pool
+        try:
+            yield pool
+        except OSError:
+            # A task submitted while the pool is breaking can meet the pool's wake-up pipe already closed and raise
+            # OSError("handle is closed") instead of BrokenProcessPool (a race inside concurrent.futures; seen on
+            # Python 3.11). The same death, so the same message; any other OSError is the task's own.
+            if not getattr(pool, "_broken", False):
+                raise
+            raise BrokenProcessPool from None
     except BrokenProcessPool:
         raise WorkerDiedError(
             f"a {preload.rsplit('.', 1)[-1]} worker process died without a word (killed by a signal; on Linux most "

@@ -25,7 +25,6 @@ from evaluate_helpers import (
     write_tiny_shards,
 )
 
-torch.set_num_threads(1)
 CONFIG = ev.EvaluateConfig(batch_size=4, devices="cpu", workers=0)
 
 

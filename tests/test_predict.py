@@ -15,7 +15,6 @@ from alexrepro.inference import InferenceNetwork
 from alexrepro.predict import Prediction, PredictionError, load_image, predict
 from evaluate_helpers import NUM_CLASSES, image_array, save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

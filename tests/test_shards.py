@@ -24,6 +24,7 @@ from alexrepro.shards import (
     write_manifest,
     write_shard,
 )
+from conftest import write_prepared
 
 SAMPLES = [Sample(key=f"n0000000{i % 2}_{i}", jpeg=bytes([i]) * (100 + 300 * i), label=i % 2) for i in range(5)]
 CLASSES = (ClassInfo(0, "n01440764", 449, "tench"), ClassInfo(1, "n01443537", None, "goldfish"))
@@ -31,9 +32,7 @@ CLASSES = (ClassInfo(0, "n01440764", 449, "tench"), ClassInfo(1, "n01443537", No
 
 def prepared(folder, shards=((SAMPLES[:3], SAMPLES[3:]),)) -> Manifest:
     """A folder of train shards (the given sample lists) with its index and manifest, as prepare leaves it."""
-    infos = tuple(write_shard(folder / f"train-{n:06d}.tar", samples) for n, samples in enumerate(shards[0]))
-    split = SplitInfo(sum(i.count for i in infos), infos)
-    return write_manifest(folder, Manifest(settings={"size": 256}, classes=CLASSES, splits={"train": split}))
+    return write_prepared(folder, {"train": shards[0]}, CLASSES, {"size": 256})
 
 
 def test_write_then_read_round_trip(tmp_path):
