@@ -47,8 +47,14 @@ def test_good_images_are_answered_and_bad_ones_named(setup):
     paths = [root / "wide.png", root / "missing.jpg", root / "gray.jpg", root / "broken.jpg", root / "cmyk.jpg", root]
     results = predict(checkpoint, paths, crops=10, device="cpu")
     assert [r.path for r in results] == paths
-    assert [type(r) for r in results] == [Prediction, PredictionError, Prediction, PredictionError, Prediction,
-                                          PredictionError]
+    assert [type(r) for r in results] == [
+        Prediction,
+        PredictionError,
+        Prediction,
+        PredictionError,
+        Prediction,
+        PredictionError,
+    ]
     assert results[1].reason == "no such file"
     assert "not a readable image" in results[3].reason and "0x" not in results[3].reason
     assert "folder" in results[5].reason
@@ -67,9 +73,16 @@ def test_json_output_of_the_command_line(setup):
     assert result.exit_code == 1  # a file could not be predicted
     printed = json.loads(result.stdout)
     expected = [r.to_dict() for r in predict(checkpoint, paths, crops=10, device="cpu")]
-    assert [p["path"] for p in printed] == list(map(str, paths)) and printed[1] == {"path": str(paths[1]), "error": "no such file"}
-    assert printed[0]["crops"] == 10 and [t["class"] for t in printed[0]["top"]] == [t["class"] for t in expected[0]["top"]]
-    assert [t["probability"] for t in printed[0]["top"]] == pytest.approx([t["probability"] for t in expected[0]["top"]])
+    assert [p["path"] for p in printed] == list(map(str, paths)) and printed[1] == {
+        "path": str(paths[1]),
+        "error": "no such file",
+    }
+    assert printed[0]["crops"] == 10 and [t["class"] for t in printed[0]["top"]] == [
+        t["class"] for t in expected[0]["top"]
+    ]
+    assert [t["probability"] for t in printed[0]["top"]] == pytest.approx(
+        [t["probability"] for t in expected[0]["top"]]
+    )
 
 
 def test_probabilities_are_the_evaluation_path_on_the_prepared_image(setup):
@@ -77,8 +90,10 @@ def test_probabilities_are_the_evaluation_path_on_the_prepared_image(setup):
     network = InferenceNetwork(ckpt, ["cpu"])
     image = load_image(root / "wide.png", network, quality=90)
     assert image.shape == (3, network.size, network.size) and image.dtype == torch.uint8
-    for crops, expected in ((10, network.ten_crop_probabilities(image[None]).mean(1)[0]),
-                            (1, network.centre_probabilities(image[None])[0])):
+    for crops, expected in (
+        (10, network.ten_crop_probabilities(image[None]).mean(1)[0]),
+        (1, network.centre_probabilities(image[None])[0]),
+    ):
         [result] = predict(checkpoint, [root / "wide.png"], crops=crops, device="cpu", top_k=NUM_CLASSES)
         assert result.classes == expected.argsort(descending=True).tolist()
         np.testing.assert_allclose(result.probabilities, expected.sort(descending=True).values.numpy(), rtol=1e-5)

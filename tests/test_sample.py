@@ -82,9 +82,8 @@ def test_archives_have_the_real_names_and_layouts(tiny):
 def test_meta_mat_reads_like_the_real_one(tiny):
     out, result = tiny
     synsets = load_synsets(out)
-    assert synsets.dtype.names == (
-        "ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height", "num_train_images",
-    )
+    fields = "ILSVRC2012_ID WNID words gloss num_children children wordnet_height num_train_images"
+    assert synsets.dtype.names == tuple(fields.split())
     # torchvision's parser: leaves are the rows with num_children == 0, fields taken by position.
     leaves = [row for row in synsets if row[4] == 0]
     ids, wnids, words = (list(column) for column in list(zip(*leaves, strict=True))[:3])
@@ -233,8 +232,15 @@ def test_output_that_is_a_file_is_a_one_line_error(tmp_path):
 
 @pytest.mark.parametrize(
     "key, value",
-    [("classes", 1), ("classes", len(PATTERNS) + 1), ("train_per_class", 1), ("val_per_class", 0), ("seed", -1),
-     ("image_scale", 0.0), ("workers", -1)],
+    [
+        ("classes", 1),
+        ("classes", len(PATTERNS) + 1),
+        ("train_per_class", 1),
+        ("val_per_class", 0),
+        ("seed", -1),
+        ("image_scale", 0.0),
+        ("workers", -1),
+    ],
 )
 def test_out_of_range_settings_name_their_key(key, value):
     with pytest.raises(ValueError, match=f"key '{key}' must be"):

@@ -54,7 +54,10 @@ def test_recorded_members_are_where_tarfile_finds_them(tmp_path):
 def test_index_is_one_file_named_with_its_hash_in_the_manifest(tmp_path):
     manifest = prepared(tmp_path)
     entry = json.loads((tmp_path / "manifest.json").read_text())["splits"]["train"]["index"]
-    assert entry == {"name": "train-index.npy", "sha256": hashlib.sha256((tmp_path / "train-index.npy").read_bytes()).hexdigest()}
+    assert entry == {
+        "name": "train-index.npy",
+        "sha256": hashlib.sha256((tmp_path / "train-index.npy").read_bytes()).hexdigest(),
+    }
     index = ShardIndex.load(tmp_path, manifest, "train")
     assert [index.key(i) for i in range(len(index))] == [s.key for s in SAMPLES]
     assert index.shard.tolist() == [0, 0, 0, 1, 1]
@@ -75,7 +78,10 @@ def test_same_samples_give_identical_bytes(tmp_path):
 
 def test_webdataset_reads_our_shards(tmp_path):
     write_shard(tmp_path / "val-000000.tar", SAMPLES)
-    seen = [(s["__key__"], s["jpg"], int(s["cls"])) for s in wds.WebDataset(str(tmp_path / "val-000000.tar"), shardshuffle=False)]
+    seen = [
+        (s["__key__"], s["jpg"], int(s["cls"]))
+        for s in wds.WebDataset(str(tmp_path / "val-000000.tar"), shardshuffle=False)
+    ]
     assert seen == [(s.key, s.jpeg, s.label) for s in SAMPLES]
 
 

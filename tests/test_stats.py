@@ -37,7 +37,10 @@ def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("shards")
     rng = np.random.default_rng(0)
     splits = {
-        split: [[Sample(f"{split}_{index}_{i}", _jpeg(rng), i % 2) for i in range(count)] for index, count in enumerate(counts)]
+        split: [
+            [Sample(f"{split}_{index}_{i}", _jpeg(rng), i % 2) for i in range(count)]
+            for index, count in enumerate(counts)
+        ]
         for split, counts in (("train", SHARD_COUNTS), ("val", (2,)))
     }
     classes = (ClassInfo(0, "n00000001", None, "a"), ClassInfo(1, "n00000002", None, "b"))
@@ -149,7 +152,9 @@ def test_shards_written_by_other_tar_tools_are_read_too(shards, tmp_path):
     # The manifest names the new bytes; the index is read from the pax headers once, by write_manifest.
     manifest = read_manifest(copy)
     train = manifest.split("train")
-    infos = tuple(replace(s, sha256=sha256_file(copy / s.name), size=(copy / s.name).stat().st_size) for s in train.shards)
+    infos = tuple(
+        replace(s, sha256=sha256_file(copy / s.name), size=(copy / s.name).stat().st_size) for s in train.shards
+    )
     write_manifest(copy, replace(manifest, splits={**manifest.splits, "train": replace(train, shards=infos)}))
     original = _run(shards, tmp_path / "a", workers=1)
     rewritten = _run(copy, tmp_path / "b", workers=1)
