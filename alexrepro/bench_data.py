@@ -25,8 +25,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -105,7 +106,7 @@ def write_image_folder(root: Path, images: list[bytes]) -> None:
 class _Pipeline(NamedTuple):
     processes: int
     images: int
-    run: Callable[[], None]
+    run: Callable[[], object]
 
 
 def bench_prepare(
@@ -120,8 +121,8 @@ def bench_prepare(
     """prepare vs plain decode (per core), vs the obvious way, and N workers vs 1, on the same images in one run."""
     from alexrepro.prepare import PrepareConfig, prepare
 
-    with tempfile.TemporaryDirectory(prefix="alexrepro-bench-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="alexrepro-bench-") as tmp_name:
+        tmp = Path(tmp_name)
         progress.start("writing photo-like JPEGs", None)
         data = photo_like_jpegs(2 * images, seed)
         for count in (images, 2 * images):
@@ -131,7 +132,7 @@ def bench_prepare(
 
         runs = itertools.count()
 
-        def run_prepare(n: int, count: int) -> Callable[[], None]:
+        def run_prepare(n: int, count: int) -> Callable[[], object]:
             # The same shard size for N and 2N images, so that per-shard costs count in the steady state.
             # A fresh output folder every time: prepare would otherwise resume and keep the shards already there.
             config = PrepareConfig(size=size, quality=quality, workers=n, shard_size=_shard_size(images, n))
@@ -166,8 +167,10 @@ def bench_prepare(
     notes = [
         f"machine: {machine_description()}",
         f"Pillow build: {imaging.pillow_build()}",
-        f"{images} photo-like JPEGs (q{SOURCE_QUALITY}, mean {np.mean([len(d) for d in data]) / 1e3:.0f} KB), "
-        f"sizes {_size_mix()}; output {size}×{size} q{quality}",
+        (
+            f"{images} photo-like JPEGs (q{SOURCE_QUALITY}, mean {np.mean([len(d) for d in data]) / 1e3:.0f} KB), "
+            f"sizes {_size_mix()}; output {size}×{size} q{quality}"
+        ),
         f"best of {rounds} interleaved rounds; per-core figures from CPU time, the workers ratio from wall time",
         _steady_note(images),
         _load_note(),
@@ -188,8 +191,8 @@ def bench_stats(
     from alexrepro.stats import StatsConfig, compute_stats
 
     workers = max(workers, 1)
-    with tempfile.TemporaryDirectory(prefix="alexrepro-bench-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="alexrepro-bench-") as tmp_name:
+        tmp = Path(tmp_name)
         progress.start("writing shards", None)
         jpegs = _shard_images(2 * images, size, quality, seed)
         # One shard folder of 2N images; the N-image run reads its first half (max_images), whole shards either way.
@@ -197,7 +200,7 @@ def bench_stats(
         jpegs = jpegs[:images]  # what plain decode times
         progress.finish()
 
-        def run_stats(n: int, count: int) -> Callable[[], None]:
+        def run_stats(n: int, count: int) -> Callable[[], object]:
             config = StatsConfig(workers=n, max_images=count)
             return lambda: compute_stats(tmp / "shards", tmp / f"stats-{n}-{count}", config, NullProgress())
 

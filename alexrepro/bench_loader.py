@@ -17,8 +17,8 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -70,7 +70,8 @@ def bench_loader(
         ]
         / per_cpu["torchvision decode only (1 core)"],
         "loader, 1 worker / Pillow decode, per CPU-second": loader_one / per_cpu["Pillow decode only (1 core)"],
-        "loader, 1 worker / torchvision decode, per CPU-second": loader_one / per_cpu["torchvision decode only (1 core)"],
+        "loader, 1 worker / torchvision decode, per CPU-second": loader_one
+        / per_cpu["torchvision decode only (1 core)"],
         "loader, 1 worker / decode + crop + flip, per CPU-second": loader_one
         / per_cpu["decode + crop + flip + to-tensor (1 core)"],
     }

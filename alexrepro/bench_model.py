@@ -52,10 +52,24 @@ def bench_train(
     rows, ratios = [], {}
     for compiled in variants:
         torch.manual_seed(0)
-        paper = _TrainStep(AlexNet(ModelConfig(), devices=[dev]), ModelConfig().crop, batch_size, dev,
-                           precision, channels_last, compiled)
-        reference = _TrainStep(torchvision.models.alexnet(weights=None).to(dev), TORCHVISION_CROP, batch_size, dev,
-                               precision, channels_last, compiled)
+        paper = _TrainStep(
+            AlexNet(ModelConfig(), devices=[dev]),
+            ModelConfig().crop,
+            batch_size,
+            dev,
+            precision,
+            channels_last,
+            compiled,
+        )
+        reference = _TrainStep(
+            torchvision.models.alexnet(weights=None).to(dev),
+            TORCHVISION_CROP,
+            batch_size,
+            dev,
+            precision,
+            channels_last,
+            compiled,
+        )
         for step in (paper, reference):
             for _ in range(warmup):
                 step()
@@ -63,13 +77,15 @@ def bench_train(
         suffix = ", compiled" if compiled else ""
         for name, label in (("paper", "paper AlexNet (2 towers, LRN)"), ("torchvision", "torchvision alexnet")):
             median = statistics.median(times[name]) / unit
-            rows.append({
-                "name": label + suffix,
-                "img_s": batch_size / median,
-                "step_ms": median * 1e3,
-                "cpu_ms": statistics.median(cpu_times[name]) / unit * 1e3,
-                "steps": steps * unit,
-            })
+            rows.append(
+                {
+                    "name": label + suffix,
+                    "img_s": batch_size / median,
+                    "step_ms": median * 1e3,
+                    "cpu_ms": statistics.median(cpu_times[name]) / unit * 1e3,
+                    "steps": steps * unit,
+                }
+            )
         ratios[f"paper / torchvision img/s{suffix}"] = statistics.median(times["torchvision"]) / statistics.median(
             times["paper"]
         )
@@ -81,9 +97,11 @@ def bench_train(
     notes = [
         _device_description(dev),
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} CPU threads",
-        f"batch {batch_size}, {precision}, channels_last={channels_last}, synthetic input "
-        f"(paper {ModelConfig().crop}², torchvision {TORCHVISION_CROP}²); timed steps alternate between the models; "
-        "img/s from the median step; cpu_ms = process CPU time per step (all threads)",
+        (
+            f"batch {batch_size}, {precision}, channels_last={channels_last}, synthetic input "
+            f"(paper {ModelConfig().crop}², torchvision {TORCHVISION_CROP}²); timed steps alternate between the models; "
+            "img/s from the median step; cpu_ms = process CPU time per step (all threads)"
+        ),
     ]
     return BenchReport(title=f"bench train ({device})", rows=rows, ratios=ratios, notes=notes)
 

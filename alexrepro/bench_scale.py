@@ -181,8 +181,17 @@ def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def run_stage(stage: str, scale: str, args: list[str], out: Path, images: int, *, first_file: str | None = None,
-              stop_after_steps: int | None = None, log: Path | None = None) -> StageMeasure:
+def run_stage(
+    stage: str,
+    scale: str,
+    args: list[str],
+    out: Path,
+    images: int,
+    *,
+    first_file: str | None = None,
+    stop_after_steps: int | None = None,
+    log: Path | None = None,
+) -> StageMeasure:
     """Run `alexrepro ARGS` (through this module's wrapper) niced as given, measuring it; see the module doc."""
     marks = out.parent / f".{out.name}.{stage.replace(' ', '-')}.marks"
     marks.unlink(missing_ok=True)
@@ -203,8 +212,17 @@ def run_stage(stage: str, scale: str, args: list[str], out: Path, images: int, *
         watcher.stop.set()
         thread.join()
     measure = StageMeasure(
-        stage, scale, rc, wall, images, watcher.cpu_s, watcher.peak_main, watcher.peak_other, watcher.peak_tree,
-        (_folder_bytes(out) - before) / 1e6, watcher.first_s,
+        stage,
+        scale,
+        rc,
+        wall,
+        images,
+        watcher.cpu_s,
+        watcher.peak_main,
+        watcher.peak_other,
+        watcher.peak_tree,
+        (_folder_bytes(out) - before) / 1e6,
+        watcher.first_s,
     )
     if first_file is None and marks.exists():
         forwards = [float(line.split()[1]) for line in marks.read_text().splitlines() if line.startswith("forward")]
@@ -217,8 +235,15 @@ def run_stage(stage: str, scale: str, args: list[str], out: Path, images: int, *
 # One scale, all stages
 
 
-def bench_one_scale(scale: Fraction, work: Path, classes: int, steps: int, workers: int,
-                    log: Path | None = None, progress_file: Path | None = None) -> list[StageMeasure]:
+def bench_one_scale(
+    scale: Fraction,
+    work: Path,
+    classes: int,
+    steps: int,
+    workers: int,
+    log: Path | None = None,
+    progress_file: Path | None = None,
+) -> list[StageMeasure]:
     from alexrepro.errors import ConfigError
     from alexrepro.sample_scale import ScaleConfig, scale_classes
 
@@ -257,18 +282,50 @@ def bench_one_scale(scale: Fraction, work: Path, classes: int, steps: int, worke
     stage("prepare again", prepare, shards, n_train + n_val)
     stage("stats", ["stats", str(shards), str(stats), *w], stats, n_train)
     stage(
-        "train", ["train", str(shards), str(stats), str(train), "--epochs", "1", "--batch-size", str(TRAIN_BATCH),
-                  "--crop", str(CROP), "--width", str(TRAIN_WIDTH), "--towers", "1", "--init", "he",
-                  "--devices", "cpu", *w],
-        train, steps * TRAIN_BATCH, stop_after_steps=steps,
+        "train",
+        [
+            "train",
+            str(shards),
+            str(stats),
+            str(train),
+            "--epochs",
+            "1",
+            "--batch-size",
+            str(TRAIN_BATCH),
+            "--crop",
+            str(CROP),
+            "--width",
+            str(TRAIN_WIDTH),
+            "--towers",
+            "1",
+            "--init",
+            "he",
+            "--devices",
+            "cpu",
+            *w,
+        ],
+        train,
+        steps * TRAIN_BATCH,
+        stop_after_steps=steps,
     )
-    stage("evaluate", ["evaluate", str(train / "checkpoint-last.pt"), str(shards), str(evaluation),
-                       "--devices", "cpu"], evaluation, n_val)
+    stage(
+        "evaluate",
+        ["evaluate", str(train / "checkpoint-last.pt"), str(shards), str(evaluation), "--devices", "cpu"],
+        evaluation,
+        n_val,
+    )
     return results
 
 
-def bench_scale(scales: list[Fraction], work: Path, classes: int = 1000, steps: int = 10, workers: int = 2,
-                log: Path | None = None, progress_file: Path | None = None) -> BenchReport:
+def bench_scale(
+    scales: list[Fraction],
+    work: Path,
+    classes: int = 1000,
+    steps: int = 10,
+    workers: int = 2,
+    log: Path | None = None,
+    progress_file: Path | None = None,
+) -> BenchReport:
     """Run every stage at every scale; ratios compare each stage's per-image cost at the largest vs smallest."""
     work.mkdir(parents=True, exist_ok=True)
     measures: list[StageMeasure] = []
@@ -286,17 +343,27 @@ def bench_scale(scales: list[Fraction], work: Path, classes: int = 1000, steps: 
             ratios[f"{stage}: CPU ms/img at {largest} ÷ at {smallest}"] = big.cpu_ms_per_image / small.cpu_ms_per_image
     notes = [
         machine_description(),
-        f"{classes} classes; prepare --size {PREPARE_SIZE}; train {steps} steps of batch {TRAIN_BATCH}, crop {CROP}, "
-        f"width {TRAIN_WIDTH}, one tower, CPU; {workers} workers where a stage takes them",
+        (
+            f"{classes} classes; prepare --size {PREPARE_SIZE}; train {steps} steps of batch {TRAIN_BATCH}, crop {CROP}, "
+            f"width {TRAIN_WIDTH}, one tower, CPU; {workers} workers where a stage takes them"
+        ),
         f"memory: VmRSS of the process tree polled every {POLL_S}s (main process, largest other process, tree sum)",
-        "cpu_s: user + system time of every process of the tree, as last seen by the poller (getrusage of waited "
-        "children would miss workers started by a forkserver); on a shared machine wall time stretches with the "
-        "load, CPU time much less",
-        "disk: bytes added under the stage's output folder; first_s: first shard file (prepare), first forward pass "
-        "(train, evaluate)",
+        (
+            "cpu_s: user + system time of every process of the tree, as last seen by the poller (getrusage of waited "
+            "children would miss workers started by a forkserver); on a shared machine wall time stretches with the "
+            "load, CPU time much less"
+        ),
+        (
+            "disk: bytes added under the stage's output folder; first_s: first shard file (prepare), first forward pass "
+            "(train, evaluate)"
+        ),
     ]
-    return BenchReport(title="Stages at fractions of ILSVRC-2012's counts", rows=[m.row() for m in measures],
-                       ratios=ratios, notes=notes)
+    return BenchReport(
+        title="Stages at fractions of ILSVRC-2012's counts",
+        rows=[m.row() for m in measures],
+        ratios=ratios,
+        notes=notes,
+    )
 
 
 def markdown_table(report: BenchReport) -> str:

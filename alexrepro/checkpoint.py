@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
 from alexrepro.atomic import atomic_open
 from alexrepro.config import config_from_dict
-from alexrepro.errors import ConfigError, FormatError
+from alexrepro.errors import ConfigError, FormatError, exception_text
 from alexrepro.shards import check_format
 
 FORMAT = "alexrepro-checkpoint"
@@ -40,8 +41,10 @@ def load_checkpoint(path: Path) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FormatError(f"{path}: not a readable checkpoint ({first}); use one written by `alexrepro train`") from None
+        reason = exception_text(exc, limit=1000)
+        raise FormatError(
+            f"{path}: not a readable checkpoint ({reason}); use one written by `alexrepro train`"
+        ) from None
     check_format(data, FORMAT, VERSION, str(path), "alexrepro train")
     return data
 

@@ -53,21 +53,47 @@ class Claim:
 
 
 CLAIMS: tuple[Claim, ...] = (
-    Claim("relu-vs-tanh", "§3.1", "ReLU reaches 25% training error about 6× sooner than tanh (Figure 1; CIFAR-10, "
-          "a 4-layer net)", (("activation", "tanh"),), "train_error"),
-    Claim("two-towers-vs-one-gpu", "§3.2", "two towers beat the one-GPU net (half the kernels in conv1–conv4) by "
-          "1.7 top-1 / 1.2 top-5 points", (("towers", 1), ("layer_widths", [0.5, 0.5, 0.5, 0.5, 1, 1, 1]))),
+    Claim(
+        "relu-vs-tanh",
+        "§3.1",
+        "ReLU reaches 25% training error about 6× sooner than tanh (Figure 1; CIFAR-10, a 4-layer net)",
+        (("activation", "tanh"),),
+        "train_error",
+    ),
+    Claim(
+        "two-towers-vs-one-gpu",
+        "§3.2",
+        "two towers beat the one-GPU net (half the kernels in conv1–conv4) by 1.7 top-1 / 1.2 top-5 points",
+        (("towers", 1), ("layer_widths", [0.5, 0.5, 0.5, 0.5, 1, 1, 1])),
+    ),
     Claim("lrn", "§3.3", "LRN lowers top-1 / top-5 error by 1.4 / 1.2 points", (("lrn", False),)),
-    Claim("overlap-pool", "§3.4", "overlapping pooling (3/2 vs 2/2) lowers top-1 / top-5 error by 0.4 / 0.3 points",
-          (("overlap_pool", False),)),
+    Claim(
+        "overlap-pool",
+        "§3.4",
+        "overlapping pooling (3/2 vs 2/2) lowers top-1 / top-5 error by 0.4 / 0.3 points",
+        (("overlap_pool", False),),
+    ),
     Claim("pca-lighting", "§4.1", "PCA lighting lowers top-1 error by over 1 point", (("pca_lighting", False),)),
     Claim("ten-crop", "§4.1", "averaging 10 patches at test time (no number given in the paper)", (), "10crop"),
-    Claim("dropout", "§4.2", "without dropout the net overfits substantially (no number given; dropout about "
-          "doubles the iterations to converge)", (("dropout", 0.0),)),
-    Claim("dropout-scaling", "§4.2", "×0.5 at test time (not compared in the paper; inverted = nn.Dropout)",
-          (("dropout_scaling", "inverted"),)),
-    Claim("bias-decay", "§5", "weight decay on weights only (not compared in the paper; decayed biases = "
-          "PyTorch's habit)", (("decay_biases", True),)),
+    Claim(
+        "dropout",
+        "§4.2",
+        "without dropout the net overfits substantially (no number given; dropout about "
+        "doubles the iterations to converge)",
+        (("dropout", 0.0),),
+    ),
+    Claim(
+        "dropout-scaling",
+        "§4.2",
+        "×0.5 at test time (not compared in the paper; inverted = nn.Dropout)",
+        (("dropout_scaling", "inverted"),),
+    ),
+    Claim(
+        "bias-decay",
+        "§5",
+        "weight decay on weights only (not compared in the paper; decayed biases = PyTorch's habit)",
+        (("decay_biases", True),),
+    ),
 )
 
 
@@ -81,7 +107,7 @@ def recipe_flags() -> str:
     return " ".join(_flag(stage, key, value) for stage, key, value in CLAIMS_RECIPE)
 
 
-def arm_flags(arm: tuple[tuple[str, Any], ...], seed: int) -> str:
+def arm_flags(arm: tuple[tuple[str, Any], ...], seed: int | str) -> str:  # str: a shell variable, "$SEED"
     return " ".join([_flag("train", k, v) for k, v in arm] + [_flag("train", "seed", seed)])
 
 
@@ -236,7 +262,7 @@ def render(runs: list[Run], source: str) -> str:
     for row in rows:
         claim: Claim = row["claim"]
         arm = arm_flags(claim.arm, "$SEED") if claim.arm else _flag("train", "seed", "$SEED")
-        command = f"`dvc exp run \"${{CLAIMS[@]}}\" {arm}`"
+        command = f'`dvc exp run "${{CLAIMS[@]}}" {arm}`'
         if claim.arm:
             command += " and the paper's arm"
         lines.append(
@@ -264,13 +290,14 @@ def render(runs: list[Run], source: str) -> str:
         "dvc repro   # the demo pipeline once (the claims recipe then resamples the data itself)",
         "alexrepro claims --commands | while read -r cmd; do",
         "  git checkout HEAD -- stages/   # dvc exp run leaves the last experiment's params in the workspace",
-        "  eval \"nice -n 10 $cmd\"",
+        '  eval "nice -n 10 $cmd"',
         "done",
         "alexrepro claims --output docs/claims.md",
         "```",
         "",
         "`alexrepro claims --commands` prints every experiment as one line. The claims recipe differs from the",
-        "paper in: " + "; ".join(f"{stage}.{key} = {json.dumps(value)}" for stage, key, value in CLAIMS_RECIPE)
+        "paper in: "
+        + "; ".join(f"{stage}.{key} = {json.dumps(value)}" for stage, key, value in CLAIMS_RECIPE)
         + "; and the demo's own departures (stages/train.yaml: He init, input scale 1/64, lr 0.02, fixed"
         " lr steps).",
         "",

@@ -15,15 +15,24 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 import typer.core
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    ProgressColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -31,6 +40,16 @@ from alexrepro import __version__
 from alexrepro.configdoc import show_value, stage_keys
 from alexrepro.errors import AlexReproError, ConfigError
 from alexrepro.progress import LineProgress, format_fields
+
+if TYPE_CHECKING:  # the stages import torch; the CLI imports them inside the commands so that --help is instant
+    import numpy as np
+    from _typeshed import DataclassInstance
+
+    from alexrepro.bench_report import BenchReport
+    from alexrepro.sample import SampleResult
+    from alexrepro.train import TrainConfig
+
+C = TypeVar("C", bound="DataclassInstance")  # a stage's config dataclass
 
 
 # Typer 0.29 writes required arguments as `{shards}` in the usage line; click, argparse and POSIX usage write SHARDS.
@@ -85,8 +104,12 @@ SetOption = typer.Option(
     None, "--set", "-S", metavar="KEY=VALUE",
     help="Override any key of this stage (repeatable); the keys and their defaults are listed below and by --show-config.",
 )  # fmt: skip
-QuietOption = typer.Option(False, "--quiet", "-q", metavar="", help="No progress bars or interval lines; keeps the per-epoch lines and errors.")
-VerboseOption = typer.Option(False, "--verbose", "-v", metavar="", help="Also print the whole resolved configuration at the start.")
+QuietOption = typer.Option(
+    False, "--quiet", "-q", metavar="", help="No progress bars or interval lines; keeps the per-epoch lines and errors."
+)
+VerboseOption = typer.Option(
+    False, "--verbose", "-v", metavar="", help="Also print the whole resolved configuration at the start."
+)
 ShowConfigOption = typer.Option(
     False, "--show-config", metavar="", help="Print the resolved configuration (every key, its value and source) as YAML and exit."
 )  # fmt: skip
@@ -153,7 +176,7 @@ class RichProgress:
             console=console,
             transient=False,
         )
-        self._task = None
+        self._task: TaskID | None = None
 
     def __enter__(self):
         self._progress.start()
@@ -216,7 +239,11 @@ def _stage(quiet: bool, flags: dict[str, str] | None = None, interval: int | Non
         if os.environ.get("ALEXREPRO_TRACEBACK"):
             raise
         stopped = re.match(r"stopped by (SIG[A-Z]+)", str(exc))
-        code = 128 + signal.Signals[stopped.group(1)].value if stopped and stopped.group(1) in signal.Signals.__members__ else 1
+        code = (
+            128 + signal.Signals[stopped.group(1)].value
+            if stopped and stopped.group(1) in signal.Signals.__members__
+            else 1
+        )
         raise _error(str(exc), code) from None
     except KeyboardInterrupt:
         raise _error("interrupted", 130) from None
@@ -232,7 +259,7 @@ def _name_flag(message: str, flags: dict[str, str]) -> str:
     return message.replace(f"key '{found.group(1)}'", flag, 1)
 
 
-def _overrides(sets: Optional[List[str]], flags: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+def _overrides(sets: list[str] | None, flags: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """Merge `--set key=value` pairs (values parsed as YAML) and named flags (named flags win); also return which
     flag gave each key, for error messages."""
     merged: dict[str, Any] = {}
@@ -254,9 +281,9 @@ def _overrides(sets: Optional[List[str]], flags: dict[str, Any]) -> tuple[dict[s
 
 
 def _config(
-    stage: str, cls: type, config_path: Optional[Path], sets: Optional[List[str]], flags: dict[str, Any],
-    show: bool, verbose: bool, quiet: bool, check: Callable[[Any], Any] | None = None,
-) -> Any:  # fmt: skip
+    stage: str, cls: type[C], config_path: Path | None, sets: list[str] | None, flags: dict[str, Any],
+    show: bool, verbose: bool, quiet: bool, check: Callable[[C], object] | None = None,
+) -> C:  # fmt: skip
     """The resolved config, or exit 2 naming the flag at fault. `check` runs extra validation that needs the config
     (e.g. the model's own checks) so that a bad value stops the run before any data is read."""
     from alexrepro.config import config_to_dict, load_config
@@ -275,7 +302,9 @@ def _config(
     if show:
         defaults = {k.name: k.comment for k in stage_keys(stage)}
         for key, value in values.items():
-            where = origin.get(key) or (str(config_path) if config_path and key in _file_keys(config_path) else "default")
+            where = origin.get(key) or (
+                str(config_path) if config_path and key in _file_keys(config_path) else "default"
+            )
             note = f"  # {where}" + (f"; {defaults[key]}" if defaults.get(key) else "")
             print(f"{key}: {show_value(value)}{note}")
         raise typer.Exit(0)
@@ -304,11 +333,13 @@ def _file_keys(path: Path) -> set[str]:
     return set(data) if isinstance(data, dict) else set()
 
 
-def _require(**arguments: Optional[Path]) -> None:
-    """The positional arguments are optional to click only so that --show-config works without them."""
+def _require(**arguments: Path | None) -> tuple[Path, ...]:
+    """The positional arguments, in the order given, all present. They are optional to click only so that
+    --show-config works without them."""
     missing = [name.upper() for name, value in arguments.items() if value is None]
     if missing:
         raise _error(f"missing argument {' '.join(missing)}; see --help", 2)
+    return tuple(value for value in arguments.values() if value is not None)
 
 
 def _folder_out(out: Path, what: str) -> None:
@@ -342,20 +373,32 @@ def _percent(fraction: float) -> str:
 
 @app.command(epilog=keys_epilog("sample"))
 def sample(
-    out: Optional[Path] = typer.Argument(
-None, metavar="OUT", help="Folder to write the three ILSVRC-2012-style archives into."),
-    classes: Optional[int] = typer.Option(None, **default_help("sample", "classes", "Number of synthetic classes.")),
-    train_per_class: Optional[int] = typer.Option(None, **default_help("sample", "train_per_class", "Training images per class.")),
-    val_per_class: Optional[int] = typer.Option(None, **default_help("sample", "val_per_class", "Validation images per class.")),
-    seed: Optional[int] = typer.Option(None, **default_help("sample", "seed", "Random seed; the same seed writes byte-identical archives.")),
-    workers: Optional[int] = typer.Option(None, **default_help("sample", "workers", "Worker processes (0 = in this process; null = one per core).")),
-    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace ILSVRC2012_* archives already in OUT."),
-    scale: Optional[str] = typer.Option(
-        None, help="Write ILSVRC-2012's shape instead: 1000 classes at this fraction of the real counts "
+    out: Path | None = typer.Argument(
+        None, metavar="OUT", help="Folder to write the three ILSVRC-2012-style archives into."
+    ),
+    classes: int | None = typer.Option(None, **default_help("sample", "classes", "Number of synthetic classes.")),
+    train_per_class: int | None = typer.Option(
+        None, **default_help("sample", "train_per_class", "Training images per class.")
+    ),
+    val_per_class: int | None = typer.Option(
+        None, **default_help("sample", "val_per_class", "Validation images per class.")
+    ),
+    seed: int | None = typer.Option(
+        None, **default_help("sample", "seed", "Random seed; the same seed writes byte-identical archives.")
+    ),
+    workers: int | None = typer.Option(
+        None, **default_help("sample", "workers", "Worker processes (0 = in this process; null = one per core).")
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", metavar="", help="Replace ILSVRC2012_* archives already in OUT."
+    ),
+    scale: str | None = typer.Option(
+        None,
+        help="Write ILSVRC-2012's shape instead: 1000 classes at this fraction of the real counts "
         "(1/64, 1/8, 1 = 1,281,167 train + 50,000 val), tiny images. --classes takes the first N classes.",
     ),
-    config: Optional[Path] = config_option("sample"),
-    set_: Optional[List[str]] = SetOption,
+    config: Path | None = config_option("sample"),
+    set_: list[str] | None = SetOption,
     show_config: bool = ShowConfigOption,
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
@@ -370,9 +413,11 @@ None, metavar="OUT", help="Folder to write the three ILSVRC-2012-style archives 
     from alexrepro.locking import output_lock
     from alexrepro.sample import SampleConfig, write_sample
 
-    flags = dict(classes=classes, train_per_class=train_per_class, val_per_class=val_per_class, seed=seed, workers=workers)
+    flags = dict(
+        classes=classes, train_per_class=train_per_class, val_per_class=val_per_class, seed=seed, workers=workers
+    )
     cfg = _config("sample", SampleConfig, config, set_, flags, show_config, verbose, quiet)
-    _require(out=out)
+    (out,) = _require(out=out)
     _folder_out(out, "sample")
     _announce("sample", cfg, verbose, quiet)
     with _stage(quiet) as progress:
@@ -381,8 +426,16 @@ None, metavar="OUT", help="Folder to write the three ILSVRC-2012-style archives 
     out_console.print(f"wrote the sample ILSVRC-2012 to [bold]{out}[/] ({_describe_counts(result)})")
 
 
-def _sample_at_scale(out: Path, scale: str, classes: Optional[int], train_per_class: Optional[int],
-                     val_per_class: Optional[int], seed: Optional[int], quiet: bool, config_given: Any) -> None:
+def _sample_at_scale(
+    out: Path | None,
+    scale: str,
+    classes: int | None,
+    train_per_class: int | None,
+    val_per_class: int | None,
+    seed: int | None,
+    quiet: bool,
+    config_given: Any,
+) -> None:
     """`sample --scale`: the ILSVRC-2012-shaped download of alexrepro.sample_scale."""
     from alexrepro.locking import output_lock
     from alexrepro.sample_scale import ILSVRC_CLASSES, ScaleConfig, parse_scale, write_scaled_sample
@@ -397,7 +450,7 @@ def _sample_at_scale(out: Path, scale: str, classes: Optional[int], train_per_cl
         )
     except ValueError as exc:
         raise _error(f"--scale: {exc}", 2) from None
-    _require(out=out)
+    (out,) = _require(out=out)
     _folder_out(out, "sample")
     with _stage(quiet) as progress:
         with output_lock(out, "sample"):
@@ -405,28 +458,32 @@ def _sample_at_scale(out: Path, scale: str, classes: Optional[int], train_per_cl
     out_console.print(f"wrote an ILSVRC-2012-shaped sample to [bold]{out}[/] ({_describe_counts(result)})")
 
 
-def _describe_counts(result: Any) -> str:
-    counts = getattr(result, "counts", None)
-    if isinstance(counts, dict):
-        return ", ".join(f"{k}: {v}" for k, v in counts.items())
-    return str(counts)
+def _describe_counts(result: SampleResult) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in result.counts.items())
 
 
 @app.command(epilog=keys_epilog("prepare"))
 def prepare(
-    source: Optional[Path] = typer.Argument(
+    source: Path | None = typer.Argument(
         None, metavar="SOURCE", help="The ILSVRC-2012 download folder, an extracted tree or an ImageFolder."
     ),
-    out: Optional[Path] = typer.Argument(
-None, metavar="OUT", help="Folder for the webdataset shards and manifest.json."),
-    size: Optional[int] = typer.Option(None, **default_help("prepare", "size", "Shorter side and square crop size in pixels (paper §2).")),
-    quality: Optional[int] = typer.Option(None, **default_help("prepare", "quality", "JPEG quality of the re-encoded images.")),
-    shard_size: Optional[int] = typer.Option(None, **default_help("prepare", "shard_size", "Images per shard.")),
-    workers: Optional[int] = typer.Option(None, **default_help("prepare", "workers", "Worker processes (0 = in this process; null = one per core).")),
-    max_rejected: Optional[int] = typer.Option(None, **default_help("prepare", "max_rejected", "Exit non-zero if more unreadable images than this.")),
+    out: Path | None = typer.Argument(None, metavar="OUT", help="Folder for the webdataset shards and manifest.json."),
+    size: int | None = typer.Option(
+        None, **default_help("prepare", "size", "Shorter side and square crop size in pixels (paper §2).")
+    ),
+    quality: int | None = typer.Option(
+        None, **default_help("prepare", "quality", "JPEG quality of the re-encoded images.")
+    ),
+    shard_size: int | None = typer.Option(None, **default_help("prepare", "shard_size", "Images per shard.")),
+    workers: int | None = typer.Option(
+        None, **default_help("prepare", "workers", "Worker processes (0 = in this process; null = one per core).")
+    ),
+    max_rejected: int | None = typer.Option(
+        None, **default_help("prepare", "max_rejected", "Exit non-zero if more unreadable images than this.")
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace output made with other settings."),
-    config: Optional[Path] = config_option("prepare"),
-    set_: Optional[List[str]] = SetOption,
+    config: Path | None = config_option("prepare"),
+    set_: list[str] | None = SetOption,
     show_config: bool = ShowConfigOption,
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
@@ -440,7 +497,7 @@ None, metavar="OUT", help="Folder for the webdataset shards and manifest.json.")
 
     flags = dict(size=size, quality=quality, shard_size=shard_size, workers=workers, max_rejected=max_rejected)
     cfg = _config("prepare", PrepareConfig, config, set_, flags, show_config, verbose, quiet)
-    _require(source=source, out=out)
+    source, out = _require(source=source, out=out)
     if source.exists() and not source.is_dir():
         raise _error(
             f"SOURCE {source} is a file; give the folder that holds it (the three ILSVRC-2012 archives, an extracted "
@@ -461,15 +518,19 @@ None, metavar="OUT", help="Folder for the webdataset shards and manifest.json.")
 
 @app.command(epilog=keys_epilog("stats"))
 def stats(
-    shards: Optional[Path] = typer.Argument(
-None, metavar="SHARDS", help="Folder written by `alexrepro prepare`."),
-    out: Optional[Path] = typer.Argument(
-None, metavar="OUT", help="Folder for stats.npz, stats.json and mean.png."),
-    workers: Optional[int] = typer.Option(None, **default_help("stats", "workers", "Worker processes (0 = in this process; null = one per core).")),
-    max_images: Optional[int] = typer.Option(None, **default_help("stats", "max_images", "Use only the first N training images (a quick estimate).")),
-    overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace statistics of other shards or settings."),
-    config: Optional[Path] = config_option("stats"),
-    set_: Optional[List[str]] = SetOption,
+    shards: Path | None = typer.Argument(None, metavar="SHARDS", help="Folder written by `alexrepro prepare`."),
+    out: Path | None = typer.Argument(None, metavar="OUT", help="Folder for stats.npz, stats.json and mean.png."),
+    workers: int | None = typer.Option(
+        None, **default_help("stats", "workers", "Worker processes (0 = in this process; null = one per core).")
+    ),
+    max_images: int | None = typer.Option(
+        None, **default_help("stats", "max_images", "Use only the first N training images (a quick estimate).")
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", metavar="", help="Replace statistics of other shards or settings."
+    ),
+    config: Path | None = config_option("stats"),
+    set_: list[str] | None = SetOption,
     show_config: bool = ShowConfigOption,
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
@@ -480,33 +541,28 @@ None, metavar="OUT", help="Folder for stats.npz, stats.json and mean.png."),
     """
     from alexrepro.stats import StatsConfig, compute_stats
 
-    cfg = _config("stats", StatsConfig, config, set_, dict(workers=workers, max_images=max_images), show_config, verbose, quiet)
-    _require(shards=shards, out=out)
+    cfg = _config(
+        "stats", StatsConfig, config, set_, dict(workers=workers, max_images=max_images), show_config, verbose, quiet
+    )
+    shards, out = _require(shards=shards, out=out)
     _folder_in(shards, "SHARDS", "alexrepro prepare")
     _folder_out(out, "stats")
     _announce("stats", cfg, verbose, quiet)
     with _stage(quiet) as progress:
         result = compute_stats(shards, out, cfg, progress, overwrite)
-    s = result.stats if hasattr(result, "stats") else result
-    rows = []
-    for name in ("image_count", "channel_mean", "eigval"):
-        value = getattr(s, name, None)
-        if value is not None:
-            rows.append((name, _short(value)))
+    s = result.stats
+    rows = [("image_count", str(s.image_count)), ("channel_mean", _short(s.channel_mean)), ("eigval", _short(s.eigval))]
     rows.append(("output", str(out)))
     out_console.print(_table("stats", rows))
 
 
-def _short(value: Any) -> str:
-    try:
-        import numpy as np
+def _short(value: np.ndarray) -> str:
+    import numpy as np
 
-        return np.array2string(np.asarray(value), precision=3, suppress_small=True)
-    except Exception:  # a plain number or something numpy does not take
-        return str(value)
+    return np.array2string(value, precision=3, suppress_small=True)
 
 
-def _check_model(cfg: Any) -> None:
+def _check_model(cfg: TrainConfig) -> None:
     """The network's own checks (crop, width, towers, …) before any data is read; the class count is not known
     yet and does not enter them."""
     cfg.model_config(num_classes=1000)
@@ -514,25 +570,43 @@ def _check_model(cfg: Any) -> None:
 
 @app.command(epilog=keys_epilog("train"))
 def train(
-    shards: Optional[Path] = typer.Argument(
-None, metavar="SHARDS", help="Folder written by `alexrepro prepare`."),
-    stats: Optional[Path] = typer.Argument(
-None, metavar="STATS", help="Folder written by `alexrepro stats`."),
-    out: Optional[Path] = typer.Argument(
-None, metavar="OUT", help="Folder for checkpoints, the per-epoch history and config.yaml."),
-    epochs: Optional[int] = typer.Option(None, **default_help("train", "epochs", "Epochs (paper §5: about 90).")),
-    batch_size: Optional[int] = typer.Option(None, **default_help("train", "batch_size", "Global batch size (paper §5).")),
-    lr: Optional[float] = typer.Option(None, **default_help("train", "lr", "Initial learning rate (paper §5).")),
-    crop: Optional[int] = typer.Option(None, **default_help("train", "crop", "Crop size fed to the network (the paper's text says 224).")),
-    width: Optional[float] = typer.Option(None, **default_help("train", "width", "Channel multiplier (1.0 = the paper's widths).")),
-    towers: Optional[int] = typer.Option(None, **default_help("train", "towers", "2 = the paper's two towers (§3.2); 1 = one tower (§3.2's one-GPU net also halves conv1–4: layer_widths).")),
-    init: Optional[str] = typer.Option(None, **default_help("train", "init", "Weight initialisation: paper (§5) or he.")),
-    devices: Optional[str] = typer.Option(None, **default_help("train", "devices", "auto, cpu, cuda, or cuda:0,cuda:1 for one tower per GPU.")),
-    workers: Optional[int] = typer.Option(None, **default_help("train", "workers", "Loader worker processes per rank (0 = in this process).")),
-    seed: Optional[int] = typer.Option(None, **default_help("train", "seed", "Random seed for initialisation, shuffling and augmentation.")),
-    resume: bool = typer.Option(False, "--resume", metavar="", help="Continue from OUT/checkpoint-last.pt (says which epoch and step)."),
-    config: Optional[Path] = config_option("train"),
-    set_: Optional[List[str]] = SetOption,
+    shards: Path | None = typer.Argument(None, metavar="SHARDS", help="Folder written by `alexrepro prepare`."),
+    stats: Path | None = typer.Argument(None, metavar="STATS", help="Folder written by `alexrepro stats`."),
+    out: Path | None = typer.Argument(
+        None, metavar="OUT", help="Folder for checkpoints, the per-epoch history and config.yaml."
+    ),
+    epochs: int | None = typer.Option(None, **default_help("train", "epochs", "Epochs (paper §5: about 90).")),
+    batch_size: int | None = typer.Option(None, **default_help("train", "batch_size", "Global batch size (paper §5).")),
+    lr: float | None = typer.Option(None, **default_help("train", "lr", "Initial learning rate (paper §5).")),
+    crop: int | None = typer.Option(
+        None, **default_help("train", "crop", "Crop size fed to the network (the paper's text says 224).")
+    ),
+    width: float | None = typer.Option(
+        None, **default_help("train", "width", "Channel multiplier (1.0 = the paper's widths).")
+    ),
+    towers: int | None = typer.Option(
+        None,
+        **default_help(
+            "train",
+            "towers",
+            "2 = the paper's two towers (§3.2); 1 = one tower (§3.2's one-GPU net also halves conv1–4: layer_widths).",
+        ),
+    ),
+    init: str | None = typer.Option(None, **default_help("train", "init", "Weight initialisation: paper (§5) or he.")),
+    devices: str | None = typer.Option(
+        None, **default_help("train", "devices", "auto, cpu, cuda, or cuda:0,cuda:1 for one tower per GPU.")
+    ),
+    workers: int | None = typer.Option(
+        None, **default_help("train", "workers", "Loader worker processes per rank (0 = in this process).")
+    ),
+    seed: int | None = typer.Option(
+        None, **default_help("train", "seed", "Random seed for initialisation, shuffling and augmentation.")
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", metavar="", help="Continue from OUT/checkpoint-last.pt (says which epoch and step)."
+    ),
+    config: Path | None = config_option("train"),
+    set_: list[str] | None = SetOption,
     show_config: bool = ShowConfigOption,
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
@@ -548,15 +622,14 @@ None, metavar="OUT", help="Folder for checkpoints, the per-epoch history and con
     flags = dict(epochs=epochs, batch_size=batch_size, lr=lr, crop=crop, width=width, towers=towers, init=init,
                  devices=devices, workers=workers, seed=seed)  # fmt: skip
     cfg = _config("train", TrainConfig, config, set_, flags, show_config, verbose, quiet, check=_check_model)
-    _require(shards=shards, stats=stats, out=out)
+    shards, stats, out = _require(shards=shards, stats=stats, out=out)
     _folder_in(shards, "SHARDS", "alexrepro prepare")
     _folder_in(stats, "STATS", "alexrepro stats")
     _folder_out(out, "train")
     _announce("train", cfg, verbose, quiet)
     with _stage(quiet, _overrides(set_, flags)[1], interval=cfg.log_every) as progress:
         result = run_train(shards, stats, out, cfg, resume, progress)
-    history = getattr(result, "history", None) or []
-    last = history[-1] if history else {}
+    last = result.history[-1] if result.history else {}
     rows = [(k, _percent(v) if k.endswith("_error") else _fmt(v)) for k, v in last.items()]
     rows.append(("output", str(out)))
     out_console.print(_table("train: last epoch", rows))
@@ -564,18 +637,30 @@ None, metavar="OUT", help="Folder for checkpoints, the per-epoch history and con
 
 @app.command(epilog=keys_epilog("evaluate"))
 def evaluate(
-    checkpoint: Optional[Path] = typer.Argument(
-None, metavar="CHECKPOINT", help="A checkpoint written by `alexrepro train`."),
-    shards: Optional[Path] = typer.Argument(
-None, metavar="SHARDS", help="Folder written by `alexrepro prepare` (its val split is used)."),
-    out: Optional[Path] = typer.Argument(
-None, metavar="OUT", help="Folder for metrics.json, the submission file and the report."),
-    batch_size: Optional[int] = typer.Option(None, **default_help("evaluate", "batch_size", "Images per batch (each image gives 10 views).")),
-    devices: Optional[str] = typer.Option(None, **default_help("evaluate", "devices", "auto, cpu, cuda, or cuda:0,cuda:1 for one tower per GPU.")),
-    workers: Optional[int] = typer.Option(None, **default_help("evaluate", "workers", "Decoding processes (0 = in this process; null = one per core, at most 8).")),
+    checkpoint: Path | None = typer.Argument(
+        None, metavar="CHECKPOINT", help="A checkpoint written by `alexrepro train`."
+    ),
+    shards: Path | None = typer.Argument(
+        None, metavar="SHARDS", help="Folder written by `alexrepro prepare` (its val split is used)."
+    ),
+    out: Path | None = typer.Argument(
+        None, metavar="OUT", help="Folder for metrics.json, the submission file and the report."
+    ),
+    batch_size: int | None = typer.Option(
+        None, **default_help("evaluate", "batch_size", "Images per batch (each image gives 10 views).")
+    ),
+    devices: str | None = typer.Option(
+        None, **default_help("evaluate", "devices", "auto, cpu, cuda, or cuda:0,cuda:1 for one tower per GPU.")
+    ),
+    workers: int | None = typer.Option(
+        None,
+        **default_help(
+            "evaluate", "workers", "Decoding processes (0 = in this process; null = one per core, at most 8)."
+        ),
+    ),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print metrics.json on stdout instead of a table."),
-    config: Optional[Path] = config_option("evaluate"),
-    set_: Optional[List[str]] = SetOption,
+    config: Path | None = config_option("evaluate"),
+    set_: list[str] | None = SetOption,
     show_config: bool = ShowConfigOption,
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
@@ -589,7 +674,7 @@ None, metavar="OUT", help="Folder for metrics.json, the submission file and the 
 
     flags = dict(batch_size=batch_size, devices=devices, workers=workers)
     cfg = _config("evaluate", EvaluateConfig, config, set_, flags, show_config, verbose, quiet)
-    _require(checkpoint=checkpoint, shards=shards, out=out)
+    checkpoint, shards, out = _require(checkpoint=checkpoint, shards=shards, out=out)
     if checkpoint.is_dir():
         raise _error(f"CHECKPOINT {checkpoint} is a folder; give a .pt file written by `alexrepro train`", 2)
     _folder_in(shards, "SHARDS", "alexrepro prepare")
@@ -616,7 +701,9 @@ None, metavar="OUT", help="Folder for metrics.json, the submission file and the 
 @app.command()
 def predict(
     checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="A checkpoint written by `alexrepro train`."),
-    images: List[Path] = typer.Argument(..., metavar="IMAGE...", help="Image files of any size and format Pillow reads."),
+    images: list[Path] = typer.Argument(
+        ..., metavar="IMAGE...", help="Image files of any size and format Pillow reads."
+    ),
     crops: int = typer.Option(10, help="10 = the paper's ten-patch average (§4.1); 1 = the centre crop."),
     devices: str = typer.Option("auto", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print JSON on stdout instead of a table."),
@@ -634,7 +721,7 @@ def predict(
         results = run_predict(checkpoint, list(images), crops=crops, device=devices)
     failed = [r for r in results if isinstance(r, PredictionError)]
     if as_json:
-        print(json.dumps([_prediction_dict(r) for r in results], indent=2))
+        print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
         for r in results:
             if isinstance(r, PredictionError):
@@ -643,7 +730,7 @@ def predict(
             table.add_column("#", justify="right")
             table.add_column("class")
             table.add_column("probability", justify="right")
-            for rank, (name, prob) in enumerate(zip(r.names, r.probabilities), start=1):
+            for rank, (name, prob) in enumerate(zip(r.names, r.probabilities, strict=True), start=1):
                 table.add_row(str(rank), name, f"{prob:.3f}")
             out_console.print(table)
     for r in failed:
@@ -652,20 +739,11 @@ def predict(
         raise typer.Exit(1)
 
 
-def _prediction_dict(result: Any) -> dict:
-    if hasattr(result, "to_dict"):
-        return result.to_dict()
-    from dataclasses import asdict
-
-    data = asdict(result)
-    return {k: str(v) if isinstance(v, Path) else v for k, v in data.items()}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Benchmarks
 
 
-def _print_bench(report: Any, as_json: bool) -> None:
+def _print_bench(report: BenchReport, as_json: bool) -> None:
     if as_json:
         print(report.to_json())
         return
@@ -775,9 +853,9 @@ def bench_scale(
     classes: int = typer.Option(1000, help="Classes (the real 1000; fewer for a quick look)."),
     steps: int = typer.Option(10, help="Training steps before train is stopped (SIGTERM, its clean stop)."),
     workers: int = typer.Option(2, help="Worker processes of prepare, stats, train's loader."),
-    log: Optional[Path] = typer.Option(None, help="Append every stage's output to this file."),
-    markdown_out: Optional[Path] = typer.Option(None, help="Also write the tables as Markdown to this file."),
-    rows_out: Optional[Path] = typer.Option(None, help="Append each stage's row as a JSON line when it ends."),
+    log: Path | None = typer.Option(None, help="Append every stage's output to this file."),
+    markdown_out: Path | None = typer.Option(None, help="Also write the tables as Markdown to this file."),
+    rows_out: Path | None = typer.Option(None, help="Append each stage's row as a JSON line when it ends."),
     as_json: bool = JsonOption,
 ) -> None:
     """Every stage run for real at several scales: wall time, ms/image, peak RSS, disk, time to first result.

@@ -13,13 +13,16 @@ import math
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
 from alexrepro.errors import ConfigError
 
-C = TypeVar("C")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+C = TypeVar("C", bound="DataclassInstance")  # a config dataclass
 
 
 def load_config(cls: type[C], path: Path | None = None, overrides: dict[str, Any] | None = None) -> C:
@@ -146,7 +149,7 @@ def _coerce(tp, value):
         if origin is tuple and args:
             if len(args) != len(value):
                 raise TypeError
-            return tuple(_coerce(a, v) for a, v in zip(args, value))
+            return tuple(_coerce(a, v) for a, v in zip(args, value, strict=True))
         inner = args[0] if args else Any
         return tuple(_coerce(inner, v) for v in value) if origin is tuple else [_coerce(inner, v) for v in value]
     if tp is bool:

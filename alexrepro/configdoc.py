@@ -56,7 +56,7 @@ def stage_keys(stage: str) -> list[Key]:
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
     keys = []
     heading = ""
-    previous_end = cls.body[0].end_lineno if cls.body else cls.lineno
+    previous_end = (cls.body[0].end_lineno or cls.lineno) if cls.body else cls.lineno
     for node in cls.body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None):
             continue

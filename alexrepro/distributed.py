@@ -7,10 +7,11 @@ ranks on one machine). Without torchrun everything here is the single-process no
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,29 @@ def init_distributed(ranks: Ranks, device_type: str) -> None:
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_ranks(devices_spec: str, towers: int) -> Iterator[tuple[Ranks, list[torch.device]]]:
+    """This process's rank and devices (train's and evaluate's set-up); joins the process group `torchrun`
+    describes (RANK, WORLD_SIZE), if any.
+
+    A group the caller already initialised is used as is and left open; one opened here is closed on exit.
+    """
+    if dist.is_available() and dist.is_initialized():
+        ranks = Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        yield ranks, resolve_devices(devices_spec, towers, ranks.local_rank)
+        return
+    ranks = ranks_from_env()
+    devices = resolve_devices(devices_spec, towers, ranks.local_rank)
+    if devices[0].type == "cuda":
+        torch.cuda.set_device(devices[0])  # NCCL, its object collectives and the default stream follow this GPU
+    init_distributed(ranks, devices[0].type)
+    try:
+        yield ranks, devices
+    finally:
+        if ranks.distributed:
+            shutdown_distributed()
 
 
 def resolve_devices(spec: str, towers: int, local_rank: int = 0) -> list[torch.device]:

@@ -4,6 +4,8 @@ Library code raises these; the command line catches `AlexReproError` once, print
 stderr and exits 1. Each message names the file or key at fault and says what to do about it.
 """
 
+import re
+
 
 class AlexReproError(Exception):
     """Base class: a problem the user can act on. The message is one line that includes the fix."""
@@ -47,3 +49,16 @@ class OutputWriteError(AlexReproError):
 
 class WorkerDiedError(AlexReproError):
     """A worker process died without reporting (killed by a signal, typically the out-of-memory killer)."""
+
+
+_OBJECT_ADDRESS = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>|(?<=\w) object at 0x[0-9a-fA-F]+")
+
+
+def exception_text(exc: BaseException, limit: int = 120) -> str:
+    """The first line of `exc`'s message (its type's name when it has none), for a one-line reason.
+
+    Object addresses are dropped: Pillow names the in-memory buffer it read ("cannot identify image file
+    <_io.BytesIO object at 0x7f…>"), which would make the same file give a different message on every run (and
+    prepare's manifest, which records the reason, differ between runs)."""
+    text = _OBJECT_ADDRESS.sub("", str(exc)).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

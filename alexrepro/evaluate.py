@@ -28,10 +28,9 @@ import dataclasses
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -39,14 +38,14 @@ from torch.utils.data import DataLoader
 
 from alexrepro import shards as shardlib
 from alexrepro.atomic import atomic_write_text
-from alexrepro.distributed import Ranks, init_distributed, ranks_from_env, resolve_devices, shutdown_distributed
+from alexrepro.distributed import Ranks, distributed_ranks, ranks_from_env
 from alexrepro.errors import EvaluationError
 from alexrepro.inference import CENTRE_VIEW, InferenceNetwork
 from alexrepro.loader import ordered_loader, split_index, verified_index
 from alexrepro.locking import output_lock
 from alexrepro.progress import Progress
 from alexrepro.shards import ShardIndex, ShardReader, sha256_file, verify_shards
-from alexrepro.workers import usable_cores
+from alexrepro.workers import worker_count
 
 TOP_K = 5  # ILSVRC scores five guesses per image (REFERENCE.md §5)
 EXAMPLE_IMAGES = 8  # validation images shown with their top-5 (the paper's Figure 4, left)
@@ -84,29 +83,6 @@ class EvaluateResult:
 
 # --------------------------------------------------------------------------------------------------------------
 # Devices and ranks
-
-
-@contextlib.contextmanager
-def distributed_ranks(devices_spec: str, towers: int) -> Iterator[tuple[Ranks, list[torch.device]]]:
-    """This process's rank and devices; joins the process group `torchrun` describes (RANK, WORLD_SIZE), if any.
-
-    A group the caller already initialised is used as is and left open; one opened here is closed on exit.
-    """
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        ranks = Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-        yield ranks, resolve_devices(devices_spec, towers, ranks.local_rank)
-        return
-    ranks = ranks_from_env()
-    devices = resolve_devices(devices_spec, towers, ranks.local_rank)
-    if ranks.distributed and devices[0].type == "cuda":
-        torch.cuda.set_device(devices[0])  # NCCL's object collectives use the current device
-    init_distributed(ranks, devices[0].type)
-    try:
-        yield ranks, devices
-    finally:
-        if ranks.distributed:
-            shutdown_distributed()
 
 
 def _all_gather(obj: Any, ranks: Ranks) -> list[Any]:
@@ -356,7 +332,7 @@ def _evaluate_locked(checkpoint: Path, shards: Path, out: Path, config: Evaluate
 
 
 def _workers(config: EvaluateConfig) -> int:
-    return min(8, usable_cores()) if config.workers is None else config.workers
+    return worker_count(config.workers, most=8, least=0)  # DataLoader workers: 0 decodes in this process
 
 
 def _score_split(network: InferenceNetwork, index: ShardIndex, manifest, config: EvaluateConfig, ranks: Ranks,

@@ -33,6 +33,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile
 
+from alexrepro.errors import exception_text
+
 # Larger than any ILSVRC-2012 image (the biggest train image has about 12 M pixels) and equal to Pillow's own
 # warning threshold. A header claiming more is a decompression bomb: decoding it could take gigabytes of memory.
 MAX_PIXELS = 89_478_485
@@ -96,7 +98,7 @@ def decode_rgb(data: bytes) -> np.ndarray:
     return np.asarray(image)
 
 
-def decode_rgb_planes(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def decode_rgb_planes(data: bytes | memoryview) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode an image to its R, G and B planes, each H×W uint8 (Pillow splits bands in C, cheaper than a
     numpy transpose of the interleaved array; `stats` wants planes)."""
     image = _to_rgb(_load(_open(data), data))
@@ -123,7 +125,7 @@ def resize_obvious_way(data: bytes, size: int = 256, quality: int = 95) -> bytes
     return out.getvalue()
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes | memoryview) -> Image.Image:
     """Identify the image from its content and check its claimed size before any pixel is decoded."""
     if not data:
         raise UnreadableImage("empty file")
@@ -145,7 +147,7 @@ def _open(data: bytes) -> Image.Image:
     return image
 
 
-def _load(image: Image.Image, data: bytes, draft: tuple[int, int] | None = None) -> Image.Image:
+def _load(image: Image.Image, data: bytes | memoryview, draft: tuple[int, int] | None = None) -> Image.Image:
     """Decode the pixels; truncated or corrupt data raises UnreadableImage instead of being padded."""
     assert not ImageFile.LOAD_TRUNCATED_IMAGES, "LOAD_TRUNCATED_IMAGES would let truncated files through as grey"
     try:
@@ -164,7 +166,7 @@ _NO_DATA = (127, 128)
 _FILLER = b"\x5a\xa5" * 2048
 
 
-def _jpeg_ran_out(image: Image.Image, data: bytes, draft: tuple[int, int] | None) -> bool:
+def _jpeg_ran_out(image: Image.Image, data: bytes | memoryview, draft: tuple[int, int] | None) -> bool:
     """Whether libjpeg met the end of the data (an early EOI marker) before the last block of the image.
 
     libjpeg treats that as a warning ("Premature end of JPEG file", "Corrupt JPEG data: premature end of data
@@ -178,6 +180,7 @@ def _jpeg_ran_out(image: Image.Image, data: bytes, draft: tuple[int, int] | None
     last = image.getpixel((image.width - 1, image.height - 1))
     if any(channel not in _NO_DATA for channel in (last if isinstance(last, tuple) else (last,))):
         return False
+    data = bytes(data)  # a slice of a shard read whole (stats) is a memoryview, which has no rfind
     end = data.rfind(b"\xff\xd9")
     if end < 0:
         return False  # no EOI at all: Pillow itself raised "image file is truncated" above
@@ -224,5 +227,4 @@ def _centre_square(width: int, height: int) -> tuple[float, float, float, float]
 
 
 def _reason(prefix: str, exc: BaseException) -> str:
-    detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-    return f"{prefix}: {detail}"
+    return f"{prefix}: {exception_text(exc)}"

@@ -10,7 +10,7 @@ checkpoint's `input_scale`.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +92,9 @@ class InferenceNetwork:
         # bf16 autocast and channels_last on CUDA, as training ran (DESIGN.md "Training"); softmax always in fp32.
         cuda = self.device.type == "cuda"
         self.bf16 = cuda and train.get("precision", "auto") != "fp32"
-        self.memory_format = torch.channels_last if cuda and train.get("channels_last", True) else torch.contiguous_format
+        self.memory_format = (
+            torch.channels_last if cuda and train.get("channels_last", True) else torch.contiguous_format
+        )
         self.model = self.model.to(memory_format=self.memory_format)
 
     @property

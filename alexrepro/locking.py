@@ -14,8 +14,8 @@ import contextlib
 import errno
 import fcntl
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from alexrepro.errors import OutputBusyError, OutputExistsError, OutputWriteError
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +104,7 @@ class ModelConfig:
     def widths(self) -> tuple[int, int, int, int, int, int, int]:
         """Units in conv1…conv5, fc6, fc7, both towers together; always even, so the towers are equal halves."""
         return tuple(
-            max(2, 2 * round(c * self.width * k / 2)) for c, k in zip(PAPER_WIDTHS, self.layer_widths)
+            max(2, 2 * round(c * self.width * k / 2)) for c, k in zip(PAPER_WIDTHS, self.layer_widths, strict=True)
         )  # type: ignore[return-value]
 
     @property
@@ -263,7 +264,9 @@ class Dropout(nn.Module):
             return x
         if self.scaling == "inverted":
             return F.dropout(x, self.p, self.training)
-        if self.training:  # F.dropout draws the mask (the same random stream as "inverted"); kept units stay as they are
+        if (
+            self.training
+        ):  # F.dropout draws the mask (the same random stream as "inverted"); kept units stay as they are
             kept = F.dropout(torch.ones_like(x), self.p, training=True) != 0
             return x * kept
         return x * (1 - self.p)
@@ -289,8 +292,8 @@ class TowerConv(nn.Module):
         )
 
     def forward(self, x: Tensor, towers: Sequence[int]) -> Tensor:
-        weight = _cat([self.towers[k].weight for k in towers], dim=0)
-        bias = _cat([self.towers[k].bias for k in towers], dim=0)
+        weight = _cat([_weight(self.towers[k]) for k in towers], dim=0)
+        bias = _cat([_bias(self.towers[k]) for k in towers], dim=0)
         groups = len(towers) if self.within_tower else 1
         return F.conv2d(x, weight, bias, self.stride, self.padding, groups=groups)
 
@@ -336,13 +339,13 @@ class AlexNet(nn.Module):
         self._place(devices)
 
     def _init_weights(self, scheme: str) -> None:
-        """"paper" (§5): every weight ~ N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7 ("accelerates the
+        """ "paper" (§5): every weight ~ N(0, 0.01); biases 1 in conv2, conv4, conv5, fc6, fc7 ("accelerates the
         early stages of learning by providing the ReLUs with positive inputs"), 0 elsewhere.
         "he": Kaiming normal (He et al. 2015, fan_in, gain √2) for conv1…fc7, whose outputs go through ReLUs
         (gain 5/3 with tanh units); fc8 ~ N(0, 0.01) (it feeds the softmax, not a ReLU; as torchvision's VGG
         does); all biases 0.
         """
-        nonlinearity = self.config.activation
+        nonlinearity = cast(Literal["relu", "tanh"], self.config.activation)  # ModelConfig checked it
         ones = {"conv2", "conv4", "conv5", "fc6", "fc7"}
         for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"):
             for tower in getattr(self, name).towers:
@@ -370,19 +373,19 @@ class AlexNet(nn.Module):
                 f"devices: got {len(devices)} devices for {towers} tower(s); give one device, or two with towers=2"
             )
         for layer in (self.conv1, self.conv2, self.conv3, self.conv4, self.conv5, self.fc6, self.fc7):
-            for tower, device in zip(layer.towers, tower_devices):
+            for tower, device in zip(layer.towers, tower_devices, strict=True):
                 tower.to(device)
         self.fc8.to(devices[0])
 
     @property
     def tower_devices(self) -> list[torch.device]:
         """The device of each tower, in tower order (the same device twice when both towers share one)."""
-        return [tower.weight.device for tower in self.conv1.towers]
+        return [_weight(tower).device for tower in self.conv1.towers]
 
     def _placement(self) -> list[tuple[torch.device, tuple[int, ...]]]:
         """(device, towers on it) for each device in use; tower devices are read from the parameters, so a
         one-device model moved with `.to()` follows."""
-        return [(self.conv1.towers[ts[0]].weight.device, ts) for ts in self._device_towers]
+        return [(_weight(self.conv1.towers[ts[0]]).device, ts) for ts in self._device_towers]
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits N×num_classes on the first device for images N×3×crop×crop."""
@@ -423,7 +426,7 @@ class AlexNet(nn.Module):
 
     def conv1_kernels(self) -> Tensor:
         """conv1's weights, 96×3×11×11 on the CPU, tower 0's kernels first (for the paper's Figure 3)."""
-        return torch.cat([tower.weight.detach().cpu() for tower in self.conv1.towers])
+        return torch.cat([_weight(tower).detach().cpu() for tower in self.conv1.towers])
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -434,6 +437,15 @@ def count_parameters(model: nn.Module) -> int:
 def _both(h: list[Tensor], device: torch.device) -> Tensor:
     """Every device's activations side by side on `device`: the cross-tower connection of Figure 2."""
     return _cat([t.to(device) for t in h], dim=1)
+
+
+def _weight(tower: nn.Module) -> Tensor:
+    """A tower's weight (nn.Module's attribute lookup is typed Tensor | Module)."""
+    return cast(Tensor, tower.weight)
+
+
+def _bias(tower: nn.Module) -> Tensor:
+    return cast(Tensor, tower.bias)
 
 
 def _cat(tensors: list[Tensor], dim: int) -> Tensor:

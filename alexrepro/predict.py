@@ -9,17 +9,17 @@ the ten patches, or the centre patch alone with `crops=1`. A file that is missin
 
 from __future__ import annotations
 
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from alexrepro.distributed import resolve_devices
 from alexrepro.errors import ConfigError
-from alexrepro.inference import InferenceNetwork
 from alexrepro.imaging import UnreadableImage, resize_square_jpeg
+from alexrepro.inference import InferenceNetwork
 from alexrepro.prepare import PrepareConfig
 
 
@@ -38,7 +38,7 @@ class Prediction:
             "crops": self.crops,
             "top": [
                 {"class": c, "wnid": w, "name": n, "probability": p}
-                for c, w, n, p in zip(self.classes, self.wnids, self.names, self.probabilities)
+                for c, w, n, p in zip(self.classes, self.wnids, self.names, self.probabilities, strict=True)
             ],
         }
 
@@ -111,6 +111,4 @@ def load_image(path: Path, network: InferenceNetwork, quality: int) -> torch.Ten
     try:
         return network.decode(resize_square_jpeg(data, network.size, quality))
     except UnreadableImage as exc:
-        # Pillow names the in-memory buffer ("cannot identify image file <_io.BytesIO object at 0x7f…>"): drop it,
-        # so that the reason reads well and the same file always gives the same message.
-        raise _Unusable(re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", exc.reason)) from None
+        raise _Unusable(exc.reason) from None  # without Pillow's object addresses (errors.exception_text)

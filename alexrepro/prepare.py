@@ -48,11 +48,12 @@ from alexrepro.shards import (
     ShardInfo,
     SplitInfo,
     shard_name,
+    sha256_file,
     write_manifest,
     write_shard,
 )
 from alexrepro.sources import ImageRef, Source, find_source, fingerprint
-from alexrepro.workers import map_unordered, usable_cores
+from alexrepro.workers import map_unordered, worker_count
 
 STATE_DIR = ".prepare"  # resume bookkeeping inside OUT: plan.json and one record per finished shard
 PLAN_FORMAT = "alexrepro-prepare-plan"
@@ -63,7 +64,6 @@ PLAN_VERSION = 1
 MAX_SIZE = 4096
 
 _SHARD_FILE = re.compile(r"(train|val)-(\d{6}\.tar|index\.npy)")  # shards and their member indexes
-_ADDRESS = re.compile(r" object at 0x[0-9a-fA-F]+")
 _TEMP_FILE = re.compile(r"\..+\.tmp-\d+")  # left behind by atomic_open when a run is killed with SIGKILL
 
 
@@ -161,7 +161,7 @@ def _prepare(source: Path, out: Path, config: PrepareConfig, overwrite: bool, pr
     work = partial(run_shard_task, out=out, size=config.size, quality=config.quality)
     records: dict[str, dict] = {}
     reused = 0
-    for record, kept in map_unordered(work, tasks, _worker_count(config.workers, len(tasks)), preload=__name__):
+    for record, kept in map_unordered(work, tasks, worker_count(config.workers, len(tasks)), preload=__name__):
         records[record["name"]] = record
         reused += kept
         progress.advance(record["count"] + len(record["rejected"]))
@@ -240,7 +240,7 @@ def run_shard_task(task: ShardTask, out: Path, size: int, quality: int) -> tuple
             try:
                 jpeg = imaging.resize_square_jpeg(reader.read(ref), size, quality)
             except imaging.UnreadableImage as exc:
-                rejected.append({"split": task.split, "path": ref.path, "reason": _stable(exc.reason)})
+                rejected.append({"split": task.split, "path": ref.path, "reason": exc.reason})
                 continue
             yield Sample(ref.key, jpeg, ref.label)
 
@@ -260,12 +260,6 @@ def _write_record(path: Path, record: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, path)
-
-
-def _stable(reason: str) -> str:
-    """`reason` without the object addresses some Pillow messages carry ("<_io.BytesIO object at 0x7f…>"), which
-    would make the manifest differ from run to run."""
-    return _ADDRESS.sub("", reason)
 
 
 class _Reader:
@@ -293,12 +287,6 @@ class _Reader:
         if self.handle is not None:
             self.handle.close()
         self.handle = self.name = None
-
-
-def _worker_count(workers: int | None, tasks: int) -> int:
-    if workers is None:
-        workers = usable_cores()
-    return max(1, min(workers, tasks))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -359,11 +347,7 @@ def _finished_record(out: Path, task: ShardTask) -> dict | None:
     shard = out / task.name
     if record is None or record.get("name") != task.name or not shard.is_file():
         return None
-    digest = hashlib.sha256()
-    with open(shard, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return record if digest.hexdigest() == record.get("sha256") else None
+    return record if sha256_file(shard) == record.get("sha256") else None
 
 
 def _read_json(path: Path) -> dict | None:

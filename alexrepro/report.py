@@ -24,16 +24,17 @@ import html
 import io
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display (must precede pyplot)
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from alexrepro.atomic import atomic_write_bytes, atomic_write_text  # noqa: E402
 
@@ -387,7 +388,6 @@ def recipe_section(inputs: ReportInputs) -> list[Block]:
     ]
 
 
-
 # The paper's claims that have a switch: (section, setting, the paper's value, what the paper says it is worth).
 CLAIM_SWITCHES = (
     ("§3.1", "activation", "ReLU: 25% training error about 6× sooner than tanh (Figure 1)"),
@@ -492,7 +492,9 @@ def curves_section(inputs: ReportInputs) -> list[Block]:
 def conv1_weights(state_dict: dict[str, Any]) -> np.ndarray:
     """The conv1 kernels (out×3×h×w) from a model state_dict, towers in order."""
     # "conv1.towers.0.weight", "conv1.towers.1.weight": one tensor per tower, in tower order
-    keys = sorted(k for k, v in state_dict.items() if k.split(".")[0] == "conv1" and k.endswith("weight") and v.dim() == 4)
+    keys = sorted(
+        k for k, v in state_dict.items() if k.split(".")[0] == "conv1" and k.endswith("weight") and v.dim() == 4
+    )
     if not keys:
         raise KeyError("the checkpoint's model has no conv1 weight")
     return np.concatenate([state_dict[k].detach().float().cpu().numpy() for k in keys])
@@ -525,15 +527,16 @@ def conv1_section(inputs: ReportInputs) -> list[Block]:
     columns = math.ceil(n / rows)
     fig = _figure("conv1")
     axes = np.atleast_1d(fig.subplots(towers, 1))
-    for t, (ax, group) in enumerate(zip(axes, per_tower)):
+    for t, (ax, group) in enumerate(zip(axes, per_tower, strict=True)):
         ax.imshow(kernel_mosaic(group, columns), interpolation="nearest")
         ax.set_title(f"tower {t + 1}: {len(group)} kernels" if towers > 1 else f"{len(group)} kernels", fontsize=10)
         ax.axis("off")
-    fig.subplots_adjust(left=0.005, right=0.995, bottom=0.005, top=1 - title / height, hspace=title * towers / height * 2)
+    fig.subplots_adjust(
+        left=0.005, right=0.995, bottom=0.005, top=1 - title / height, hspace=title * towers / height * 2
+    )
     k = kernels.shape
-    caption = (
-        f"The {k[0]} conv1 kernels ({k[2]}×{k[3]}×{k[1]}), each scaled to the full colour range on its own, "
-        + ("one block per tower (the paper's Figure 3)." if towers > 1 else "one tower (the paper's Figure 3).")
+    caption = f"The {k[0]} conv1 kernels ({k[2]}×{k[3]}×{k[1]}), each scaled to the full colour range on its own, " + (
+        "one block per tower (the paper's Figure 3)." if towers > 1 else "one tower (the paper's Figure 3)."
     )
     return [Heading("First-layer kernels"), Figure("conv1", caption, _png(fig))]
 
@@ -619,7 +622,7 @@ def per_class_error(top: np.ndarray, labels: np.ndarray, num_classes: int, k: in
 
 def confused_pairs(top: np.ndarray, labels: np.ndarray, n: int = 10) -> list[tuple[int, int, int]]:
     """The `n` most frequent (true class, top-1 guess, count) among wrong top-1 guesses, most frequent first."""
-    counts = Counter((int(t), int(p)) for t, p in zip(labels.tolist(), top[:, 0].tolist()) if t != p)
+    counts = Counter((int(t), int(p)) for t, p in zip(labels.tolist(), top[:, 0].tolist(), strict=True) if t != p)
     return [(t, p, c) for (t, p), c in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:n]]
 
 
@@ -634,8 +637,13 @@ def per_class_section(inputs: ReportInputs, shown: int = 10) -> list[Block]:
     order = sorted(present, key=lambda c: (err1[c], errk[c], c))
 
     def row(c: int) -> list[str]:
-        return [f"{c} {inputs.classes[c]['wnid']}", _short(_class_name(inputs, c), 40), str(counts[c]),
-                _pct(100 * err1[c]), _pct(100 * errk[c])]
+        return [
+            f"{c} {inputs.classes[c]['wnid']}",
+            _short(_class_name(inputs, c), 40),
+            str(counts[c]),
+            _pct(100 * err1[c]),
+            _pct(100 * errk[c]),
+        ]
 
     header = ["class", "name", "images", "top-1 error %", f"top-{k} error %"]
     # Best and worst are each at most half the classes, so that neither lists every class and they never overlap.
@@ -682,8 +690,12 @@ def per_class_section(inputs: ReportInputs, shown: int = 10) -> list[Block]:
             Table(
                 ["true class", "taken for", "images", "share of the true class"],
                 [
-                    [_short(_class_name(inputs, t), 40), _short(_class_name(inputs, p), 40), str(c),
-                     f"{100 * c / counts[t]:.1f}%"]
+                    [
+                        _short(_class_name(inputs, t), 40),
+                        _short(_class_name(inputs, p), 40),
+                        str(c),
+                        f"{100 * c / counts[t]:.1f}%",
+                    ]
                     for t, p, c in pairs
                 ],
             )

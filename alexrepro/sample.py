@@ -24,16 +24,14 @@ byte-identical for a seed whatever the worker count.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import math
-import multiprocessing
-import os
 import tarfile
-import dataclasses
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import scipy.io
@@ -42,6 +40,7 @@ from PIL import Image
 from alexrepro.atomic import atomic_open
 from alexrepro.errors import AlexReproError, OutputExistsError
 from alexrepro.progress import Progress
+from alexrepro.workers import map_ordered, worker_count
 
 TRAIN_ARCHIVE = "ILSVRC2012_img_train.tar"
 VAL_ARCHIVE = "ILSVRC2012_img_val.tar"
@@ -56,7 +55,14 @@ ARCHIVE_MTIME = 1335916800
 
 # Field order of the real `synsets` struct array; torchvision's parser reads fields by position.
 SYNSET_FIELDS = (
-    "ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height", "num_train_images",
+    "ILSVRC2012_ID",
+    "WNID",
+    "words",
+    "gloss",
+    "num_children",
+    "children",
+    "wordnet_height",
+    "num_train_images",
 )
 
 # The real training set's largest class has 1300 images (REFERENCE.md §5).
@@ -86,7 +92,9 @@ class SampleConfig:
     val_per_class: int = 50  # as in the real validation set (REFERENCE.md §5)
     seed: int = 0
     image_scale: float = 1.0  # multiplies every image's width and height; tests use small values for speed
-    workers: int | None = None  # processes that render images; None = one per core, 0 = in this process. Never changes the output bytes.
+    workers: int | None = (
+        None  # processes that render images; None = one per core, 0 = in this process. Never changes the output bytes.
+    )
 
     def __post_init__(self) -> None:
         if not 2 <= self.classes <= len(PATTERNS):
@@ -101,7 +109,9 @@ class SampleConfig:
         if not 0.05 <= self.image_scale <= 4.0:
             raise ValueError("key 'image_scale' must be between 0.05 and 4.0")
         if self.workers is not None and self.workers < 0:
-            raise ValueError("key 'workers' must be 0 (in this process), a positive number of processes or null (all cores)")
+            raise ValueError(
+                "key 'workers' must be 0 (in this process), a positive number of processes or null (all cores)"
+            )
 
     @classmethod
     def tiny(cls, seed: int = 0) -> SampleConfig:
@@ -292,38 +302,122 @@ def _arrow(u, v, short, rng):
 # (the first WNID sorts after the second), as in the real devkit (REFERENCE.md §5). WNIDs start with n2: real
 # WordNet offsets stay below n16000000, so these can never be mistaken for real synsets.
 PATTERNS: tuple[Pattern, ...] = (
-    Pattern("stripes", "n27304915", "stripes, banded pattern, parallel bands",
-            "a surface covered with straight parallel bands of alternating colour", "texture", _stripes),
-    Pattern("star", "n21846023", "star, five-pointed star, pentagram shape",
-            "a single figure with five sharp points radiating from its centre", "shape", _star),
-    Pattern("checkerboard", "n25519360", "checkerboard, chequered pattern, checks",
-            "a surface tiled with squares of two alternating colours", "texture", _checkerboard),
-    Pattern("cross", "n29061487", "cross, plus sign, Greek cross",
-            "a single figure of two bars of equal length crossing at right angles", "shape", _cross),
-    Pattern("rings", "n23178542", "concentric rings, target pattern, bullseye",
-            "circles of alternating colour sharing one centre", "texture", _concentric_rings),
-    Pattern("triangle", "n20457391", "triangle, trigon, equilateral triangle",
-            "a single three-sided figure with equal sides", "shape", _triangle),
-    Pattern("dots", "n28840216", "polka dots, spotted pattern, dots",
-            "a surface covered with small round spots in regular rows", "texture", _polka_dots),
-    Pattern("disk", "n22638104", "disk, filled circle, round spot",
-            "a single solid round figure", "shape", _disk),
-    Pattern("grid", "n26093874", "grid, lattice of lines, mesh",
-            "thin straight lines crossing at right angles at regular intervals", "texture", _grid),
-    Pattern("zigzag", "n24972618", "zigzag, chevron pattern, herringbone stripes",
-            "parallel bands that turn sharply back and forth", "texture", _zigzag),
-    Pattern("crescent", "n29527703", "crescent, sickle shape, new moon",
-            "a single figure like a disk with a round bite taken from one side", "shape", _crescent),
-    Pattern("spiral", "n20119465", "spiral, coil, helix pattern",
-            "a band winding outwards around a centre", "texture", _spiral),
-    Pattern("square", "n25846611", "square, filled square, quadrate",
-            "a single solid four-sided figure with equal sides and right angles", "shape", _square),
-    Pattern("waves", "n28215379", "waves, wavy stripes, undulating bands",
-            "parallel bands that curve smoothly back and forth", "texture", _waves),
-    Pattern("annulus", "n23624097", "annulus, ring, hoop",
-            "a single round band around an empty centre", "shape", _annulus),
-    Pattern("arrow", "n26780532", "arrow, arrowhead, pointer",
-            "a single figure of a shaft ending in a triangular head", "shape", _arrow),
+    Pattern(
+        "stripes",
+        "n27304915",
+        "stripes, banded pattern, parallel bands",
+        "a surface covered with straight parallel bands of alternating colour",
+        "texture",
+        _stripes,
+    ),
+    Pattern(
+        "star",
+        "n21846023",
+        "star, five-pointed star, pentagram shape",
+        "a single figure with five sharp points radiating from its centre",
+        "shape",
+        _star,
+    ),
+    Pattern(
+        "checkerboard",
+        "n25519360",
+        "checkerboard, chequered pattern, checks",
+        "a surface tiled with squares of two alternating colours",
+        "texture",
+        _checkerboard,
+    ),
+    Pattern(
+        "cross",
+        "n29061487",
+        "cross, plus sign, Greek cross",
+        "a single figure of two bars of equal length crossing at right angles",
+        "shape",
+        _cross,
+    ),
+    Pattern(
+        "rings",
+        "n23178542",
+        "concentric rings, target pattern, bullseye",
+        "circles of alternating colour sharing one centre",
+        "texture",
+        _concentric_rings,
+    ),
+    Pattern(
+        "triangle",
+        "n20457391",
+        "triangle, trigon, equilateral triangle",
+        "a single three-sided figure with equal sides",
+        "shape",
+        _triangle,
+    ),
+    Pattern(
+        "dots",
+        "n28840216",
+        "polka dots, spotted pattern, dots",
+        "a surface covered with small round spots in regular rows",
+        "texture",
+        _polka_dots,
+    ),
+    Pattern("disk", "n22638104", "disk, filled circle, round spot", "a single solid round figure", "shape", _disk),
+    Pattern(
+        "grid",
+        "n26093874",
+        "grid, lattice of lines, mesh",
+        "thin straight lines crossing at right angles at regular intervals",
+        "texture",
+        _grid,
+    ),
+    Pattern(
+        "zigzag",
+        "n24972618",
+        "zigzag, chevron pattern, herringbone stripes",
+        "parallel bands that turn sharply back and forth",
+        "texture",
+        _zigzag,
+    ),
+    Pattern(
+        "crescent",
+        "n29527703",
+        "crescent, sickle shape, new moon",
+        "a single figure like a disk with a round bite taken from one side",
+        "shape",
+        _crescent,
+    ),
+    Pattern(
+        "spiral",
+        "n20119465",
+        "spiral, coil, helix pattern",
+        "a band winding outwards around a centre",
+        "texture",
+        _spiral,
+    ),
+    Pattern(
+        "square",
+        "n25846611",
+        "square, filled square, quadrate",
+        "a single solid four-sided figure with equal sides and right angles",
+        "shape",
+        _square,
+    ),
+    Pattern(
+        "waves",
+        "n28215379",
+        "waves, wavy stripes, undulating bands",
+        "parallel bands that curve smoothly back and forth",
+        "texture",
+        _waves,
+    ),
+    Pattern(
+        "annulus", "n23624097", "annulus, ring, hoop", "a single round band around an empty centre", "shape", _annulus
+    ),
+    Pattern(
+        "arrow",
+        "n26780532",
+        "arrow, arrowhead, pointer",
+        "a single figure of a shaft ending in a triangular head",
+        "shape",
+        _arrow,
+    ),
 )
 
 # Internal nodes of the miniature hierarchy (IDs above the number of classes, as in the real meta.mat).
@@ -411,7 +505,7 @@ def plan_sample(config: SampleConfig) -> SamplePlan:
 def _mark_odd_files(rng: np.random.Generator, train: dict[str, list[ImageSpec]], val: list[ImageSpec]) -> None:
     """Turn three distinct train images into a PNG, a CMYK and a grayscale file, and one val image into CMYK."""
     everywhere = [(wnid, i) for wnid, specs in train.items() for i in range(len(specs))]
-    for kind, pick in zip(("png", "cmyk", "gray"), rng.choice(len(everywhere), 3, replace=False)):
+    for kind, pick in zip(("png", "cmyk", "gray"), rng.choice(len(everywhere), 3, replace=False), strict=True):
         wnid, i = everywhere[int(pick)]
         train[wnid][i] = dataclasses.replace(train[wnid][i], kind=kind)
     pick = int(rng.integers(len(val)))
@@ -428,7 +522,7 @@ def render_image(spec: ImageSpec) -> bytes:
     drawn_size = _drawn_size(spec.width, spec.height, rng)
     picture = Image.fromarray(render_pixels(PATTERNS[spec.pattern], *drawn_size, rng))
     if drawn_size != (spec.width, spec.height):
-        picture = picture.resize((spec.width, spec.height), Image.BILINEAR)
+        picture = picture.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
     return _encode(picture, spec)
 
 
@@ -524,7 +618,7 @@ def _background(rng, xs, ys, short, base: np.ndarray) -> np.ndarray:
     t = np.clip(_ramp(rng, xs, ys, short), -1, 1) * np.float32(0.5) + np.float32(0.5)
     # Light and shade: a coarse random grid smoothly enlarged, added to every channel alike.
     coarse = rng.normal(0, rng.uniform(8, 25), (int(rng.integers(3, 7)), int(rng.integers(3, 7)))).astype(np.float32)
-    shade = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), dtype=np.float32)
+    shade = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
     image = t[..., None] * (other - base)
     image += base
     image += shade[..., None]
@@ -635,7 +729,7 @@ def write_sample(out: Path, config: SampleConfig, progress: Progress, overwrite:
     _refuse_to_replace(out, overwrite)
     _make_output_folder(out)
     plan = plan_sample(config)
-    workers = (os.cpu_count() or 1) if config.workers is None else max(1, config.workers)
+    workers = worker_count(config.workers)
     paths = {"train": out / TRAIN_ARCHIVE, "val": out / VAL_ARCHIVE, "devkit": out / DEVKIT_ARCHIVE}
     odd_files: dict[str, str] = {}
 
@@ -660,7 +754,9 @@ def write_sample(out: Path, config: SampleConfig, progress: Progress, overwrite:
         for path in paths.values():  # nothing partial: three archives of one sample, or none
             path.unlink(missing_ok=True)
         reason = exc.strerror or exc
-        raise SampleOutputError(f"{out}: cannot write the sample ({reason}); check free space and permissions") from None
+        raise SampleOutputError(
+            f"{out}: cannot write the sample ({reason}); check free space and permissions"
+        ) from None
 
     progress.log(f"sample: {n_train} train and {len(plan.val)} val images of {config.classes} classes in {out}")
     return SampleResult(
@@ -701,7 +797,7 @@ def _write_val_archive(handle, plan: SamplePlan, workers: int, progress: Progres
     """The flat val tar, members stored in shuffled order (readers must sort by name, REFERENCE.md §5)."""
     stored = [plan.val[i] for i in plan.val_storage_order]
     with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-        for spec, data in zip(stored, _render_in_order(stored, workers)):
+        for spec, data in zip(stored, _render_in_order(stored, workers), strict=True):
             _add_member(archive, spec.name, data)
             if spec.kind != "jpeg":
                 odd_files[spec.name] = spec.kind
@@ -718,6 +814,12 @@ def _write_devkit_archive(handle, plan: SamplePlan, config: SampleConfig) -> Non
         f"seed {config.seed}.\nSame layout as the real development kit: data/meta.mat and "
         "data/ILSVRC2012_validation_ground_truth.txt.\n"
     )
+    write_devkit(handle, readme, meta, ground_truth)
+
+
+def write_devkit(handle, readme: str, meta: bytes, ground_truth: str) -> None:
+    """The devkit tar.gz in the real layout (the built-in sample's and `sample --scale`'s): a readme, meta.mat and
+    the validation ground truth; gzip header without name or time, so the bytes depend only on the content."""
     with gzip.GzipFile(filename="", mode="wb", fileobj=handle, mtime=0) as compressed:
         with tarfile.open(fileobj=compressed, mode="w", format=tarfile.USTAR_FORMAT) as archive:
             _add_folder(archive, f"{DEVKIT_DIR}/")
@@ -744,8 +846,9 @@ def _synsets(plan: SamplePlan, config: SampleConfig) -> np.ndarray:
     rows = []
     for cls in plan.classes:
         pattern = PATTERNS[cls.ilsvrc_id - 1]
-        rows.append([cls.ilsvrc_id, cls.wnid, cls.name, pattern.gloss, 0,
-                     np.zeros((1, 0), np.uint8), 0, config.train_per_class])
+        rows.append(
+            [cls.ilsvrc_id, cls.wnid, cls.name, pattern.gloss, 0, np.zeros((1, 0), np.uint8), 0, config.train_per_class]
+        )
 
     groups = []
     for node, kind in ((TEXTURE_NODE, "texture"), (SHAPE_NODE, "shape")):
@@ -756,12 +859,32 @@ def _synsets(plan: SamplePlan, config: SampleConfig) -> np.ndarray:
     group_ids = []
     for (wnid, words, gloss), members in groups:
         group_ids.append(next_id)
-        rows.append([next_id, wnid, words, gloss, len(members), np.array([members], np.uint16), 1,
-                     config.train_per_class * len(members)])
+        rows.append(
+            [
+                next_id,
+                wnid,
+                words,
+                gloss,
+                len(members),
+                np.array([members], np.uint16),
+                1,
+                config.train_per_class * len(members),
+            ]
+        )
         next_id += 1
     wnid, words, gloss = ROOT_NODE
-    rows.append([next_id, wnid, words, gloss, len(group_ids), np.array([group_ids], np.uint16), 2,
-                 config.train_per_class * config.classes])
+    rows.append(
+        [
+            next_id,
+            wnid,
+            words,
+            gloss,
+            len(group_ids),
+            np.array([group_ids], np.uint16),
+            2,
+            config.train_per_class * config.classes,
+        ]
+    )
 
     synsets = np.empty((len(rows), 1), dtype=[(name, object) for name in SYNSET_FIELDS])
     for i, row in enumerate(rows):
@@ -799,12 +922,9 @@ def _fixed_info(name: str) -> tarfile.TarInfo:
 
 def _render_in_order(specs: list[ImageSpec], workers: int) -> Iterator[bytes]:
     """Render `specs`, yielding bytes in the same order; in worker processes when there is enough work."""
-    workers = min(workers, max(1, len(specs) // 32))  # a pool costs more than it saves on a handful of images
-    if workers == 1:
-        yield from map(render_image, specs)
-        return
-    with multiprocessing.get_context().Pool(workers) as pool:
-        yield from pool.imap(render_image, specs, chunksize=8)
+    # A pool costs more than it saves on a handful of images. The workers are fresh interpreters, never forks of
+    # this process, which may have imported torch (alexrepro.workers).
+    yield from map_ordered(render_image, specs, min(workers, max(1, len(specs) // 32)), preload=__name__)
 
 
 def _refuse_to_replace(out: Path, overwrite: bool) -> None:

@@ -26,15 +26,12 @@ seed whatever the worker count, and no plan of a million entries is ever held in
 from __future__ import annotations
 
 import functools
-import gzip
 import io
-import multiprocessing
-import os
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -45,9 +42,6 @@ from alexrepro.progress import Progress
 # The archive writers and the pattern renderer are the built-in sample's, so both downloads share one format.
 from alexrepro.sample import (
     DEVKIT_ARCHIVE,
-    DEVKIT_DIR,
-    GROUND_TRUTH_MEMBER,
-    META_MEMBER,
     PATTERNS,
     SYNSET_FIELDS,
     TRAIN_ARCHIVE,
@@ -56,7 +50,6 @@ from alexrepro.sample import (
     SampleClass,
     SampleOutputError,
     SampleResult,
-    _add_folder,
     _add_member,
     _as_matlab,
     _encode,
@@ -64,7 +57,9 @@ from alexrepro.sample import (
     _mat_file,
     image_size,
     render_pixels,
+    write_devkit,
 )
+from alexrepro.workers import map_ordered, worker_count
 
 # ILSVRC-2012's counts (REFERENCE.md §5).
 ILSVRC_CLASSES = 1000
@@ -210,9 +205,9 @@ def render_small(seed: int, pattern: int, rng: np.random.Generator, name: str, s
     span = BANK_SIDE * rng.uniform(0.75, 1.0)
     crop_w, crop_h = (span, span * height / width) if width >= height else (span * width / height, span)
     left, top = rng.uniform(0, BANK_SIDE - crop_w), rng.uniform(0, BANK_SIDE - crop_h)
-    image = picture.resize((width, height), Image.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
+    image = picture.resize((width, height), Image.Resampling.BILINEAR, box=(left, top, left + crop_w, top + crop_h))
     if rng.random() < 0.5:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return _encode(image, ImageSpec(name, split, pattern, width, height, quality, kind, 0))
 
 
@@ -253,12 +248,7 @@ def _val_name(number: int) -> str:
 
 def _in_workers(function, tasks: list, workers: int) -> Iterator:
     """`function` over `tasks`, results in task order; in worker processes when there is more than one task."""
-    workers = min(workers, len(tasks))
-    if workers <= 1:
-        yield from map(function, tasks)
-        return
-    with multiprocessing.get_context().Pool(workers) as pool:
-        yield from pool.imap(function, tasks)
+    yield from map_ordered(function, tasks, min(workers, len(tasks)), preload=__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -274,7 +264,7 @@ def write_scaled_sample(out: Path, config: ScaleConfig, progress: Progress) -> S
     out = Path(out)
     _make_output_folder(out)
     classes = scale_classes(config)
-    workers = config.workers or os.cpu_count() or 1
+    workers = worker_count(config.workers or None)  # 0: all cores
     paths = {"train": out / TRAIN_ARCHIVE, "val": out / VAL_ARCHIVE, "devkit": out / DEVKIT_ARCHIVE}
     odd_files: dict[str, str] = {}
     n_train = sum(c.train_count for c in classes)
@@ -291,7 +281,7 @@ def write_scaled_sample(out: Path, config: ScaleConfig, progress: Progress) -> S
             in_wnid_order = sorted(classes, key=lambda c: c.info.wnid)
             tasks = [(config.seed, i, c) for i, c in enumerate(in_wnid_order)]
             with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as outer:
-                for cls, (inner, odd_name) in zip(in_wnid_order, _in_workers(_class_task, tasks, workers)):
+                for cls, (inner, odd_name) in zip(in_wnid_order, _in_workers(_class_task, tasks, workers), strict=True):
                     _add_member(outer, f"{cls.info.wnid}.tar", inner)
                     if odd_name:
                         odd_files[odd_name] = ODD_KINDS[len(odd_files)]
@@ -301,10 +291,9 @@ def write_scaled_sample(out: Path, config: ScaleConfig, progress: Progress) -> S
         progress.start("sample: val images", len(val_ids))
         with atomic_open(paths["val"]) as handle:
             items = [
-                (int(i) + 1, classes[int(val_ids[i]) - 1].pattern, "cmyk" if i == odd_val else "jpeg")
-                for i in storage
+                (int(i) + 1, classes[int(val_ids[i]) - 1].pattern, "cmyk" if i == odd_val else "jpeg") for i in storage
             ]
-            chunks = [(config.seed, items[start:start + 500]) for start in range(0, len(items), 500)]
+            chunks = [(config.seed, items[start : start + 500]) for start in range(0, len(items), 500)]
             with tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as archive:
                 stored = iter(items)
                 for rendered in _in_workers(_val_task, chunks, workers):
@@ -347,21 +336,23 @@ def _write_devkit(handle, classes: tuple[ScaleClass, ...], val_ids: np.ndarray, 
         f"{config.classes} classes at scale {config.scale} of the real per-class counts, "
         f"{config.val_count_per_class} val images per class, seed {config.seed}.\n"
     )
-    with gzip.GzipFile(filename="", mode="wb", fileobj=handle, mtime=0) as compressed:
-        with tarfile.open(fileobj=compressed, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-            _add_folder(archive, f"{DEVKIT_DIR}/")
-            _add_member(archive, f"{DEVKIT_DIR}/readme.txt", readme.encode())
-            _add_folder(archive, f"{DEVKIT_DIR}/data/")
-            _add_member(archive, META_MEMBER, meta)
-            _add_member(archive, GROUND_TRUTH_MEMBER, ground_truth.encode())
+    write_devkit(handle, readme, meta, ground_truth)
 
 
 def synsets(classes: tuple[ScaleClass, ...]) -> np.ndarray:
     """meta.mat's `synsets`: the leaves (IDs 1..C), then internal nodes as in the real file (IDs above C):
     one node per pattern over its leaves (height 1), one per kind over those (height 2), and the root (height 3)."""
     rows = [
-        [c.info.ilsvrc_id, c.info.wnid, c.info.name, PATTERNS[c.pattern].gloss, 0, np.zeros((1, 0), np.uint8), 0,
-         c.train_count]
+        [
+            c.info.ilsvrc_id,
+            c.info.wnid,
+            c.info.name,
+            PATTERNS[c.pattern].gloss,
+            0,
+            np.zeros((1, 0), np.uint8),
+            0,
+            c.train_count,
+        ]
         for c in classes
     ]
     next_id = len(classes) + 1
@@ -371,21 +362,51 @@ def synsets(classes: tuple[ScaleClass, ...]) -> np.ndarray:
         if not members:
             continue
         children = np.array([[c.info.ilsvrc_id for c in members]], np.uint16)
-        rows.append([next_id, f"n2000{p + 200:04d}", f"{pattern.key} (all variants)", pattern.gloss, len(members),
-                     children, 1, sum(c.train_count for c in members)])
+        rows.append(
+            [
+                next_id,
+                f"n2000{p + 200:04d}",
+                f"{pattern.key} (all variants)",
+                pattern.gloss,
+                len(members),
+                children,
+                1,
+                sum(c.train_count for c in members),
+            ]
+        )
         pattern_nodes.setdefault(pattern.kind, []).append(next_id)
         next_id += 1
     kind_nodes = []
     for kind, wnid in (("texture", "n20000101"), ("shape", "n20000102")):
         if kind in pattern_nodes:
-            children = pattern_nodes[kind]
+            kind_children = pattern_nodes[kind]
             images = sum(c.train_count for c in classes if PATTERNS[c.pattern].kind == kind)
-            rows.append([next_id, wnid, kind, f"every {kind} pattern", len(children),
-                         np.array([children], np.uint16), 2, images])
+            rows.append(
+                [
+                    next_id,
+                    wnid,
+                    kind,
+                    f"every {kind} pattern",
+                    len(kind_children),
+                    np.array([kind_children], np.uint16),
+                    2,
+                    images,
+                ]
+            )
             kind_nodes.append(next_id)
             next_id += 1
-    rows.append([next_id, "n20000100", "synthetic pattern", "the root of the synthetic hierarchy", len(kind_nodes),
-                 np.array([kind_nodes], np.uint16), 3, sum(c.train_count for c in classes)])
+    rows.append(
+        [
+            next_id,
+            "n20000100",
+            "synthetic pattern",
+            "the root of the synthetic hierarchy",
+            len(kind_nodes),
+            np.array([kind_nodes], np.uint16),
+            3,
+            sum(c.train_count for c in classes),
+        ]
+    )
 
     table = np.empty((len(rows), 1), dtype=[(name, object) for name in SYNSET_FIELDS])
     for i, row in enumerate(rows):

@@ -39,9 +39,10 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -122,7 +123,9 @@ class Manifest:
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
-            raise FormatError(f"manifest has no '{name}' split (it has {sorted(self.splits)}); prepare a source that has one")
+            raise FormatError(
+                f"manifest has no '{name}' split (it has {sorted(self.splits)}); prepare a source that has one"
+            )
         return self.splits[name]
 
     def to_json(self) -> str:
@@ -139,7 +142,7 @@ class Manifest:
         return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, source: str = MANIFEST_NAME) -> "Manifest":
+    def from_json(cls, text: str, source: str = MANIFEST_NAME) -> Manifest:
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
@@ -202,12 +205,18 @@ class _Fields:
 
 def _parse_manifest(f: _Fields, data: dict) -> Manifest:
     classes = tuple(
-        ClassInfo(f.get(c, "index", int, w), f.get(c, "wnid", str, w), f.get(c, "ilsvrc_id", int, w, optional=True),
-                  f.get(c, "name", str, w))
+        ClassInfo(
+            f.get(c, "index", int, w),
+            f.get(c, "wnid", str, w),
+            f.get(c, "ilsvrc_id", int, w, optional=True),
+            f.get(c, "name", str, w),
+        )
         for w, c in f.items(data, "classes", "")
     )
     if [c.index for c in classes] != list(range(len(classes))):
-        raise FormatError(f"{f.source}: 'classes' are not indexed 0…{len(classes) - 1} in order; rerun `alexrepro prepare`")
+        raise FormatError(
+            f"{f.source}: 'classes' are not indexed 0…{len(classes) - 1} in order; rerun `alexrepro prepare`"
+        )
     splits = {}
     for split in f.get(data, "splits", dict, ""):
         where = f"splits.{split}"
@@ -220,7 +229,9 @@ def _parse_manifest(f: _Fields, data: dict) -> Manifest:
         splits[split] = SplitInfo(
             count=f.get(s, "count", int, where),
             shards=shards,
-            index=None if index is None else IndexInfo(f.name(index, f"{where}.index"), f.sha256(index, f"{where}.index")),
+            index=None
+            if index is None
+            else IndexInfo(f.name(index, f"{where}.index"), f.sha256(index, f"{where}.index")),
         )
     rejected = tuple(
         RejectedFile(f.get(r, "split", str, w), f.get(r, "path", str, w), f.get(r, "reason", str, w))
@@ -254,7 +265,9 @@ def read_manifest(shards_dir: Path, allow_failed: bool = False) -> Manifest:
         raise FormatError(f"{path}: no manifest; run `alexrepro prepare SOURCE {shards_dir}` first")
     manifest = Manifest.from_json(path.read_text(), str(path))
     if manifest.failure is not None and not allow_failed:
-        raise FormatError(f"{path}: prepare did not succeed ({manifest.failure}); fix that and rerun `alexrepro prepare`")
+        raise FormatError(
+            f"{path}: prepare did not succeed ({manifest.failure}); fix that and rerun `alexrepro prepare`"
+        )
     return manifest
 
 
@@ -278,7 +291,7 @@ def write_manifest(shards_dir: Path, manifest: Manifest) -> Manifest:
 
 def manifest_sha256(shards_dir: Path) -> str:
     """Identity of a prepared dataset: the hash of its manifest (which holds every shard's hash)."""
-    return hashlib.sha256((Path(shards_dir) / MANIFEST_NAME).read_bytes()).hexdigest()
+    return sha256_file(Path(shards_dir) / MANIFEST_NAME)
 
 
 def shard_paths(shards_dir: Path, manifest: Manifest, split: str) -> list[Path]:
@@ -375,8 +388,16 @@ def _index_bytes(shards: Sequence[Sequence[tuple]]) -> bytes:
 
 
 def _index_dtype(key_width: int) -> np.dtype:
-    return np.dtype([("shard", "<i4"), ("jpg_offset", "<i8"), ("jpg_size", "<i8"), ("cls_offset", "<i8"),
-                     ("cls_size", "<i8"), ("key", f"S{key_width}")])
+    return np.dtype(
+        [
+            ("shard", "<i4"),
+            ("jpg_offset", "<i8"),
+            ("jpg_size", "<i8"),
+            ("cls_offset", "<i8"),
+            ("cls_size", "<i8"),
+            ("key", f"S{key_width}"),
+        ]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -399,7 +420,7 @@ class ShardIndex:
         return len(self.shard)
 
     @classmethod
-    def load(cls, shards_dir: Path, manifest: Manifest, split: str) -> "ShardIndex":
+    def load(cls, shards_dir: Path, manifest: Manifest, split: str) -> ShardIndex:
         """The split's index as prepare persisted it: one file read, its sha256 and every shard's size checked."""
         shards_dir = Path(shards_dir)
         info = manifest.split(split)
@@ -410,7 +431,9 @@ class ShardIndex:
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise FormatError(f"{path}: cannot read the member index ({exc.strerror or exc}); rerun `alexrepro prepare`") from None
+            raise FormatError(
+                f"{path}: cannot read the member index ({exc.strerror or exc}); rerun `alexrepro prepare`"
+            ) from None
         if hashlib.sha256(data).hexdigest() != info.index.sha256:
             raise FormatError(f"{path}: sha256 differs from {where}; the index was changed: rerun `alexrepro prepare`")
         try:
@@ -420,9 +443,12 @@ class ShardIndex:
             raise FormatError(f"{path}: not a member index ({exc}); rerun `alexrepro prepare`") from None
         shard, jpg_offset, jpg_size, cls_offset, cls_size, keys = columns
         counts = [s.count for s in info.shards]
-        if len(table) != info.count or sum(counts) != info.count or (
-            len(table) and (shard.min() < 0 or shard.max() >= len(counts))
-        ) or np.bincount(shard, minlength=len(counts)).tolist() != counts:
+        if (
+            len(table) != info.count
+            or sum(counts) != info.count
+            or (len(table) and (shard.min() < 0 or shard.max() >= len(counts)))
+            or np.bincount(shard, minlength=len(counts)).tolist() != counts
+        ):
             raise FormatError(
                 f"{path}: {len(table)} samples do not match the counts in {where} ({info.count}); rerun `alexrepro prepare`"
             )
@@ -431,7 +457,7 @@ class ShardIndex:
         paths = tuple(str(shards_dir / s.name) for s in info.shards)
         starts = np.searchsorted(shard, np.arange(len(counts)))
         ends = np.maximum(jpg_offset + jpg_size, cls_offset + cls_size)
-        for number, (p, s) in enumerate(zip(paths, info.shards)):
+        for number, (p, s) in enumerate(zip(paths, info.shards, strict=True)):
             size = _file_size(Path(p))
             if size != s.size or (s.count and ends[starts[number] : starts[number] + s.count].max() > size):
                 raise FormatError(
@@ -455,20 +481,33 @@ class ShardIndex:
         """Number of the first sample of each shard."""
         return np.searchsorted(self.shard, np.arange(len(self.paths)))
 
-    def only(self, shard: int) -> "ShardIndex":
+    def only(self, shard: int) -> ShardIndex:
         """The samples of one shard, as an index of that shard alone (what one worker needs to be sent)."""
         rows = slice(*np.searchsorted(self.shard, [shard, shard + 1]))
-        return replace(self, paths=(self.paths[shard],), infos=(self.infos[shard],),
-                       shard=np.zeros(rows.stop - rows.start, np.int32), jpg=self.jpg[rows], cls=self.cls[rows],
-                       keys=self.keys[rows])
+        return replace(
+            self,
+            paths=(self.paths[shard],),
+            infos=(self.infos[shard],),
+            shard=np.zeros(rows.stop - rows.start, np.int32),
+            jpg=self.jpg[rows],
+            cls=self.cls[rows],
+            keys=self.keys[rows],
+        )
 
-    def head(self, n: int | None) -> "ShardIndex":
+    def head(self, n: int | None) -> ShardIndex:
         """The first `n` samples in stored order (all when n is None), and only the shards they lie in."""
         if n is None or n >= len(self):
             return self
         used = int(self.shard[n - 1]) + 1 if n > 0 else 0
-        return replace(self, paths=self.paths[:used], infos=self.infos[:used], shard=self.shard[:n],
-                       jpg=self.jpg[:n], cls=self.cls[:n], keys=self.keys[:n])
+        return replace(
+            self,
+            paths=self.paths[:used],
+            infos=self.infos[:used],
+            shard=self.shard[:n],
+            jpg=self.jpg[:n],
+            cls=self.cls[:n],
+            keys=self.keys[:n],
+        )
 
 
 def _file_size(path: Path) -> int:
@@ -486,7 +525,7 @@ class ShardReader:
         self.index = index
         self.fds: dict[int, int] = {}
 
-    def __enter__(self) -> "ShardReader":
+    def __enter__(self) -> ShardReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -572,8 +611,10 @@ def read_verified_shard(index: ShardIndex, shard: int) -> memoryview:
 
 
 def _changed(path: Path) -> str:
-    return (f"{path}: its size or sha256 differs from {path.parent / MANIFEST_NAME}; the shard was changed or "
-            "replaced: rerun `alexrepro prepare`")
+    return (
+        f"{path}: its size or sha256 differs from {path.parent / MANIFEST_NAME}; the shard was changed or "
+        "replaced: rerun `alexrepro prepare`"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -605,7 +646,11 @@ def _hash_task(path: str) -> tuple[str, str]:
 
 
 def verify_shards(
-    index: ShardIndex, stamp_dir: Path, workers: int, part: tuple[int, int] = (0, 1), progress: Progress = NullProgress()
+    index: ShardIndex,
+    stamp_dir: Path,
+    workers: int,
+    part: tuple[int, int] = (0, 1),
+    progress: Progress = NullProgress(),
 ) -> int:
     """Check the sha256 of the index's shards against the manifest, once per shard per `stamp_dir`; return how
     many were hashed. `part=(rank, world)` checks every world-th shard from rank on (ranks share the work)."""
@@ -619,7 +664,7 @@ def verify_shards(
         known = {}
     expected = {}
     todo = []
-    for path, info in list(zip(index.paths, index.infos))[rank::world]:
+    for path, info in list(zip(index.paths, index.infos, strict=True))[rank::world]:
         path = str(Path(path).resolve())
         expected[path] = info.sha256
         entry = known.get(path) if isinstance(known, dict) else None

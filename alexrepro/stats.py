@@ -37,8 +37,15 @@ from alexrepro.errors import FormatError, OutputExistsError
 from alexrepro.imaging import UnreadableImage, decode_rgb_planes
 from alexrepro.locking import output_lock, reported_write_errors
 from alexrepro.progress import Progress
-from alexrepro.shards import MANIFEST_NAME, ShardIndex, check_format, manifest_sha256, read_manifest, read_verified_shard
-from alexrepro.workers import map_unordered, usable_cores
+from alexrepro.shards import (
+    MANIFEST_NAME,
+    ShardIndex,
+    check_format,
+    manifest_sha256,
+    read_manifest,
+    read_verified_shard,
+)
+from alexrepro.workers import map_unordered, worker_count
 
 FORMAT = "alexrepro-stats"
 VERSION = 1
@@ -57,7 +64,9 @@ class StatsConfig:
 
     def __post_init__(self):
         if self.workers is not None and self.workers < 0:
-            raise ValueError(f"key 'workers' must be ≥ 0 (0 = in this process) or null (one per core), got {self.workers}")
+            raise ValueError(
+                f"key 'workers' must be ≥ 0 (0 = in this process) or null (one per core), got {self.workers}"
+            )
         if self.max_images is not None and self.max_images < 1:
             raise ValueError(f"key 'max_images' must be ≥ 1 or null (all images), got {self.max_images}")
 
@@ -80,7 +89,9 @@ class StatsResult:
     manifest_sha256: str
 
 
-def compute_stats(shards: Path, out: Path, config: StatsConfig, progress: Progress, overwrite: bool = False) -> StatsResult:
+def compute_stats(
+    shards: Path, out: Path, config: StatsConfig, progress: Progress, overwrite: bool = False
+) -> StatsResult:
     """Compute the statistics of the train split in `shards` and write stats.npz, stats.json and mean.png to `out`.
 
     Each shard is read whole, once, and checked against the manifest's size and sha256 in the worker that reads it
@@ -101,7 +112,7 @@ def _compute_stats(shards: Path, out: Path, config: StatsConfig, progress: Progr
         raise FormatError(f"{shards}: the train split has no images; prepare a source with training images")
     source_sha = manifest_sha256(shards)
     _claim_output(out, source_sha, config.max_images, overwrite)
-    workers = _worker_count(config.workers)
+    workers = worker_count(config.workers)
     tasks = _plan(ShardIndex.load(shards, manifest, "train").head(available), workers)
 
     progress.start("stats", available)
@@ -130,7 +141,10 @@ def _claim_output(out: Path, source_sha: str, max_images: int | None, overwrite:
         meta = json.loads(path.read_text())
     except (OSError, ValueError):
         meta = None
-    if not isinstance(meta, dict) or (meta.get("source_manifest_sha256"), meta.get("max_images")) != (source_sha, max_images):
+    if not isinstance(meta, dict) or (meta.get("source_manifest_sha256"), meta.get("max_images")) != (
+        source_sha,
+        max_images,
+    ):
         raise OutputExistsError(
             f"{out}: holds statistics of other shards or settings; rerun with --overwrite to replace them, or choose "
             "another output folder"
@@ -167,8 +181,9 @@ def load_stats(stats_dir: Path) -> Stats:
     check_format(meta, FORMAT, VERSION, str(json_path), remedy)
     try:
         with np.load(npz_path, allow_pickle=False) as npz:
-            check_format({"format": str(npz["format"]), "version": int(npz["version"])}, FORMAT, VERSION,
-                         str(npz_path), remedy)
+            check_format(
+                {"format": str(npz["format"]), "version": int(npz["version"])}, FORMAT, VERSION, str(npz_path), remedy
+            )
             return Stats(
                 mean_image=npz["mean_image"].astype(np.float32),
                 channel_mean=npz["channel_mean"],
@@ -199,24 +214,27 @@ class _Sums:
 
     def add(self, planes: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
         """Add one image given as its R, G, B planes (H×W uint8 each)."""
-        if self.pixel_sum is None:
+        pixel_sum, wide, product = self.pixel_sum, self._wide, self._product
+        if pixel_sum is None:
             height, width = planes[0].shape
-            self.pixel_sum = np.zeros((3, height, width), np.uint32)
-            self._wide = np.empty((3, height * width), np.uint16)
-            self._product = np.empty(height * width, np.uint16)
+            pixel_sum = self.pixel_sum = np.zeros((3, height, width), np.uint32)
+            wide = self._wide = np.empty((3, height * width), np.uint16)
+            product = self._product = np.empty(height * width, np.uint16)
             # One image's Σ x_i x_j is at most H·W·255²: uint32 holds that up to 66 051 pixels (256² fits).
             self._sum_dtype = np.uint32 if height * width * 255**2 < 2**32 else np.uint64
-        elif planes[0].shape != self.pixel_sum.shape[1:]:
-            raise ValueError(f"image of size {planes[0].shape}, earlier images were {self.pixel_sum.shape[1:]}")
+        elif planes[0].shape != pixel_sum.shape[1:]:
+            raise ValueError(f"image of size {planes[0].shape}, earlier images were {pixel_sum.shape[1:]}")
+        if wide is None or product is None:  # merged or unpickled sums carry no scratch buffers
+            raise RuntimeError("_Sums.add on merged sums; add images in a fresh _Sums and merge it")
         for channel, plane in enumerate(planes):
-            np.add(self.pixel_sum[channel], plane, out=self.pixel_sum[channel])
-            self._wide[channel] = plane.reshape(-1)
+            np.add(pixel_sum[channel], plane, out=pixel_sum[channel])
+            wide[channel] = plane.reshape(-1)
         for k, (i, j) in enumerate(_PAIRS):
-            np.multiply(self._wide[i], self._wide[j], out=self._product)  # ≤ 255² < 2¹⁶: exact in uint16
-            self.products[k] += int(self._product.sum(dtype=self._sum_dtype))
+            np.multiply(wide[i], wide[j], out=product)  # ≤ 255² < 2¹⁶: exact in uint16
+            self.products[k] += int(product.sum(dtype=self._sum_dtype))
         self.images += 1
 
-    def merge(self, other: "_Sums") -> None:
+    def merge(self, other: _Sums) -> None:
         if other.pixel_sum is None:
             return
         if self.pixel_sum is None:
@@ -228,27 +246,30 @@ class _Sums:
             )
         else:
             self.pixel_sum += other.pixel_sum
-        self.products = [a + b for a, b in zip(self.products, other.products)]
+        self.products = [a + b for a, b in zip(self.products, other.products, strict=True)]
         self.images += other.images
 
     def __getstate__(self):  # what a worker sends back: the sums, not the scratch buffers
         return {"images": self.images, "pixel_sum": self.pixel_sum, "products": self.products}
 
     def __setstate__(self, state):
-        self.__init__()
+        _Sums.__init__(self)
         self.__dict__.update(state)
 
     def finish(self) -> Stats:
-        _, height, width = self.pixel_sum.shape
+        pixel_sum = self.pixel_sum
+        if pixel_sum is None:  # compute_stats compares the count with the manifest's first; a split has images
+            raise ValueError("no images were summed")
+        _, height, width = pixel_sum.shape
         n = self.images * height * width
-        channel_sum = [int(s) for s in self.pixel_sum.sum(axis=(1, 2), dtype=np.int64)]
+        channel_sum = [int(s) for s in pixel_sum.sum(axis=(1, 2), dtype=np.int64)]
         cov = np.empty((3, 3))
-        for (i, j), s_ij in zip(_PAIRS, self.products):
+        for (i, j), s_ij in zip(_PAIRS, self.products, strict=True):
             # (1/N) Σ x_i x_j − μ_i μ_j  =  (N·Σ x_i x_j − Σ x_i · Σ x_j) / N², in exact integers until the division.
             cov[i, j] = cov[j, i] = (n * s_ij - channel_sum[i] * channel_sum[j]) / (n * n)
         eigval, eigvec = _eigen(cov)
         return Stats(
-            mean_image=(self.pixel_sum.transpose(1, 2, 0) / self.images).astype(np.float32),
+            mean_image=(pixel_sum.transpose(1, 2, 0) / self.images).astype(np.float32),
             channel_mean=np.array(channel_sum, np.float64) / n,
             cov=cov,
             eigval=eigval,
@@ -294,10 +315,6 @@ def _plan(index: ShardIndex, workers: int) -> list[_Task]:
         step = max(1, -(-use // pieces))
         tasks += [_Task(shard, start, min(start + step, use)) for start in range(0, use, step)]
     return tasks
-
-
-def _worker_count(requested: int | None) -> int:
-    return usable_cores() if requested is None else max(1, requested)
 
 
 def _sum_task(task: _Task) -> _Sums:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import math
@@ -40,11 +39,9 @@ from alexrepro.distributed import (
     Ranks,
     all_reduce_sum,
     any_rank,
-    init_distributed,
+    distributed_ranks,
     rank_batch_size,
     ranks_from_env,
-    resolve_devices,
-    shutdown_distributed,
     wrap_model,
 )
 from alexrepro.errors import ConfigError, FormatError, OutputExistsError, TrainingError
@@ -52,7 +49,7 @@ from alexrepro.feed import DeviceFeed, device_crops
 from alexrepro.locking import output_lock
 from alexrepro.loader import Augmentation, Batch, ShardIndex, train_loader, val_loader, verified_index
 from alexrepro.progress import NullProgress, Progress
-from alexrepro.shards import Manifest, manifest_sha256, read_manifest
+from alexrepro.shards import Manifest, manifest_sha256, read_manifest, sha256_file
 from alexrepro.stats import check_stats_source
 
 LAST = "checkpoint-last.pt"
@@ -410,14 +407,8 @@ def train(shards: Path, stats: Path, out: Path, config: TrainConfig, resume: boo
 
 
 def _train_locked(shards, stats, out, config, resume, ranks, progress) -> TrainResult:
-    devices = resolve_devices(config.devices, config.towers, ranks.local_rank)
-    if devices[0].type == "cuda":
-        torch.cuda.set_device(devices[0])  # NCCL and the default CUDA stream follow this rank's (first) GPU
-    init_distributed(ranks, devices[0].type)
-    try:
+    with distributed_ranks(config.devices, config.towers) as (ranks, devices):
         return _train(Path(shards), Path(stats), Path(out), config, resume, ranks, devices, progress)
-    finally:
-        shutdown_distributed()
 
 
 def _train(shards, stats, out, config, resume, ranks, devices, progress) -> TrainResult:
@@ -520,7 +511,7 @@ def set_tf32(enabled: bool) -> None:
 def stats_sha256(stats: Path) -> str:
     """Identity of the stats the run was normalised with (the hash of stats.npz)."""
     path = Path(stats) / "stats.npz"
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
+    return sha256_file(path) if path.is_file() else ""
 
 
 def start_position(run: Run, resume: bool) -> dict:

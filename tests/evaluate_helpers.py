@@ -7,15 +7,14 @@ The checkpoint is built by hand following the layout of alexrepro.checkpoint (no
 from __future__ import annotations
 
 import dataclasses
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from alexrepro.config import config_to_dict
-from alexrepro.shards import ClassInfo, Manifest, Sample, SplitInfo, iter_split, write_manifest, write_shard
+from alexrepro.shards import ClassInfo, Manifest, Sample, iter_split
+from conftest import in_shards, jpeg_bytes, write_prepared
 
 NUM_CLASSES = 6
 SIZE = 80  # the prepared image size (the paper's 256)
@@ -43,17 +42,10 @@ def image_array(label: int, rng: np.random.Generator, size: int = SIZE) -> np.nd
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def jpeg_bytes(array: np.ndarray, quality: int = 90) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
-
-
 def write_tiny_shards(out: Path, classes: tuple[ClassInfo, ...] | None = None, seed: int = 0) -> Manifest:
     """Train (shuffled, two shards) and val (file-name order, three shards) splits, and their manifest."""
     classes = classes or tiny_classes()
     rng = np.random.default_rng(seed)
-    out.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, count, shard_size in (("train", TRAIN_IMAGES, 12), ("val", VAL_IMAGES, 5)):
         labels = rng.integers(0, len(classes), size=count).tolist()
@@ -61,14 +53,9 @@ def write_tiny_shards(out: Path, classes: tuple[ClassInfo, ...] | None = None, s
             keys = [f"{classes[c].wnid}_{i}" for i, c in enumerate(labels)]
         else:
             keys = [f"ILSVRC2012_val_{i + 1:08d}" for i in range(count)]
-        samples = [Sample(k, jpeg_bytes(image_array(c, rng)), c) for k, c in zip(keys, labels)]
-        infos = [
-            write_shard(out / f"{split}-{n:06d}.tar", samples[start : start + shard_size])
-            for n, start in enumerate(range(0, count, shard_size))
-        ]
-        splits[split] = SplitInfo(count=count, shards=tuple(infos))
-    manifest = Manifest(settings={"size": SIZE, "quality": 90}, classes=tuple(classes), splits=splits)
-    return write_manifest(out, manifest)
+        samples = [Sample(k, jpeg_bytes(image_array(c, rng)), c) for k, c in zip(keys, labels, strict=True)]
+        splits[split] = in_shards(samples, shard_size)
+    return write_prepared(out, splits, classes, {"size": SIZE, "quality": 90})
 
 
 def mean_image(shards: Path) -> np.ndarray:

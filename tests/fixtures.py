@@ -111,7 +111,7 @@ def meta_mat_bytes(leaves, internal=(INTERNAL_NODE,)) -> bytes:
     ]
     synsets = np.empty((len(rows), 1), dtype=[(f, object) for f in fields])
     for r, row in enumerate(rows):
-        for f, value in zip(fields, row):
+        for f, value in zip(fields, row, strict=True):
             synsets[r, 0][f] = value
     out = io.BytesIO()
     scipy.io.savemat(out, {"synsets": synsets})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_helpers import make_shards
 
 from alexrepro.augment import (
     center_offset,
@@ -16,6 +15,7 @@ from alexrepro.augment import (
     ten_crop_offsets,
 )
 from alexrepro.loader import Augmentation, train_loader
+from train_helpers import make_shards
 
 
 def test_ten_crop_offsets_are_the_corners_then_the_centre():

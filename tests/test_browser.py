@@ -15,14 +15,16 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_report import make_inputs
 
 from alexrepro import report
+from test_report import make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTEFACTS = ROOT / "build" / "test-artefacts"
 BROWSER = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-pytestmark = pytest.mark.skipif(BROWSER is None, reason="no Chromium here (CI installs it: apt-get install -y chromium)")
+pytestmark = pytest.mark.skipif(
+    BROWSER is None, reason="no Chromium here (CI installs it: apt-get install -y chromium)"
+)
 
 # Record console errors and resource load failures from the very start of the page.
 WATCH = """<script>
@@ -70,7 +72,9 @@ def test_report_renders_every_image_without_console_errors(page, tmp_path):
     result = chromium("--dump-dom", watched.as_uri(), profile=tmp_path / "profile-dom")
     found = re.search(r'<pre id="__findings">(.*?)</pre>', result.stdout, flags=re.S)
     assert found, f"no findings in the DOM; chromium said:\n{result.stderr[-3000:]}"
-    findings = json.loads(found.group(1).replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
+    findings = json.loads(
+        found.group(1).replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    )
     assert len(findings["images"]) == len(report.FIGURE_INCHES), findings["images"]
     assert all(image["ok"] and image["width"] > 0 for image in findings["images"]), findings["images"]
     assert findings["problems"] == []
@@ -80,5 +84,7 @@ def test_report_screenshot_is_kept_as_an_artefact(page, tmp_path):
     ARTEFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTEFACTS / "report.png"
     shot.unlink(missing_ok=True)
-    result = chromium(f"--screenshot={shot}", "--window-size=1280,4000", page.as_uri(), profile=tmp_path / "profile-shot")
+    result = chromium(
+        f"--screenshot={shot}", "--window-size=1280,4000", page.as_uri(), profile=tmp_path / "profile-shot"
+    )
     assert shot.is_file() and shot.stat().st_size > 10_000, result.stderr[-3000:]

@@ -11,11 +11,11 @@ import time
 
 import pytest
 import yaml
-from train_helpers import make_shards, make_stats
 from typer.testing import CliRunner
 
 from alexrepro.cli import app
 from alexrepro.progress import LineProgress
+from train_helpers import make_shards, make_stats
 
 runner = CliRunner()
 
@@ -103,8 +103,13 @@ def test_help_shows_resolved_defaults_and_lists_every_key_with_its_section():
     result = runner.invoke(app, ["train", "-h"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "(default: 90)" in result.output and "(default: 227)" in result.output  # flags show the paper's values
-    for key, default, section in (("lrn", "true", "§3.3"), ("overlap_pool", "true", "§3.4"), ("dropout", "0.5", "§4.2"),
-                                  ("pca_lighting", "true", "§4.1"), ("lr_schedule", "plateau", "§5")):
+    for key, default, section in (
+        ("lrn", "true", "§3.3"),
+        ("overlap_pool", "true", "§3.4"),
+        ("dropout", "0.5", "§4.2"),
+        ("pca_lighting", "true", "§4.1"),
+        ("lr_schedule", "plateau", "§5"),
+    ):
         line = next(line for line in result.output.splitlines() if f" {key} = " in line)
         assert f"{key} = {default}" in line and section in line, line
     assert "e.g. stages/train.yaml" not in result.output
@@ -136,7 +141,9 @@ def test_version_and_completion():
 def test_show_config_prints_the_resolved_yaml_and_exits_without_arguments(tmp_path):
     config = tmp_path / "train.yaml"
     config.write_text("epochs: 7\nlrn: false\n")
-    result = runner.invoke(app, ["train", "--show-config", "--config", str(config), "--set", "dropout=0.25", "--lr", "0.5"])
+    result = runner.invoke(
+        app, ["train", "--show-config", "--config", str(config), "--set", "dropout=0.25", "--lr", "0.5"]
+    )
     assert result.exit_code == 0, result.output
     shown = yaml.safe_load(result.stdout)
     assert shown["epochs"] == 7 and shown["lrn"] is False and shown["dropout"] == 0.25 and shown["lr"] == 0.5
@@ -155,7 +162,9 @@ def test_show_config_prints_the_resolved_yaml_and_exits_without_arguments(tmp_pa
 )  # fmt: skip
 def test_bad_train_value_is_one_line_naming_the_flag_before_data_is_read(tmp_path, flags, flag):
     # SHARDS and STATS do not exist: the value must be refused before they are looked at.
-    result = runner.invoke(app, ["train", str(tmp_path / "no-shards"), str(tmp_path / "no-stats"), str(tmp_path / "out"), *flags])
+    result = runner.invoke(
+        app, ["train", str(tmp_path / "no-shards"), str(tmp_path / "no-stats"), str(tmp_path / "out"), *flags]
+    )
     assert result.exit_code == 2, result.output
     line = one_line_error(result)
     assert line.startswith(f"error: {flag} ") and "command line" not in line, line
@@ -226,7 +235,7 @@ def test_train_off_a_terminal_prints_plain_interval_and_epoch_lines(tiny_data, t
     assert len(epoch_lines) == 2 and all("val loss" in line and "img/s" in line for line in epoch_lines), lines
     interval = [line for line in lines if re.match(r"epoch \d/2 \[5/5 step\]", line)]
     assert len(interval) == 2, lines
-    for read_out, epoch in zip(interval, epoch_lines):
+    for read_out, epoch in zip(interval, epoch_lines, strict=True):
         shown = float(re.search(r"loss (\d+\.\d+)", read_out).group(1))
         mean = float(re.search(r"train loss (\d+\.\d+)", epoch).group(1))
         assert shown == pytest.approx(mean, abs=1e-3), (read_out, epoch)  # the mean, not a sum over batches

@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -16,7 +16,7 @@ class Example:
     lr: float = 0.01
     lrn: bool = True
     init: Literal["paper", "he"] = "paper"
-    max_images: Optional[int] = None
+    max_images: int | None = None
     milestones: tuple[int, ...] = (30, 60)
 
     def __post_init__(self):

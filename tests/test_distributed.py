@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from train_helpers import make_shards, make_stats
 
 from alexrepro.checkpoint import load_checkpoint
 from alexrepro.distributed import Ranks, rank_batch_size, resolve_devices
 from alexrepro.errors import ConfigError
 from alexrepro.progress import NullProgress
 from alexrepro.train import TrainConfig, train
+from train_helpers import make_shards, make_stats
 
 # dropout 0: its masks are drawn per rank, so they are the one thing a split run cannot share with a single process.
 # Crops, reflections and lighting are drawn per image and are therefore the same for any number of ranks.

@@ -65,8 +65,21 @@ TINY = {
     "sample": {"classes": 3, "train_per_class": 8, "val_per_class": 2, "seed": 0, "image_scale": 0.25, "workers": 1},
     "prepare": {"size": 80, "quality": 90, "shard_size": 10, "workers": 1, "max_rejected": 0, "seed": 0},
     "stats": {"workers": 1, "max_images": None},
-    "train": {"epochs": 1, "batch_size": 8, "lr": 0.01, "crop": 67, "width": 0.125, "init": "he",
-              "input_scale": 0.015625, "devices": "cpu", "workers": 0, "seed": 0, "lr_schedule": "step", "lr_milestones": [], "lrn": True},
+    "train": {
+        "epochs": 1,
+        "batch_size": 8,
+        "lr": 0.01,
+        "crop": 67,
+        "width": 0.125,
+        "init": "he",
+        "input_scale": 0.015625,
+        "devices": "cpu",
+        "workers": 0,
+        "seed": 0,
+        "lr_schedule": "step",
+        "lr_milestones": [],
+        "lrn": True,
+    },
     "evaluate": {"batch_size": 8, "devices": "cpu", "workers": 0, "neighbours_max_train": None},
 }
 
@@ -90,8 +103,13 @@ def tiny_repo(tmp_path):
         (repo / "stages" / f"{stage}.yaml").write_text(yaml.safe_dump(params))
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.update(GIT_AUTHOR_NAME="test", GIT_AUTHOR_EMAIL="test@example.com",
-               GIT_COMMITTER_NAME="test", GIT_COMMITTER_EMAIL="test@example.com", DVC_NO_ANALYTICS="1")
+    env.update(
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+        DVC_NO_ANALYTICS="1",
+    )
     run(["git", "init", "-q"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "tiny pipeline"], repo, env)
@@ -114,15 +132,25 @@ def test_dvc_repro_then_experiment_on_a_tiny_sample(tiny_repo):
     files = next(iter(shown.values()))["data"]
     assert set(files["reports/metrics.json"]["data"]) == {"1crop", "10crop"}, files
     assert set(files["runs/train/last_epoch.json"]["data"]) == {
-        "train_loss", "train_top1_error", "train_top5_error", "val_loss", "val_top1_error", "val_top5_error"}
+        "train_loss",
+        "train_top1_error",
+        "train_top5_error",
+        "val_loss",
+        "val_top1_error",
+        "val_top5_error",
+    }
     # `dvc plots show` is silent: every plot loads (no "failed to load some plots").
     plots = subprocess.run(["dvc", "plots", "show", "--json"], cwd=repo, env=env, capture_output=True, text=True,
                            timeout=600)  # fmt: skip
     assert plots.returncode == 0 and plots.stderr.strip() == "", plots.stderr
     rendered = json.loads(plots.stdout)
     assert not rendered.get("errors"), rendered.get("errors")
-    for plot_id in ("loss", "top-1 and top-5 error", "confusion matrix (10-crop top guess)",
-                    "reports/figures/conv1.png"):
+    for plot_id in (
+        "loss",
+        "top-1 and top-5 error",
+        "confusion matrix (10-crop top guess)",
+        "reports/figures/conv1.png",
+    ):
         assert rendered["data"].get(plot_id), (plot_id, list(rendered["data"]))
 
     # An ablation is one experiment: no LRN.
@@ -180,4 +208,6 @@ def test_each_stage_depends_on_exactly_the_code_it_runs(stage):
     closure = import_closure(STAGE_MODULES[stage]) | import_closure("alexrepro.config")
     expected = {name.replace(".", "/") + ".py" for name in closure}
     listed = {dep for dep in dvc_stages()[stage]["deps"] if dep.startswith("alexrepro/")}
-    assert listed == expected, f"dvc.yaml stage {stage}: add {sorted(expected - listed)}, drop {sorted(listed - expected)}"
+    assert listed == expected, (
+        f"dvc.yaml stage {stage}: add {sorted(expected - listed)}, drop {sorted(listed - expected)}"
+    )

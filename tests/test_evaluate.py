@@ -25,7 +25,6 @@ from evaluate_helpers import (
     write_tiny_shards,
 )
 
-torch.set_num_threads(1)
 CONFIG = ev.EvaluateConfig(batch_size=4, devices="cpu", workers=0)
 
 
@@ -297,11 +296,48 @@ def test_two_ranks_under_torchrun_agree_with_one_process(evaluated, data, tmp_pa
     assert (tmp_path / "submission.txt").read_text() == (evaluated[1] / "submission.txt").read_text()
 
 
+def decided_checkpoint(ckpt: dict, path: Path, precision: str) -> Path:
+    """The tiny checkpoint with fc8 scaled up, so that each image's top-1 class leads by a clear margin (the random
+    net's probabilities are near uniform, where any rounding could swap the first two)."""
+    sharp = {**ckpt, "model": dict(ckpt["model"]), "train_config": {**ckpt["train_config"], "precision": precision}}
+    for key in ("fc8.weight", "fc8.bias"):
+        sharp["model"][key] = ckpt["model"][key] * 200
+    return save_tiny_checkpoint(path, sharp)
+
+
+def agreement(reference: list[dict], other: list[dict], tolerance: float) -> None:
+    """The same images, the same top-1 class for each, and every probability both list within `tolerance`."""
+    assert [r["key"] for r in other] == [r["key"] for r in reference]
+    margins = [float(r["prob1"]) - float(r["prob2"]) for r in reference]
+    assert min(margins) > 4 * tolerance  # a decided set: a changed top-1 class would be a fault, not rounding
+    assert [r["class1"] for r in other] == [r["class1"] for r in reference]
+    for a, b in zip(reference, other, strict=True):
+        pa = {a[f"class{j}"]: float(a[f"prob{j}"]) for j in range(1, 6)}
+        pb = {b[f"class{j}"]: float(b[f"prob{j}"]) for j in range(1, 6)}
+        assert all(abs(pa[c] - pb[c]) <= tolerance for c in pa.keys() & pb.keys()), (a["key"], pa, pb)
+
+
+def test_a_decided_set_is_decided_the_same_way_twice(data, tmp_path):
+    """The comparison the CUDA test makes, on the CPU: proves the fixed set is decided and the check can pass."""
+    _, shards, _, ckpt = data
+    checkpoint = decided_checkpoint(ckpt, tmp_path / "sharp.pt", "fp32")
+    first = ev.evaluate(checkpoint, shards, tmp_path / "a", CONFIG, NullProgress())
+    second = ev.evaluate(checkpoint, shards, tmp_path / "b", replace(CONFIG, batch_size=7), NullProgress())
+    agreement(read_predictions(tmp_path / "a"), read_predictions(tmp_path / "b"), 1e-5)
+    assert first.metrics["10crop"] == second.metrics["10crop"] and first.metrics["1crop"] == second.metrics["1crop"]
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_matches_cpu(evaluated, data, tmp_path):
-    result, _ = evaluated
-    _, shards, checkpoint, _ = data
-    on_gpu = ev.evaluate(checkpoint, shards, tmp_path, replace(CONFIG, devices="cuda:0"), NullProgress())
+@pytest.mark.parametrize("precision", ["fp32", "auto"])  # "auto": bf16 autocast on CUDA, as training ran
+def test_cuda_matches_cpu(data, tmp_path, precision):
+    """Every image of a fixed, decided set gets the same top-1 class on the GPU as on the CPU, and probabilities
+    within bf16 rounding (8 significant bits: about 0.4% of a logit, so 0.02 on a probability is ample)."""
+    _, shards, _, ckpt = data
+    checkpoint = decided_checkpoint(ckpt, tmp_path / "sharp.pt", precision)
+    on_cpu = ev.evaluate(checkpoint, shards, tmp_path / "cpu", CONFIG, NullProgress())
+    on_gpu = ev.evaluate(checkpoint, shards, tmp_path / "gpu", replace(CONFIG, devices="cuda:0"), NullProgress())
     assert on_gpu.metrics["images"] == VAL_IMAGES
-    assert on_gpu.metrics["10crop"]["top5_error"] == pytest.approx(result.metrics["10crop"]["top5_error"], abs=0.15)
+    agreement(read_predictions(tmp_path / "cpu"), read_predictions(tmp_path / "gpu"), 0.02)
+    assert on_gpu.metrics["1crop"]["top1_error"] == on_cpu.metrics["1crop"]["top1_error"]
+    assert on_gpu.metrics["10crop"]["top1_error"] == on_cpu.metrics["10crop"]["top1_error"]

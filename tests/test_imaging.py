@@ -12,6 +12,7 @@ from alexrepro.imaging import (
     MAX_PIXELS,
     UnreadableImage,
     decode_rgb,
+    decode_rgb_planes,
     pillow_build,
     resize_obvious_way,
     resize_square_jpeg,
@@ -224,3 +225,15 @@ def test_whole_jpeg_ending_in_flat_grey_is_kept(colour):
     data = _encode(image, quality=95)
     _check_output(resize_square_jpeg(data, SIZE, 90))
     assert tuple(decode_rgb(data)[-1, -1]) == colour
+
+
+def test_a_slice_of_a_shard_gets_the_same_second_look():
+    """stats decodes memoryview slices of a shard read whole; the check for early ends must work on them too."""
+    image = _textured(120, 90)
+    image.paste((128, 128, 128), (60, 45, 120, 90))
+    whole = _encode(image, quality=95)
+    shard = memoryview(b"header" + whole + _cut_with_eoi(_encode(_textured(300, 200), quality=90)))
+    red, green, blue = decode_rgb_planes(shard[6 : 6 + len(whole)])
+    assert (red[-1, -1], green[-1, -1], blue[-1, -1]) == (128, 128, 128)
+    with pytest.raises(UnreadableImage, match="premature end"):
+        decode_rgb_planes(shard[6 + len(whole) :])

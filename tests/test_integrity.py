@@ -9,15 +9,28 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from evaluate_helpers import CROP, jpeg_bytes, image_array, save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
 from typer.testing import CliRunner
 
 from alexrepro.cli import app
 from alexrepro.shards import Sample, read_manifest, write_manifest, write_shard
+from evaluate_helpers import CROP, image_array, jpeg_bytes, save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
 
 runner = CliRunner()
-TRAIN = ["--epochs", "1", "--batch-size", "8", "--crop", str(CROP), "--width", "0.125", "--devices", "cpu",
-         "--workers", "0", "--quiet"]
+TRAIN = [
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--crop",
+    str(CROP),
+    "--width",
+    "0.125",
+    "--devices",
+    "cpu",
+    "--workers",
+    "0",
+    "--quiet",
+]
 EVALUATE = ["--set", "devices=cpu", "--set", "workers=0", "--set", "neighbours_max_train=0", "--quiet"]
 
 
@@ -134,10 +147,14 @@ def test_a_label_out_of_range_names_the_shard_and_key(copy):
     val = manifest.split("val")
     import numpy as np
 
-    bad = [Sample(f"ILSVRC2012_val_{i + 1:08d}", jpeg_bytes(image_array(0, np.random.default_rng(i))), 99 if i == 2 else 0)
-           for i in range(val.shards[0].count)]
+    bad = [
+        Sample(f"ILSVRC2012_val_{i + 1:08d}", jpeg_bytes(image_array(0, np.random.default_rng(i))), 99 if i == 2 else 0)
+        for i in range(val.shards[0].count)
+    ]
     info = write_shard(shards / "val-000000.tar", bad)  # as a faulty prepare would: manifest and index agree
-    write_manifest(shards, replace(manifest, splits={**manifest.splits, "val": replace(val, shards=(info, *val.shards[1:]))}))
+    write_manifest(
+        shards, replace(manifest, splits={**manifest.splits, "val": replace(val, shards=(info, *val.shards[1:]))})
+    )
     line = failure(every_stage(copy)[2])
     assert "val-000000.tar: sample ILSVRC2012_val_00000003: class b'99' is not one of the manifest's 6" in line
 
@@ -165,10 +182,26 @@ def test_a_failed_prepare_leaves_no_manifest_that_downstream_accepts(tmp_path):
         folder = tmp_path / "source" / split / "n00000001"
         folder.mkdir(parents=True)
         for name in names:
-            data = b"not an image" if name == "broken" else jpeg_bytes(image_array(0, __import__("numpy").random.default_rng(0)))
+            data = (
+                b"not an image"
+                if name == "broken"
+                else jpeg_bytes(image_array(0, __import__("numpy").random.default_rng(0)))
+            )
             (folder / f"{name}.JPEG").write_bytes(data)
-    line = failure(["prepare", tmp_path / "source", tmp_path / "shards", "--size", SIZE, "--workers", "1",
-                    "--max-rejected", "0", "--quiet"])
+    line = failure(
+        [
+            "prepare",
+            tmp_path / "source",
+            tmp_path / "shards",
+            "--size",
+            SIZE,
+            "--workers",
+            "1",
+            "--max-rejected",
+            "0",
+            "--quiet",
+        ]
+    )
     assert "max_rejected=0" in line
     assert len(read_manifest(tmp_path / "shards", allow_failed=True).rejected) == 1  # the list stays readable
     line = failure(["stats", tmp_path / "shards", tmp_path / "stats", "--workers", "1", "--quiet"])

@@ -201,8 +201,15 @@ def test_paper_dropout_scales_the_networks_test_output():
     with torch.no_grad():
         h_paper, h_inverted = paper._hidden(x)[0], inverted._hidden(x)[0]
         assert not torch.allclose(h_paper, h_inverted)
-        fc7_of_halved = F.relu(inverted.fc7(0.5 * F.relu(inverted.fc6(torch.flatten(inverted._conv3_5(
-            inverted._conv1_2(x, (0, 1)), (0, 1)), 1), (0, 1))), (0, 1)))
+        fc7_of_halved = F.relu(
+            inverted.fc7(
+                0.5
+                * F.relu(
+                    inverted.fc6(torch.flatten(inverted._conv3_5(inverted._conv1_2(x, (0, 1)), (0, 1)), 1), (0, 1))
+                ),
+                (0, 1),
+            )
+        )
         torch.testing.assert_close(h_paper, fc7_of_halved)
         torch.testing.assert_close(paper(x) - paper.fc8.bias, 0.5 * (inverted.fc8(h_paper) - inverted.fc8.bias))
 
@@ -323,9 +330,10 @@ def assert_same_run(a, b):
         assert_close(grads_a[name], grads_b[name], name)
 
 
-@pytest.mark.parametrize(("mode", "memory_format"), [
-    ("eval", torch.contiguous_format), ("train", torch.contiguous_format), ("train", torch.channels_last)
-])
+@pytest.mark.parametrize(
+    ("mode", "memory_format"),
+    [("eval", torch.contiguous_format), ("train", torch.contiguous_format), ("train", torch.channels_last)],
+)
 def test_placements_give_equal_outputs_and_gradients(mode, memory_format, monkeypatch):
     torch.manual_seed(0)
     config = ModelConfig(**SMALL, init="he")  # He init: activations large enough that a wiring error would show
@@ -354,7 +362,7 @@ def test_state_dict_round_trip_between_placements():
     one.load_state_dict(torch.load(buffer, weights_only=True))  # strict: same keys, same shapes
     back = AlexNet(config, devices=["cpu", "cpu"])
     back.load_state_dict(one.state_dict())
-    for (name_a, a), (name_b, b) in zip(two.state_dict().items(), back.state_dict().items()):
+    for (name_a, a), (name_b, b) in zip(two.state_dict().items(), back.state_dict().items(), strict=True):
         assert name_a == name_b and torch.equal(a, b)
     # Same parameters in the same order, so an optimizer's state also carries over between placements.
     assert [(n, p.shape) for n, p in one.named_parameters()] == [(n, p.shape) for n, p in two.named_parameters()]

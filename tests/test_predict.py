@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from typer.testing import CliRunner
 
+from alexrepro.cli import app
 from alexrepro.errors import ConfigError
 from alexrepro.inference import InferenceNetwork
 from alexrepro.predict import Prediction, PredictionError, load_image, predict
 from evaluate_helpers import NUM_CLASSES, image_array, save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
-
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,14 @@ def test_good_images_are_answered_and_bad_ones_named(setup):
     paths = [root / "wide.png", root / "missing.jpg", root / "gray.jpg", root / "broken.jpg", root / "cmyk.jpg", root]
     results = predict(checkpoint, paths, crops=10, device="cpu")
     assert [r.path for r in results] == paths
-    assert [type(r) for r in results] == [Prediction, PredictionError, Prediction, PredictionError, Prediction,
-                                          PredictionError]
+    assert [type(r) for r in results] == [
+        Prediction,
+        PredictionError,
+        Prediction,
+        PredictionError,
+        Prediction,
+        PredictionError,
+    ]
     assert results[1].reason == "no such file"
     assert "not a readable image" in results[3].reason and "0x" not in results[3].reason
     assert "folder" in results[5].reason
@@ -57,7 +63,26 @@ def test_good_images_are_answered_and_bad_ones_named(setup):
         assert len(r.classes) == 5 == len(set(r.classes)) and r.crops == 10
         assert r.probabilities == sorted(r.probabilities, reverse=True) and sum(r.probabilities) <= 1 + 1e-5
         assert r.names == [names[c] for c in r.classes]
-    json.dumps([r.to_dict() for r in results])  # what `--json` prints
+
+
+def test_json_output_of_the_command_line(setup):
+    """`alexrepro predict --json`: one object per file, in the order given, the failures included."""
+    root, checkpoint, _ = setup
+    paths = [root / "wide.png", root / "missing.jpg"]
+    result = CliRunner().invoke(app, ["predict", str(checkpoint), *map(str, paths), "--json", "--devices", "cpu"])
+    assert result.exit_code == 1  # a file could not be predicted
+    printed = json.loads(result.stdout)
+    expected = [r.to_dict() for r in predict(checkpoint, paths, crops=10, device="cpu")]
+    assert [p["path"] for p in printed] == list(map(str, paths)) and printed[1] == {
+        "path": str(paths[1]),
+        "error": "no such file",
+    }
+    assert printed[0]["crops"] == 10 and [t["class"] for t in printed[0]["top"]] == [
+        t["class"] for t in expected[0]["top"]
+    ]
+    assert [t["probability"] for t in printed[0]["top"]] == pytest.approx(
+        [t["probability"] for t in expected[0]["top"]]
+    )
 
 
 def test_probabilities_are_the_evaluation_path_on_the_prepared_image(setup):
@@ -65,8 +90,10 @@ def test_probabilities_are_the_evaluation_path_on_the_prepared_image(setup):
     network = InferenceNetwork(ckpt, ["cpu"])
     image = load_image(root / "wide.png", network, quality=90)
     assert image.shape == (3, network.size, network.size) and image.dtype == torch.uint8
-    for crops, expected in ((10, network.ten_crop_probabilities(image[None]).mean(1)[0]),
-                            (1, network.centre_probabilities(image[None])[0])):
+    for crops, expected in (
+        (10, network.ten_crop_probabilities(image[None]).mean(1)[0]),
+        (1, network.centre_probabilities(image[None])[0]),
+    ):
         [result] = predict(checkpoint, [root / "wide.png"], crops=crops, device="cpu", top_k=NUM_CLASSES)
         assert result.classes == expected.argsort(descending=True).tolist()
         np.testing.assert_allclose(result.probabilities, expected.sort(descending=True).values.numpy(), rtol=1e-5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -140,14 +139,18 @@ def test_resume_after_kill_9_ends_byte_identical(tmp_path, archives, reference):
         "imaging.resize_square_jpeg = slow\n"
         "prepare(Path(sys.argv[1]), Path(sys.argv[2]), PrepareConfig(size=32, shard_size=5, workers=1))\n"
     )
+    # The kill comes once the second shard's record is written: polling for the shard itself could kill in the gap
+    # between its rename and its record, and the resume would then redo it (a count that depends on timing).
+    record = out / ".prepare" / "train-000001.tar.json"
     child = subprocess.Popen([sys.executable, "-c", code, str(archives), str(out)])
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (out / "train-000001.tar").exists():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and child.poll() is None and not record.exists():
             time.sleep(0.01)
-        os.kill(child.pid, signal.SIGKILL)
+        child.send_signal(signal.SIGKILL)  # no-op if it already ended (the asserts below then say so)
     finally:
-        child.wait()
+        child.wait(timeout=30)
+    assert record.exists(), "prepare ended or stalled before its second shard was recorded"
     assert child.returncode == -signal.SIGKILL
     assert not (out / "manifest.json").exists() and not (out / "val-000001.tar").exists()
     result = prepare(archives, out, CONFIG, overwrite=False, progress=NullProgress())

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
-import io
 import re
 
 import numpy as np
@@ -47,8 +47,10 @@ def make_inputs(dataset: str = "own data (6 classes, 30 val images)", submission
     }
     return report.ReportInputs(
         metrics=metrics,
-        classes=[{"index": i, "wnid": f"n0{i:07d}", "ilsvrc_id": None, "name": f"thing {i}, stuff"}
-                 for i in range(NUM_CLASSES)],
+        classes=[
+            {"index": i, "wnid": f"n0{i:07d}", "ilsvrc_id": None, "name": f"thing {i}, stuff"}
+            for i in range(NUM_CLASSES)
+        ],
         labels=labels,
         top10=top10,
         model_config=model_config,
@@ -58,9 +60,12 @@ def make_inputs(dataset: str = "own data (6 classes, 30 val images)", submission
         conv1=rng.normal(size=(12, 3, 11, 11)).astype(np.float32),
         towers=2,
         examples=[example(rng, i % NUM_CLASSES) for i in range(8)],
-        neighbours=[report.NeighbourRow(example(rng, q, top=False),
-                                        [example(rng, j, top=False, distance=1.0 + j) for j in range(6)])
-                    for q in range(5)],
+        neighbours=[
+            report.NeighbourRow(
+                example(rng, q, top=False), [example(rng, j, top=False, distance=1.0 + j) for j in range(6)]
+            )
+            for q in range(5)
+        ],
         submission_labels=submission,
     )
 
@@ -87,9 +92,9 @@ def test_html_is_self_contained(written):
     assert len(references) == len(report.FIGURE_INCHES)
     assert all(ref.startswith("data:image/png;base64,") for ref in references)
     assert "http" not in html.replace("http-equiv", "") and "figures/" not in html and "url(" not in html
-    for ref in references:  # each embedded figure is the PNG written beside the report
-        png = Image.open(io.BytesIO(__import__("base64").b64decode(ref.split(",", 1)[1])))
-        assert png.format == "PNG"
+    # Each embedded figure is the PNG written beside the report, byte for byte, and each PNG is embedded once.
+    embedded = sorted(base64.b64decode(ref.split(",", 1)[1]) for ref in references)
+    assert embedded == sorted((out / "figures" / f"{name}.png").read_bytes() for name in report.FIGURE_INCHES)
 
 
 def test_markdown_links_the_png_files(written):
@@ -145,8 +150,15 @@ def test_recipe_shows_the_prepared_image_size_beside_the_papers(tmp_path, size):
     from alexrepro.prepare import PrepareConfig
 
     inputs = make_inputs()
-    inputs.prepare_settings = {"size": size, "quality": 90, "resize_filter": "bilinear", "seed": 0,
-                               "shard_size": 250, "pillow": "Pillow 13.0.0", "layout": "ilsvrc2012-archives"}
+    inputs.prepare_settings = {
+        "size": size,
+        "quality": 90,
+        "resize_filter": "bilinear",
+        "seed": 0,
+        "shard_size": 250,
+        "pillow": "Pillow 13.0.0",
+        "layout": "ilsvrc2012-archives",
+    }
     md, html = report.write_report(tmp_path, inputs)
     rows = {row[0]: row for row in table_rows(md.read_text(), "setting")}
     paper = PrepareConfig().size
@@ -179,7 +191,7 @@ def test_per_class_error_and_confused_pairs_match_brute_force():
     assert np.isnan(errors[4])
     pairs = report.confused_pairs(top, labels, n=100)
     counts = {}
-    for t, p in zip(labels, top[:, 0]):
+    for t, p in zip(labels, top[:, 0], strict=True):
         if t != p:
             counts[(t, p)] = counts.get((t, p), 0) + 1
     assert {(t, p): c for t, p, c in pairs} == counts
@@ -223,7 +235,9 @@ def test_best_and_worst_classes_are_each_at_most_half_the_classes(written):
 @pytest.mark.parametrize("kernels, towers", [(96, 2), (12, 2), (24, 1)])
 def test_conv1_figure_is_mostly_kernels_not_whitespace(tmp_path, kernels, towers):
     inputs = dataclasses.replace(
-        make_inputs(), conv1=np.random.default_rng(0).normal(size=(kernels, 3, 11, 11)).astype(np.float32), towers=towers
+        make_inputs(),
+        conv1=np.random.default_rng(0).normal(size=(kernels, 3, 11, 11)).astype(np.float32),
+        towers=towers,
     )
     report.write_report(tmp_path, inputs)
     pixels = np.asarray(Image.open(tmp_path / "figures" / "conv1.png").convert("RGB"))

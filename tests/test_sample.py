@@ -82,14 +82,13 @@ def test_archives_have_the_real_names_and_layouts(tiny):
 def test_meta_mat_reads_like_the_real_one(tiny):
     out, result = tiny
     synsets = load_synsets(out)
-    assert synsets.dtype.names == (
-        "ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height", "num_train_images",
-    )
+    fields = "ILSVRC2012_ID WNID words gloss num_children children wordnet_height num_train_images"
+    assert synsets.dtype.names == tuple(fields.split())
     # torchvision's parser: leaves are the rows with num_children == 0, fields taken by position.
     leaves = [row for row in synsets if row[4] == 0]
-    ids, wnids, words = (list(column) for column in list(zip(*leaves))[:3])
+    ids, wnids, words = (list(column) for column in list(zip(*leaves, strict=True))[:3])
     assert ids == [1, 2, 3]
-    assert [(c.ilsvrc_id, c.wnid, c.name) for c in result.classes] == list(zip(ids, wnids, words))
+    assert [(c.ilsvrc_id, c.wnid, c.name) for c in result.classes] == list(zip(ids, wnids, words, strict=True))
     assert all(WNID.match(w) for w in synsets["WNID"])
     assert all(row["children"].size == 0 and row["num_train_images"] == 6 for row in leaves)
     internal = [row for row in synsets if row["num_children"] > 0]
@@ -158,11 +157,14 @@ def test_stored_images_have_their_planned_sizes(tiny):
     assert all(Image.open(io.BytesIO(val[s.name])).size == (s.width, s.height) for s in plan.val)
 
 
-def test_same_seed_gives_identical_bytes_whatever_the_worker_count(tmp_path):
-    # Enough images that two workers really use a process pool.
+def test_same_seed_gives_identical_bytes_whatever_the_worker_count(tmp_path, pool_start_methods):
+    # Enough images that two workers really use a process pool (for the train archive; val has too few images).
     config = SampleConfig(classes=2, train_per_class=40, val_per_class=2, seed=3, image_scale=0.1, workers=1)
     one = write_sample(tmp_path / "one", config, NullProgress())
+    assert pool_start_methods == []
     two = write_sample(tmp_path / "two", dataclasses.replace(config, workers=2), NullProgress())
+    # The suite has imported torch: its pool must start fresh interpreters, not forks of this process.
+    assert pool_start_methods and "fork" not in pool_start_methods
     for key in ("train", "val", "devkit"):
         assert one.paths[key].read_bytes() == two.paths[key].read_bytes(), key
     assert gzip.open(one.paths["devkit"]).read()  # a valid gzip whose header holds no time or name:
@@ -230,8 +232,15 @@ def test_output_that_is_a_file_is_a_one_line_error(tmp_path):
 
 @pytest.mark.parametrize(
     "key, value",
-    [("classes", 1), ("classes", len(PATTERNS) + 1), ("train_per_class", 1), ("val_per_class", 0), ("seed", -1),
-     ("image_scale", 0.0), ("workers", -1)],
+    [
+        ("classes", 1),
+        ("classes", len(PATTERNS) + 1),
+        ("train_per_class", 1),
+        ("val_per_class", 0),
+        ("seed", -1),
+        ("image_scale", 0.0),
+        ("workers", -1),
+    ],
 )
 def test_out_of_range_settings_name_their_key(key, value):
     with pytest.raises(ValueError, match=f"key '{key}' must be"):

@@ -94,7 +94,8 @@ def test_val_ground_truth_gives_each_class_its_share_and_the_tar_is_out_of_name_
 def test_prepare_takes_every_image_and_class(download, tmp_path):
     shards = tmp_path / "shards"
     result = CliRunner().invoke(
-        app, ["prepare", str(download), str(shards), "--size", "32", "--workers", "1", "--quiet"],
+        app,
+        ["prepare", str(download), str(shards), "--size", "32", "--workers", "1", "--quiet"],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output

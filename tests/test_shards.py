@@ -24,6 +24,7 @@ from alexrepro.shards import (
     write_manifest,
     write_shard,
 )
+from conftest import write_prepared
 
 SAMPLES = [Sample(key=f"n0000000{i % 2}_{i}", jpeg=bytes([i]) * (100 + 300 * i), label=i % 2) for i in range(5)]
 CLASSES = (ClassInfo(0, "n01440764", 449, "tench"), ClassInfo(1, "n01443537", None, "goldfish"))
@@ -31,9 +32,7 @@ CLASSES = (ClassInfo(0, "n01440764", 449, "tench"), ClassInfo(1, "n01443537", No
 
 def prepared(folder, shards=((SAMPLES[:3], SAMPLES[3:]),)) -> Manifest:
     """A folder of train shards (the given sample lists) with its index and manifest, as prepare leaves it."""
-    infos = tuple(write_shard(folder / f"train-{n:06d}.tar", samples) for n, samples in enumerate(shards[0]))
-    split = SplitInfo(sum(i.count for i in infos), infos)
-    return write_manifest(folder, Manifest(settings={"size": 256}, classes=CLASSES, splits={"train": split}))
+    return write_prepared(folder, {"train": shards[0]}, CLASSES, {"size": 256})
 
 
 def test_write_then_read_round_trip(tmp_path):
@@ -55,7 +54,10 @@ def test_recorded_members_are_where_tarfile_finds_them(tmp_path):
 def test_index_is_one_file_named_with_its_hash_in_the_manifest(tmp_path):
     manifest = prepared(tmp_path)
     entry = json.loads((tmp_path / "manifest.json").read_text())["splits"]["train"]["index"]
-    assert entry == {"name": "train-index.npy", "sha256": hashlib.sha256((tmp_path / "train-index.npy").read_bytes()).hexdigest()}
+    assert entry == {
+        "name": "train-index.npy",
+        "sha256": hashlib.sha256((tmp_path / "train-index.npy").read_bytes()).hexdigest(),
+    }
     index = ShardIndex.load(tmp_path, manifest, "train")
     assert [index.key(i) for i in range(len(index))] == [s.key for s in SAMPLES]
     assert index.shard.tolist() == [0, 0, 0, 1, 1]
@@ -76,7 +78,10 @@ def test_same_samples_give_identical_bytes(tmp_path):
 
 def test_webdataset_reads_our_shards(tmp_path):
     write_shard(tmp_path / "val-000000.tar", SAMPLES)
-    seen = [(s["__key__"], s["jpg"], int(s["cls"])) for s in wds.WebDataset(str(tmp_path / "val-000000.tar"), shardshuffle=False)]
+    seen = [
+        (s["__key__"], s["jpg"], int(s["cls"]))
+        for s in wds.WebDataset(str(tmp_path / "val-000000.tar"), shardshuffle=False)
+    ]
     assert seen == [(s.key, s.jpeg, s.label) for s in SAMPLES]
 
 

@@ -11,8 +11,15 @@ from PIL import Image
 from alexrepro.config import load_config
 from alexrepro.errors import ConfigError, FormatError, OutputExistsError
 from alexrepro.progress import NullProgress
-from alexrepro.shards import ClassInfo, Manifest, Sample, SplitInfo, read_manifest, sha256_file, write_manifest, write_shard
+from alexrepro.shards import (
+    ClassInfo,
+    Sample,
+    read_manifest,
+    sha256_file,
+    write_manifest,
+)
 from alexrepro.stats import StatsConfig, check_stats_source, compute_stats, load_stats
+from conftest import jpeg_bytes, write_prepared
 
 SIZE = 16
 SHARD_COUNTS = (5, 3, 4)  # three train shards of unequal size
@@ -21,10 +28,7 @@ SHARD_COUNTS = (5, 3, 4)  # three train shards of unequal size
 def _jpeg(rng):
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     base = rng.uniform(30, 220, 3) + 3 * np.stack([xx, yy, xx - yy], axis=2)
-    pixels = np.clip(base + rng.normal(0, 20, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="JPEG", quality=90)
-    return out.getvalue()
+    return jpeg_bytes(np.clip(base + rng.normal(0, 20, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -32,15 +36,15 @@ def shards(tmp_path_factory):
     """A tiny prepared folder: three train shards and one val shard (which stats must ignore)."""
     root = tmp_path_factory.mktemp("shards")
     rng = np.random.default_rng(0)
-    splits = {}
-    for split, counts in (("train", SHARD_COUNTS), ("val", (2,))):
-        infos = []
-        for index, count in enumerate(counts):
-            samples = [Sample(f"{split}_{index}_{i}", _jpeg(rng), i % 2) for i in range(count)]
-            infos.append(write_shard(root / f"{split}-{index:06d}.tar", samples))
-        splits[split] = SplitInfo(count=sum(counts), shards=tuple(infos))
+    splits = {
+        split: [
+            [Sample(f"{split}_{index}_{i}", _jpeg(rng), i % 2) for i in range(count)]
+            for index, count in enumerate(counts)
+        ]
+        for split, counts in (("train", SHARD_COUNTS), ("val", (2,)))
+    }
     classes = (ClassInfo(0, "n00000001", None, "a"), ClassInfo(1, "n00000002", None, "b"))
-    write_manifest(root, Manifest(settings={"size": SIZE}, classes=classes, splits=splits))
+    write_prepared(root, splits, classes, {"size": SIZE})
     return root
 
 
@@ -148,7 +152,9 @@ def test_shards_written_by_other_tar_tools_are_read_too(shards, tmp_path):
     # The manifest names the new bytes; the index is read from the pax headers once, by write_manifest.
     manifest = read_manifest(copy)
     train = manifest.split("train")
-    infos = tuple(replace(s, sha256=sha256_file(copy / s.name), size=(copy / s.name).stat().st_size) for s in train.shards)
+    infos = tuple(
+        replace(s, sha256=sha256_file(copy / s.name), size=(copy / s.name).stat().st_size) for s in train.shards
+    )
     write_manifest(copy, replace(manifest, splits={**manifest.splits, "train": replace(train, shards=infos)}))
     original = _run(shards, tmp_path / "a", workers=1)
     rewritten = _run(copy, tmp_path / "b", workers=1)

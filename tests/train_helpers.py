@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from alexrepro.shards import ClassInfo, Manifest, Sample, SplitInfo, write_manifest, write_shard
+from alexrepro.shards import ClassInfo, Manifest, Sample
+from conftest import in_shards, jpeg_bytes, write_prepared
 
 
 def pattern_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -30,12 +31,6 @@ def pattern_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def jpeg(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
-
-
 def make_shards(
     out: Path,
     classes: int = 3,
@@ -47,24 +42,15 @@ def make_shards(
 ) -> Manifest:
     """Write train/val shards of pattern images and manifest.json into `out`; train interleaves the classes."""
     rng = np.random.default_rng(seed)
-    out.mkdir(parents=True, exist_ok=True)
     splits = {}
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         labels = [c for _ in range(per_class) for c in range(classes)]
         if split == "train":
             rng.shuffle(labels)
-        samples = [Sample(f"{split}_{i:05d}", jpeg(pattern_image(c, size, rng)), c) for i, c in enumerate(labels)]
-        infos = [
-            write_shard(out / f"{split}-{n:06d}.tar", samples[start : start + shard_size])
-            for n, start in enumerate(range(0, len(samples), shard_size))
-        ]
-        splits[split] = SplitInfo(count=len(samples), shards=tuple(infos))
-    manifest = Manifest(
-        settings={"size": size, "quality": 90, "seed": seed},
-        classes=tuple(ClassInfo(i, f"n{i:08d}", None, f"pattern {i}") for i in range(classes)),
-        splits=splits,
-    )
-    return write_manifest(out, manifest)
+        samples = [Sample(f"{split}_{i:05d}", jpeg_bytes(pattern_image(c, size, rng)), c) for i, c in enumerate(labels)]
+        splits[split] = in_shards(samples, shard_size)
+    infos = [ClassInfo(i, f"n{i:08d}", None, f"pattern {i}") for i in range(classes)]
+    return write_prepared(out, splits, infos, {"size": size, "quality": 90, "seed": seed})
 
 
 def normalization_of(shards: Path, manifest: Manifest, input_scale: float) -> dict:
