@@ -29,6 +29,8 @@ and sees exactly the data an uninterrupted run would.
 from __future__ import annotations
 
 import random
+import re
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from alexrepro.augment import center_offset
+from alexrepro.errors import AlexReproError, FormatError
 from alexrepro.progress import NullProgress, Progress
 from alexrepro.shards import Manifest, ShardIndex, ShardReader, verify_shards
 
@@ -167,14 +170,27 @@ class ShardBatches(IterableDataset):
                 if step % workers != worker:
                     continue
                 start, end = self.plan.rank_batch(step)
-                items = [self._load(files, int(sequence[i]), i, decode) for i in range(start, end)]
+                try:
+                    items = [self._load(files, int(sequence[i]), i, decode) for i in range(start, end)]
+                except (AlexReproError, MemoryError) as exc:
+                    if info is None:
+                        raise
+                    # DataLoader re-raises a worker's exception with the worker's whole traceback in its message;
+                    # handed over as data, it reaches the user as the one line it is (see _BatchLoader).
+                    yield _Fault(exc)
+                    return
                 yield self._collate(items, step)
 
     def _load(self, files: ShardReader, sample: int, position: int, decode: Callable[[bytes], torch.Tensor]):
-        image = decode(files.jpeg(sample))  # 3×H×W uint8
-        label = files.label(sample)  # checked against the manifest's classes
         key = self.index.key(sample)
+        label = files.label(sample)  # checked against the manifest's classes
+        image = decode_sample(decode, files.jpeg(sample), self.index, sample)  # 3×H×W uint8
         size = image.shape[1]
+        if min(image.shape[1:]) < (self.crop or 0):
+            raise FormatError(
+                f"{self.index.paths[self.index.shard[sample]]}: sample {key} is {image.shape[2]}×{image.shape[1]}, "
+                f"smaller than the {self.crop}-pixel crop; rerun `alexrepro prepare`"
+            )
         aug = self.augmentation
         alphas = (0.0, 0.0, 0.0)
         flipped = False
@@ -287,7 +303,7 @@ def ordered_loader(
 def _loader(dataset: ShardBatches, workers: int, pin_memory: bool) -> DataLoader:
     # batch_size=None: the workers already batch; each yields whole rank batches, which DataLoader passes through
     # in worker round-robin order, i.e. in step order.
-    return DataLoader(
+    return _BatchLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
@@ -303,8 +319,74 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@dataclass
+class _Fault:
+    """An error met in a worker (a corrupt sample, no memory), passed to the main process in place of a batch."""
+
+    error: BaseException
+
+
+class _BatchLoader(DataLoader):
+    """DataLoader whose workers ignore the signals that stop a run, and whose worker errors stay one line.
+
+    A scheduler (SLURM, Kubernetes) or Ctrl-C signals the whole process group. Workers that die of it make the main
+    process raise from its SIGCHLD handler, wherever it is (even half-way through writing a checkpoint); so workers
+    ignore SIGINT and SIGTERM and the main process alone decides how to stop. The signals stay blocked while the
+    workers are forked, so that none arrives before a worker has set them aside (`_worker_init`).
+    """
+
+    def __iter__(self):
+        can_block = hasattr(signal, "pthread_sigmask")
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if can_block else None
+        try:
+            batches = super().__iter__()
+        finally:
+            if can_block:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        return _raise_faults(batches)
+
+
+def _raise_faults(batches: Iterator) -> Iterator[Batch]:
+    for batch in batches:
+        if isinstance(batch, _Fault):
+            raise batch.error
+        yield batch
+
+
 def _worker_init(_worker_id: int) -> None:
+    for sig in _STOP_SIGNALS:  # the main process stops the run; see _BatchLoader
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     torch.set_num_threads(1)  # a worker decodes one image at a time; extra threads only contend for cores
+
+
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid")
+
+
+def worker_death(exc: BaseException) -> str | None:
+    """torch's own message when `exc` says a DataLoader worker died (a signal, the out-of-memory killer), else None.
+
+    torch reports it as a plain RuntimeError, raised from its SIGCHLD handler or from the loader's iterator."""
+    if isinstance(exc, RuntimeError) and _WORKER_DIED.match(str(exc)):
+        return str(exc).strip().splitlines()[0].rstrip(". ")
+    return None
+
+
+def decode_sample(decode: Callable[[bytes], torch.Tensor], data: bytes, index: ShardIndex, sample: int) -> torch.Tensor:
+    """`decode(data)` for sample `sample` of `index`; a JPEG the decoder refuses is a FormatError naming the shard and
+    the key (torchvision raises RuntimeError, Pillow OSError or ValueError)."""
+    try:
+        return decode(data)
+    except (RuntimeError, OSError, ValueError, SyntaxError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FormatError(
+            f"{index.paths[index.shard[sample]]}: sample {index.key(sample)} is not a decodable JPEG ({reason}); "
+            "rerun `alexrepro prepare` to rewrite the shards"
+        ) from None
 
 
 def _decoders() -> dict[str, Callable[[bytes], torch.Tensor]]:
