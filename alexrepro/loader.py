@@ -28,10 +28,12 @@ and sees exactly the data an uninterrupted run would.
 
 from __future__ import annotations
 
+import atexit
 import random
 import re
 import signal
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -346,7 +348,26 @@ class _BatchLoader(DataLoader):
         finally:
             if can_block:
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if self.num_workers:
+            _running.add(batches)
+            # Exit handlers run last-registered first: this one must run before multiprocessing's (registered when
+            # the first worker started), which would stop the workers with SIGTERM, which they ignore.
+            atexit.unregister(_stop_workers_at_exit)
+            atexit.register(_stop_workers_at_exit)
         return _raise_faults(batches)
+
+
+# The iterators whose workers may still run. A run that stops on an error can exit with its iterator still held by
+# the error's traceback; multiprocessing's exit handler would then wait for the workers forever.
+_running: weakref.WeakSet = weakref.WeakSet()
+
+
+def _stop_workers_at_exit() -> None:
+    for batches in list(_running):
+        batches._shutdown_workers()  # unregisters them from torch's SIGCHLD check, asks them to stop, joins them
+        for worker in getattr(batches, "_workers", ()):
+            if worker.is_alive():  # one that did not answer in time
+                worker.kill()
 
 
 def _raise_faults(batches: Iterator) -> Iterator[Batch]:
@@ -383,6 +404,7 @@ def decode_sample(decode: Callable[[bytes], torch.Tensor], data: bytes, index: S
         return decode(data)
     except (RuntimeError, OSError, ValueError, SyntaxError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = re.sub(r"^\w+, \S+:\d+, ", "", reason)  # torchvision's "decode_jpeg, <source file>:171, …"
         raise FormatError(
             f"{index.paths[index.shard[sample]]}: sample {index.key(sample)} is not a decodable JPEG ({reason}); "
             "rerun `alexrepro prepare` to rewrite the shards"

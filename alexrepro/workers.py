@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
+import threading
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, TypeVar
 
-from alexrepro.errors import WorkerDiedError
+from alexrepro.errors import AlexReproError, WorkerDiedError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -41,7 +43,12 @@ def map_unordered(function: Callable[[T], R], tasks: Iterable[T], workers: int, 
         context.set_forkserver_preload([preload])
     else:
         context = multiprocessing.get_context("spawn")
+    # A scheduler's SIGTERM (or Ctrl-C's SIGINT) reaches the whole process group. The main process stops by an
+    # exception, so that the pool is shut down in order: killed at once, it leaves the pool's semaphores to the
+    # resource tracker, which warns of them as "leaked".
     pool = ProcessPoolExecutor(workers, mp_context=context)
+    stopped: list[str] = []
+    previous = _stop_by_exception(stopped)
     try:
         pending = {pool.submit(function, task) for task in tasks}
         while pending:
@@ -49,6 +56,8 @@ def map_unordered(function: Callable[[T], R], tasks: Iterable[T], workers: int, 
             for future in done:
                 yield future.result()
     except BrokenProcessPool:
+        if stopped:  # the workers died of the same signal
+            raise _stopped(stopped[0]) from None
         raise WorkerDiedError(
             f"a {preload.rsplit('.', 1)[-1]} worker process died without a word (killed by a signal; on Linux most "
             "often the out-of-memory killer, see `dmesg`); rerun the same command to go on where it stopped, with "
@@ -56,3 +65,28 @@ def map_unordered(function: Callable[[T], R], tasks: Iterable[T], workers: int, 
         ) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stopped(name: str) -> AlexReproError:
+    return AlexReproError(f"stopped by {name}; rerun the same command to go on")
+
+
+def _stop_by_exception(stopped: list[str]) -> dict:
+    """Make SIGINT and SIGTERM raise "stopped by SIG…" (the command line exits 128+N), once, noting the signal in
+    `stopped`; return the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, _frame):
+        name = signal.Signals(signum).name
+        if stopped:  # already unwinding
+            return
+        stopped.append(name)
+        raise _stopped(name)
+
+    return {sig: signal.signal(sig, stop) for sig in _STOP_SIGNALS}
