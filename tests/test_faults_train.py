@@ -97,22 +97,6 @@ def ends_with_one_error(result: subprocess.CompletedProcess, *words: str) -> str
     return lines[-1]
 
 
-def loader_workers(pid: int) -> list[int]:
-    """The DataLoader workers of process `pid`: its children forked from it (same command line; the fork server and
-    the resource tracker of other pools run other commands)."""
-    def cmdline(p: int) -> bytes:
-        try:
-            return Path(f"/proc/{p}/cmdline").read_bytes()
-        except OSError:
-            return b""
-
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
-    return [int(c) for c in children if cmdline(int(c)) == cmdline(pid)]
-
-
 def weights(path: Path) -> dict:
     return load_checkpoint(path)["model"]
 
@@ -174,8 +158,8 @@ def hook(folder: Path, code: str) -> Path:
     return folder
 
 
-# Test hook: each decode in a loader worker takes 50 ms, so that an evaluation lasts long enough to be signalled; the
-# first one writes the file named by ALEXREPRO_TEST_STARTED.
+# Test hook: each decode in a loader worker takes 50 ms, so that a run lasts long enough to be signalled; the worker
+# writes its PID to the file named by ALEXREPRO_TEST_STARTED (written whole, then renamed).
 SLOW_DECODE = """
     import multiprocessing, os, time
     from pathlib import Path
@@ -184,7 +168,11 @@ SLOW_DECODE = """
     def _slow(real):
         def decode(data):
             if multiprocessing.parent_process() is not None:
-                Path(os.environ["ALEXREPRO_TEST_STARTED"]).touch()
+                started = Path(os.environ["ALEXREPRO_TEST_STARTED"])
+                if not started.exists():
+                    tmp = started.with_name(f"{started.name}.{os.getpid()}")
+                    tmp.write_text(str(os.getpid()))
+                    os.replace(tmp, started)
                 time.sleep(0.05)
             return real(data)
         return decode
@@ -241,19 +229,14 @@ def test_sigterm_to_evaluate_is_one_line_and_writes_no_metrics(data, trained, tm
 # A loader worker killed (what the out-of-memory killer does)
 
 
-def _kill_a_worker(process: subprocess.Popen) -> None:
-    """SIGKILL one DataLoader worker of `process` as soon as one exists."""
+def _kill_a_worker(process: subprocess.Popen, started: Path) -> None:
+    """SIGKILL the DataLoader worker that SLOW_DECODE reports in `started`, once it decodes."""
     deadline = time.monotonic() + LIMIT
-    while process.poll() is None and time.monotonic() < deadline:
-        workers = loader_workers(process.pid)
-        if workers:
-            try:
-                os.kill(workers[0], signal.SIGKILL)
-                return
-            except ProcessLookupError:  # it had just finished its epoch
-                pass
+    while not started.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail("no loader worker decoded an image")
         time.sleep(0.02)
-    pytest.fail("no loader worker appeared")
+    os.kill(int(started.read_text()), signal.SIGKILL)
 
 
 def test_killed_train_worker_is_one_line_and_keeps_the_checkpoint(data, trained, tmp_path):
@@ -261,8 +244,10 @@ def test_killed_train_worker_is_one_line_and_keeps_the_checkpoint(data, trained,
     out.mkdir()
     for name in ("checkpoint-last.pt", "checkpoint-best.pt"):
         (out / name).write_bytes((trained[1] / name).read_bytes())
-    process = start("train", *data, out, "--epochs", "40", "--workers", "2", "--resume", "--quiet", *TINY)
-    _kill_a_worker(process)
+    slow = hook(tmp_path / "hook", SLOW_DECODE)
+    process = start("train", *data, out, "--epochs", "40", "--workers", "2", "--resume", "--quiet", *TINY, hook=slow,
+                    started=tmp_path / "started")  # fmt: skip
+    _kill_a_worker(process, tmp_path / "started")
     result = finish(process)
     assert result.returncode == 1, result.stderr
     ends_with_one_error(result, "loader worker", "checkpoint-last.pt", "--resume")
@@ -275,7 +260,7 @@ def test_killed_evaluate_worker_is_one_line(data, trained, tmp_path):
     out = tmp_path / "report"
     process = start("evaluate", trained[1] / "checkpoint-last.pt", data[0], out, "--workers", "2", "--quiet",
                     hook=slow, started=tmp_path / "started")  # fmt: skip
-    _kill_a_worker(process)
+    _kill_a_worker(process, tmp_path / "started")
     result = finish(process)
     ends_with_one_error(result, "loader worker", "metrics.json")
     assert not (out / "metrics.json").exists()
@@ -409,3 +394,17 @@ def test_official_layout_without_val_or_devkit_is_one_line(tmp_path, missing):
     result = cli("prepare", source, tmp_path / "shards", "--size", "32", "--quiet")
     ends_with_one_error(result, missing, "missing")
     assert not (tmp_path / "shards").exists()
+
+
+def test_sigterm_to_prepare_with_workers_is_one_line_and_the_rerun_finishes(tmp_path):
+    source = fx.write_archives(tmp_path / "download", fx.tiny_set(train_per_class=60, val_images=12))
+    out = tmp_path / "shards"
+    args = ["prepare", source, out, "--size", "32", "--shard-size", "2", "--workers", "2"]
+    process = start(*args)
+    before = wait_for_line(process, "resizing into shards [")  # the pool is at work
+    os.killpg(process.pid, signal.SIGTERM)
+    result = finish(process, before)  # also waits for the pool's processes: none may linger
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    ends_with_one_error(result, "stopped by SIGTERM")  # and no "leaked semaphore" warning, no BrokenPipe
+    rerun = cli(*args, "--quiet")
+    assert rerun.returncode == 0, rerun.stderr
