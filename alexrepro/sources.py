@@ -310,7 +310,7 @@ def _from_archives(source: Path) -> Source:
                 found.append((wnid, member.name, inner.name, inner.offset_data + member.offset_data, member.size))
             rejected += _rejected_members("train", f"{TRAIN_TAR}/{inner.name}", links)
     folder_wnids = sorted({wnid for wnid, *_ in found})
-    classes = devkit.classes if devkit else _index_classes((w, None, w) for w in folder_wnids)
+    classes = devkit.classes
     index = _class_index(classes, folder_wnids, f"{train_tar}", "devkit meta.mat")
     train = [
         ImageRef(make_key(name), index[wnid], f"{TRAIN_TAR}/{inner}/{name}", str(train_tar), offset, size)
