@@ -10,6 +10,7 @@ A checkpoint carries everything evaluate and predict need: the weights, the prep
 
 from __future__ import annotations
 
+import math
 import pickle
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -30,7 +31,33 @@ VERSION = 1
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write `state` to `path` atomically (a reader or a resumed run never sees half a checkpoint)."""
     with atomic_open(Path(path)) as handle:
-        torch.save({"format": FORMAT, "version": VERSION, **state}, handle)
+        writer = _Writer(handle)
+        try:
+            torch.save({"format": FORMAT, "version": VERSION, **state}, writer)
+        except RuntimeError:
+            # torch's zip writer turns a failed write (disk full, file size limit) into "unexpected pos …";
+            # the OSError it swallowed says what happened.
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+
+
+class _Writer:
+    """A file for torch.save that remembers the OSError of a failed write."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -46,16 +73,63 @@ def load_checkpoint(path: Path) -> dict:
             f"{path}: not a readable checkpoint ({reason}); use one written by `alexrepro train`"
         ) from None
     check_format(data, FORMAT, VERSION, str(path), "alexrepro train")
+    check_entries(data, str(path))
     return data
 
 
-def model_from_checkpoint(ckpt: dict, devices: Sequence[torch.device | str] | None = None):
+def check_entries(ckpt: dict, source: str) -> None:
+    """The entries every consumer reads (weights, their config, classes, normalisation) are there and well formed:
+    a checkpoint missing one is a FormatError naming it, not a KeyError far from where it was loaded."""
+
+    def fail(entry: str, problem: str):
+        raise FormatError(f"{source}: entry '{entry}' {problem}; use a checkpoint written by `alexrepro train`")
+
+    for entry, kind in (("epoch", int), ("model_config", dict), ("model", dict), ("classes", list),
+                        ("normalization", dict)):  # fmt: skip
+        if entry not in ckpt:
+            fail(entry, "is missing")
+        if not isinstance(ckpt[entry], kind):
+            fail(entry, f"is a {type(ckpt[entry]).__name__}, not a {kind.__name__}")
+    if not all(isinstance(c, dict) and {"wnid", "name"} <= set(c) for c in ckpt["classes"]):
+        fail("classes", "lacks a class's wnid or name")
+    norm = ckpt["normalization"]
+    shapes = {"mean_image": 3, "eigval": 1, "eigvec": 2}
+    for name, dims in shapes.items():
+        value = norm.get(name)
+        if not isinstance(value, torch.Tensor):
+            fail(f"normalization.{name}", "is missing" if value is None else "is not a tensor")
+        if value.dim() != dims or not torch.isfinite(value).all():
+            fail(f"normalization.{name}", f"is not a finite {dims}-D tensor (shape {tuple(value.shape)})")
+    side = norm["mean_image"].shape
+    if side[0] != side[1] or side[2] != 3 or tuple(norm["eigval"].shape) != (3,) or tuple(norm["eigvec"].shape) != (3, 3):
+        fail("normalization", "does not hold an S×S×3 mean image with 3 RGB eigenpairs")
+    scale = norm.get("input_scale")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        fail("normalization.input_scale", f"must be a number above 0, got {scale!r}")
+
+
+def load_weights(module: torch.nn.Module, weights: dict, source: str) -> None:
+    """`module.load_state_dict(weights)`, with a mismatch (other layers, other shapes) as one FormatError line."""
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+        if len(detail) > 200:
+            detail = detail[:200] + " …"
+        raise FormatError(
+            f"{source}: its weights do not fit its model_config ({detail}); use a checkpoint written by "
+            "`alexrepro train`, unmodified"
+        ) from None
+
+
+def model_from_checkpoint(ckpt: dict, devices: Sequence[torch.device | str] | None = None, source: str = "checkpoint"):
     """The AlexNet described by the checkpoint's model_config, with its weights, placed on `devices`."""
     from alexrepro.model import AlexNet, ModelConfig
 
-    config = config_from_dict(ModelConfig, model_config_of(ckpt), "checkpoint model_config")
+    config = config_from_dict(ModelConfig, model_config_of(ckpt), f"{source} model_config")
     model = AlexNet(config, devices)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], source)
     return model
 
 

@@ -247,6 +247,10 @@ def _stage(quiet: bool, flags: dict[str, str] | None = None, interval: int | Non
         raise _error(str(exc), code) from None
     except KeyboardInterrupt:
         raise _error("interrupted", 130) from None
+    except MemoryError:
+        if os.environ.get("ALEXREPRO_TRACEBACK"):
+            raise
+        raise _error("out of memory; rerun with fewer --workers or a smaller --batch-size", 1) from None
 
 
 def _name_flag(message: str, flags: dict[str, str]) -> str:

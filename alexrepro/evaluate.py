@@ -28,9 +28,11 @@ import dataclasses
 import io
 import json
 import math
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -39,9 +41,9 @@ from torch.utils.data import DataLoader
 from alexrepro import shards as shardlib
 from alexrepro.atomic import atomic_write_text
 from alexrepro.distributed import Ranks, distributed_ranks, ranks_from_env
-from alexrepro.errors import EvaluationError
+from alexrepro.errors import EvaluationError, WorkerDiedError
 from alexrepro.inference import CENTRE_VIEW, InferenceNetwork
-from alexrepro.loader import ordered_loader, split_index, verified_index
+from alexrepro.loader import decode_sample, ordered_loader, split_index, verified_index, worker_death
 from alexrepro.locking import output_lock
 from alexrepro.progress import Progress
 from alexrepro.shards import ShardIndex, ShardReader, sha256_file, verify_shards
@@ -240,7 +242,8 @@ def fetch_images(index: ShardIndex, keys: Sequence[str], decode: Callable[[bytes
     """Decode the samples named `keys`, found by the index and read by offset."""
     wanted = set(keys)
     with ShardReader(index) as reader:
-        return {index.key(i): decode(reader.jpeg(i)) for i in range(len(index)) if index.key(i) in wanted}
+        return {index.key(i): decode_sample(decode, reader.jpeg(i), index, i) for i in range(len(index))
+                if index.key(i) in wanted}  # fmt: skip
 
 
 def pick_spread(labels: np.ndarray, n: int) -> list[int]:
@@ -266,7 +269,42 @@ def evaluate(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, 
     checkpoint, shards, out = Path(checkpoint), Path(shards), Path(out)
     # One run per report folder; under torchrun rank 0 alone holds the lock (see train()).
     with output_lock(out, "evaluate") if ranks_from_env().rank == 0 else contextlib.nullcontext():
-        return _evaluate_locked(checkpoint, shards, out, config, progress)
+        with _stopped_by_signals(out):
+            try:
+                return _evaluate_locked(checkpoint, shards, out, config, progress)
+            except RuntimeError as exc:
+                died = worker_death(exc)
+                if died is None:
+                    raise
+                raise WorkerDiedError(
+                    f"a loader worker process died ({died}; on Linux most often the out-of-memory killer, see "
+                    f"`dmesg`); {out / 'metrics.json'} was not written: rerun, with fewer --workers or a smaller "
+                    "--batch-size if memory is short"
+                ) from None
+
+
+@contextlib.contextmanager
+def _stopped_by_signals(out: Path) -> Iterator[None]:
+    """SIGTERM (a scheduler) or SIGINT (Ctrl-C) stop evaluate at once, as one line that the command line turns into
+    exit code 128+N. Nothing is left that looks complete: metrics.json, written last, is not there. The loader's
+    workers ignore both signals (alexrepro.loader), so none dies of one and clouds the report."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        for sig in previous:  # once is enough: a second signal must not interrupt the unwinding
+            signal.signal(sig, signal.SIG_IGN)
+        raise EvaluationError(
+            f"stopped by {signal.Signals(signum).name}; {out / 'metrics.json'} was not written: rerun the same command"
+        )
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _evaluate_locked(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, progress: Progress):
@@ -277,7 +315,7 @@ def _evaluate_locked(checkpoint: Path, shards: Path, out: Path, config: Evaluate
     check_classes(ckpt["classes"], manifest, checkpoint, shards)
 
     with distributed_ranks(config.devices, int(ckpt["model_config"].get("towers", 2))) as (ranks, devices):
-        network = InferenceNetwork(ckpt, devices)
+        network = InferenceNetwork(ckpt, devices, str(checkpoint))
         prepared_size = manifest.settings.get("size")
         if prepared_size is not None and int(prepared_size) != network.size:
             raise EvaluationError(
@@ -312,6 +350,7 @@ def _evaluate_locked(checkpoint: Path, shards: Path, out: Path, config: Evaluate
 
     progress.start("writing report", None)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").unlink(missing_ok=True)  # an earlier run's: until the new one is written, none is complete
     id_kind = write_submission(out / "submission.txt", predictions, manifest)
     write_predictions_csv(out / "predictions.csv", predictions, manifest)
     write_per_class_csv(out / "per_class.csv", predictions, manifest)

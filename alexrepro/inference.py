@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from alexrepro.augment import center_offset, crop_mean, normalize, ten_crop_offsets
-from alexrepro.errors import EvaluationError
+from alexrepro.errors import EvaluationError, FormatError
 from alexrepro.loader import decode_pil, decode_torchvision
 
 
@@ -76,12 +76,18 @@ DECODERS = {"torchvision": decode_torchvision, "pil": decode_pil}  # TrainConfig
 class InferenceNetwork:
     """A checkpoint's network in eval mode, with the preprocessing, decoder and precision it was trained with."""
 
-    def __init__(self, ckpt: dict, devices: Sequence[torch.device | str]):
+    def __init__(self, ckpt: dict, devices: Sequence[torch.device | str], source: str = "checkpoint"):
         from alexrepro.checkpoint import model_from_checkpoint
 
         self.device = torch.device(devices[0])
-        self.model = model_from_checkpoint(ckpt, list(devices)).eval()
-        self.patches = TenCropPatches(ckpt["normalization"], int(ckpt["model_config"]["crop"]), self.device)
+        self.model = model_from_checkpoint(ckpt, list(devices), source).eval()
+        crop, side = int(ckpt["model_config"]["crop"]), int(ckpt["normalization"]["mean_image"].shape[0])
+        if crop > side:
+            raise FormatError(
+                f"{source}: its crop ({crop}) is larger than its {side}×{side} mean image; use a checkpoint written "
+                "by `alexrepro train`"
+            )
+        self.patches = TenCropPatches(ckpt["normalization"], crop, self.device)
         train = ckpt.get("train_config") or {}
         self.decoder = str(train.get("decoder", "torchvision"))
         if self.decoder not in DECODERS:

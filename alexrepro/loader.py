@@ -28,9 +28,13 @@ and sees exactly the data an uninterrupted run would.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import random
+import re
+import signal
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal
@@ -40,8 +44,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from alexrepro.augment import center_offset
+from alexrepro.errors import AlexReproError, FormatError
 from alexrepro.progress import NullProgress, Progress
-from alexrepro.errors import FormatError
 from alexrepro.shards import Manifest, ShardIndex, ShardReader, verify_shards
 
 Decoder = Literal["torchvision", "pil"]
@@ -199,21 +203,38 @@ class ShardBatches(IterableDataset):
                 if step % workers != worker:
                     continue
                 start, end = self.plan.rank_batch(step)
-                if self.decode_on == "device":
-                    yield self._collate_jpegs([self._read(files, int(sequence[i]), i) for i in range(start, end)], step)
-                elif self.crop is None:  # whole images: their size is known once decoded
-                    items = [self._load(files, int(sequence[i]), i, decode) for i in range(start, end)]
-                    yield self._collate(items, step)
-                else:
-                    yield self._decode_batch(files, sequence, start, end, step, decode)
+                try:
+                    if self.decode_on == "device":
+                        batch = self._collate_jpegs(
+                            [self._read(files, int(sequence[i]), i) for i in range(start, end)], step
+                        )
+                    elif self.crop is None:  # whole images: their size is known once decoded
+                        items = [self._load(files, int(sequence[i]), i, decode) for i in range(start, end)]
+                        batch = self._collate(items, step)
+                    else:
+                        batch = self._decode_batch(files, sequence, start, end, step, decode)
+                except (AlexReproError, MemoryError) as exc:
+                    if info is None:
+                        raise
+                    # DataLoader re-raises a worker's exception with the worker's whole traceback in its message;
+                    # handed over as data, it reaches the user as the one line it is (see _BatchLoader).
+                    yield _Fault(exc)
+                    return
+                yield batch
 
     def _load(self, files: ShardReader, sample: int, position: int, decode: Callable[[bytes], torch.Tensor]):
-        image = decode(files.jpeg(sample))  # 3×H×W uint8
+        label = files.label(sample)  # checked against the manifest's classes
+        image = decode_sample(decode, files.jpeg(sample), self.index, sample)  # 3×H×W uint8
+        if min(image.shape[1:]) < (self.crop or 0):
+            raise FormatError(
+                f"{self.index.paths[self.index.shard[sample]]}: sample {self.index.key(sample)} is "
+                f"{image.shape[2]}×{image.shape[1]}, smaller than the {self.crop}-pixel crop; rerun `alexrepro prepare`"
+            )
         crop, (y, x), flipped, alphas = self._view(position, image.shape[1], image.shape[2])
         # Crop in the decoder's H×W×3 layout: rows of the crop are contiguous there, so stacking is a plain copy
         # (cropping the 3×H×W view instead costs 15× more). The reflection is left to the device (see Batch).
         view = image.permute(1, 2, 0)[y : y + crop, x : x + crop]  # crop×crop×3
-        return view, files.label(sample), (y, x), flipped, alphas, self.index.key(sample)
+        return view, label, (y, x), flipped, alphas, self.index.key(sample)
 
     def _read(self, files: ShardReader, sample: int, position: int):
         """decode_on="device": the JPEG bytes and the same view draws as `_load`, sized from the JPEG's header."""
@@ -435,7 +456,7 @@ def ordered_loader(
 def _loader(dataset: ShardBatches, workers: int, pin_memory: bool) -> DataLoader:
     # batch_size=None: the workers already batch; each yields whole rank batches, which DataLoader passes through
     # in worker round-robin order, i.e. in step order.
-    return DataLoader(
+    return _BatchLoader(
         dataset,
         batch_size=None,
         num_workers=workers,
@@ -451,8 +472,94 @@ def _identity(batch: Batch) -> Batch:
     return batch
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@dataclass
+class _Fault:
+    """An error met in a worker (a corrupt sample, no memory), passed to the main process in place of a batch."""
+
+    error: BaseException
+
+
+class _BatchLoader(DataLoader):
+    """DataLoader whose workers ignore the signals that stop a run, and whose worker errors stay one line.
+
+    A scheduler (SLURM, Kubernetes) or Ctrl-C signals the whole process group. Workers that die of it make the main
+    process raise from its SIGCHLD handler, wherever it is (even half-way through writing a checkpoint); so workers
+    ignore SIGINT and SIGTERM and the main process alone decides how to stop. The signals stay blocked while the
+    workers are forked, so that none arrives before a worker has set them aside (`_worker_init`).
+    """
+
+    def __iter__(self):
+        can_block = hasattr(signal, "pthread_sigmask")
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if can_block else None
+        try:
+            batches = super().__iter__()
+        finally:
+            if can_block:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if self.num_workers:
+            _running.add(batches)
+            # Exit handlers run last-registered first: this one must run before multiprocessing's (registered when
+            # the first worker started), which would stop the workers with SIGTERM, which they ignore.
+            atexit.unregister(_stop_workers_at_exit)
+            atexit.register(_stop_workers_at_exit)
+        return _raise_faults(batches)
+
+
+# The iterators whose workers may still run. A run that stops on an error can exit with its iterator still held by
+# the error's traceback; multiprocessing's exit handler would then wait for the workers forever.
+_running: weakref.WeakSet = weakref.WeakSet()
+
+
+def _stop_workers_at_exit() -> None:
+    for batches in list(_running):
+        batches._shutdown_workers()  # unregisters them from torch's SIGCHLD check, asks them to stop, joins them
+        for worker in getattr(batches, "_workers", ()):
+            if worker.is_alive():  # one that did not answer in time
+                worker.kill()
+
+
+def _raise_faults(batches: Iterator) -> Iterator[Batch]:
+    for batch in batches:
+        if isinstance(batch, _Fault):
+            raise batch.error
+        yield batch
+
+
 def _worker_init(_worker_id: int) -> None:
+    for sig in _STOP_SIGNALS:  # the main process stops the run; see _BatchLoader
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     torch.set_num_threads(1)  # a worker decodes one image at a time; extra threads only contend for cores
+
+
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid")
+
+
+def worker_death(exc: BaseException) -> str | None:
+    """torch's own message when `exc` says a DataLoader worker died (a signal, the out-of-memory killer), else None.
+
+    torch reports it as a plain RuntimeError, raised from its SIGCHLD handler or from the loader's iterator."""
+    if isinstance(exc, RuntimeError) and _WORKER_DIED.match(str(exc)):
+        return str(exc).strip().splitlines()[0].rstrip(". ")
+    return None
+
+
+def decode_sample(decode: Callable[[bytes], torch.Tensor], data: bytes, index: ShardIndex, sample: int) -> torch.Tensor:
+    """`decode(data)` for sample `sample` of `index`; a JPEG the decoder refuses is a FormatError naming the shard and
+    the key (torchvision raises RuntimeError, Pillow OSError or ValueError)."""
+    try:
+        return decode(data)
+    except (RuntimeError, OSError, ValueError, SyntaxError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = re.sub(r"^\w+, \S+:\d+, ", "", reason)  # torchvision's "decode_jpeg, <source file>:171, …"
+        raise FormatError(
+            f"{index.paths[index.shard[sample]]}: sample {index.key(sample)} is not a decodable JPEG ({reason}); "
+            "rerun `alexrepro prepare` to rewrite the shards"
+        ) from None
 
 
 def _decoders() -> dict[str, Callable[[bytes], torch.Tensor]]:

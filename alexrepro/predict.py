@@ -63,7 +63,8 @@ def predict(
     if top_k < 1:
         raise ConfigError(f"top_k must be at least 1, got {top_k}")
     ckpt = load_checkpoint(Path(checkpoint))
-    network = InferenceNetwork(ckpt, resolve_devices(device, int(ckpt["model_config"].get("towers", 2))))
+    devices = resolve_devices(device, int(ckpt["model_config"].get("towers", 2)))
+    network = InferenceNetwork(ckpt, devices, str(checkpoint))
     quality = PrepareConfig().quality  # the network learnt from shards re-encoded at prepare's quality
     classes = ckpt["classes"]
     k = min(top_k, len(classes))

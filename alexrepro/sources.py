@@ -2,8 +2,8 @@
 
 `find_source(path)` recognises, in this order (REFERENCE.md §5):
 
-- the official ILSVRC-2012 download: `ILSVRC2012_img_train.tar` (one inner `nXXXXXXXX.tar` per class), optionally
-  `ILSVRC2012_img_val.tar` (flat) and `ILSVRC2012_devkit_t12.tar.gz`. The archives are read in place: only member
+- the official ILSVRC-2012 download: `ILSVRC2012_img_train.tar` (one inner `nXXXXXXXX.tar` per class),
+  `ILSVRC2012_img_val.tar` (flat) and `ILSVRC2012_devkit_t12.tar.gz` (or its extracted folder); all three are needed. The archives are read in place: only member
   headers are read here, and each image becomes an (archive, offset, size) triple that a worker later reads with one
   seek and one read. Nothing is unpacked to disk or held in memory whole.
 - the Kaggle layout: `ILSVRC/Data/CLS-LOC/{train,val}` with `LOC_synset_mapping.txt` and `LOC_val_solution.csv`
@@ -280,7 +280,19 @@ def _check_tar_end(tar_path: Path, window: _Window, end: int, size: int, count: 
 
 
 def _from_archives(source: Path) -> Source:
+    # The official download is three archives; without the val tar or the devkit, prepare would write shards
+    # that train refuses later (no val split) or classes without their ILSVRC2012_IDs.
+    if not (source / VAL_TAR).is_file():
+        raise SourceError(
+            f"{source}: {VAL_TAR} is missing beside {TRAIN_TAR}; download it (the official layout needs all three "
+            f"archives), or lay the data out as train/ and val/ folders"
+        )
     devkit = read_devkit(source)
+    if devkit is None:
+        raise SourceError(
+            f"{source}: {DEVKIT_TAR} (or the extracted {DEVKIT_DIR}/) is missing beside {TRAIN_TAR}; download the "
+            "ILSVRC-2012 devkit (t12): it holds the classes and the val labels"
+        )
     train_tar = source / TRAIN_TAR
     found: list[tuple[str, str, str, int, int]] = []  # (wnid, member name, inner tar name, offset, size)
     rejected: list[RejectedFile] = []
@@ -298,7 +310,7 @@ def _from_archives(source: Path) -> Source:
                 found.append((wnid, member.name, inner.name, inner.offset_data + member.offset_data, member.size))
             rejected += _rejected_members("train", f"{TRAIN_TAR}/{inner.name}", links)
     folder_wnids = sorted({wnid for wnid, *_ in found})
-    classes = devkit.classes if devkit else _index_classes((w, None, w) for w in folder_wnids)
+    classes = devkit.classes
     index = _class_index(classes, folder_wnids, f"{train_tar}", "devkit meta.mat")
     train = [
         ImageRef(make_key(name), index[wnid], f"{TRAIN_TAR}/{inner}/{name}", str(train_tar), offset, size)
@@ -308,8 +320,6 @@ def _from_archives(source: Path) -> Source:
     splits = {"train": _checked(train)}
     val_tar = source / VAL_TAR
     if val_tar.is_file():
-        if devkit is None:
-            raise SourceError(f"{val_tar}: val labels need {DEVKIT_TAR} beside it; download the devkit (t12)")
         with open(val_tar, "rb") as handle:
             members, links = _tar_members(val_tar, handle)
         _check_ground_truth_count(devkit, len(members) + len(links), str(val_tar))

@@ -20,6 +20,8 @@ import io
 import json
 import math
 import random
+import resource
+import shutil
 import signal
 import threading
 import time
@@ -31,9 +33,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from alexrepro.atomic import atomic_write_text
+from alexrepro.atomic import atomic_write_text, remove_stale_temporaries
 from alexrepro.augment import crop_mean, flip_where, normalize, pca_lighting
-from alexrepro.checkpoint import check_resumable, load_checkpoint, save_checkpoint
+from alexrepro.checkpoint import check_resumable, load_checkpoint, load_weights, save_checkpoint
 from alexrepro.config import config_to_dict
 from alexrepro.distributed import (
     Ranks,
@@ -44,10 +46,17 @@ from alexrepro.distributed import (
     ranks_from_env,
     wrap_model,
 )
-from alexrepro.errors import ConfigError, FormatError, OutputExistsError, TrainingError
+from alexrepro.errors import (
+    ConfigError,
+    FormatError,
+    OutputExistsError,
+    OutputWriteError,
+    TrainingError,
+    WorkerDiedError,
+)
 from alexrepro.feed import DeviceFeed, device_crops
-from alexrepro.locking import output_lock
-from alexrepro.loader import Augmentation, Batch, ShardIndex, train_loader, val_loader, verified_index
+from alexrepro.locking import output_lock, reported_write_errors
+from alexrepro.loader import Augmentation, Batch, ShardIndex, train_loader, val_loader, verified_index, worker_death
 from alexrepro.progress import NullProgress, Progress
 from alexrepro.shards import Manifest, manifest_sha256, read_manifest, sha256_file
 from alexrepro.stats import check_stats_source
@@ -408,10 +417,33 @@ def train(shards: Path, stats: Path, out: Path, config: TrainConfig, resume: boo
 
 def _train_locked(shards, stats, out, config, resume, ranks, progress) -> TrainResult:
     with distributed_ranks(config.devices, config.towers) as (ranks, devices):
-        return _train(Path(shards), Path(stats), Path(out), config, resume, ranks, devices, progress)
+        try:
+            with reported_write_errors(out):
+                return _train(Path(shards), Path(stats), Path(out), config, resume, ranks, devices, progress)
+        except OutputWriteError as exc:  # a full disk, a read-only folder: say what is left to resume from
+            raise OutputWriteError(f"{exc}; {kept_checkpoint(Path(out))}") from None
+        except RuntimeError as exc:
+            died = worker_death(exc)
+            if died is None:
+                raise
+            raise WorkerDiedError(
+                f"a loader worker process died ({died}; on Linux most often the out-of-memory killer, see `dmesg`); "
+                f"{kept_checkpoint(Path(out))}; use fewer --workers or a smaller --batch-size if memory is short"
+            ) from None
+
+
+def kept_checkpoint(out: Path) -> str:
+    """What a failed run leaves to go on from: the last good checkpoint (written atomically), or nothing."""
+    kept = out / LAST
+    if kept.is_file():
+        return f"the last good checkpoint {kept} is kept: continue with --resume"
+    return "no checkpoint was written: rerun the same command"
 
 
 def _train(shards, stats, out, config, resume, ranks, devices, progress) -> TrainResult:
+    if ranks.is_main:
+        for tmp in remove_stale_temporaries(out):  # a run killed while writing a checkpoint leaves its temporary
+            progress.log(f"removed {tmp}, left by a run that was stopped while writing it")
     manifest = read_manifest(shards)
     rank_batch_size(config.batch_size, ranks)
     normalization = normalization_from_stats(stats, config.input_scale)
@@ -424,7 +456,9 @@ def _train(shards, stats, out, config, resume, ranks, devices, progress) -> Trai
             f"resuming {out / LAST}: {position['epoch']} of {config.epochs} epochs done, continuing with epoch "
             f"{position['epoch'] + 1} at step {position['step']}"
         )
-    if ranks.is_main:  # the resolved settings beside the run, as plain YAML (timm's args.yaml)
+    if ranks.is_main:  # OUT can take a checkpoint now, not after an epoch's work
+        check_room(out, checkpoint_bytes(run), missing=sum(not (out / name).exists() for name in (LAST, BEST)))
+        # the resolved settings beside the run, as plain YAML (timm's args.yaml); also the first write into OUT
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
     with StopRequest() as stop:
         for epoch in range(position["epoch"], config.epochs):
@@ -508,6 +542,35 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
+def checkpoint_bytes(run: Run) -> int:
+    """About the size of one checkpoint: the weights, a momentum buffer per parameter, the normalisation."""
+    weights = sum(t.numel() * t.element_size() for t in run.net.state_dict().values())
+    momentum = sum(p.numel() * p.element_size() for p in run.net.parameters())
+    normalization = sum(t.numel() * t.element_size() for t in run.base_state["normalization"].values()
+                        if isinstance(t, torch.Tensor))  # fmt: skip
+    return weights + momentum + normalization
+
+
+def check_room(out: Path, checkpoint: int, missing: int) -> None:
+    """Refuse to start when OUT cannot take the checkpoints: the file size limit (`ulimit -f`) is below one, or the
+    free space is below what the next saves need (a checkpoint is written beside the one it replaces; a run without
+    checkpoint-last.pt and checkpoint-best.pt yet adds both)."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    mb = lambda n: f"{n / 1e6:,.1f} MB"  # noqa: E731
+    if limit != resource.RLIM_INFINITY and limit < checkpoint:
+        raise OutputWriteError(
+            f"{out}: cannot write (EFBIG: files may not grow past {mb(limit)} here, a checkpoint takes about "
+            f"{mb(checkpoint)}); raise the file size limit (`ulimit -f`), then rerun"
+        )
+    needed = checkpoint * max(1, missing)
+    free = shutil.disk_usage(out).free
+    if free < needed:
+        raise OutputWriteError(
+            f"{out}: cannot write (ENOSPC: disk full, {mb(free)} free, the checkpoints need about {mb(needed)}); "
+            "free disk space or choose another output folder, then rerun"
+        )
+
+
 def stats_sha256(stats: Path) -> str:
     """Identity of the stats the run was normalised with (the hash of stats.npz)."""
     path = Path(stats) / "stats.npz"
@@ -528,17 +591,24 @@ def start_position(run: Run, resume: bool) -> dict:
         raise FormatError(f"{last}: nothing to resume; run without --resume to start training")
     ckpt = load_checkpoint(last)
     check_resumable(ckpt, run.base_state["train_config"], run.base_state["data"], RESUMABLE_CHANGES, str(last))
-    run.net.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    schedule = LrSchedule(**ckpt["scheduler"])
-    partial = ckpt.get("position") or {}
-    return {
-        "epoch": int(ckpt["epoch"]),
-        "step": int(partial.get("step", 0)),
-        "sums": partial.get("sums"),
-        "history": list(ckpt["history"]),
-        "schedule": schedule,
-    }
+    load_weights(run.net, ckpt["model"], str(last))
+    try:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        schedule = LrSchedule(**ckpt["scheduler"])
+        partial = ckpt.get("position") or {}
+        return {
+            "epoch": int(ckpt["epoch"]),
+            "step": int(partial.get("step", 0)),
+            "sums": partial.get("sums"),
+            "history": list(ckpt["history"]),
+            "schedule": schedule,
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise FormatError(
+            f"{last}: its optimizer, scheduler, history or position entry is missing or does not fit the model "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); resume from a checkpoint "
+            "written by `alexrepro train`, or train into another folder without --resume"
+        ) from None
 
 
 def train_epoch(run: Run, epoch: int, position: dict, stop: StopRequest) -> Sums:
@@ -557,6 +627,7 @@ def train_epoch(run: Run, epoch: int, position: dict, stop: StopRequest) -> Sums
     window = torch.zeros((), dtype=torch.float64, device=device)  # loss summed since the last read-out
     window_images = 0  # images (all ranks) in that sum
     loss_value: float | None = None  # shown as '—' until the first read-out
+    stopping = False
     tick = time.perf_counter()
     for batch in batches:
         waited = time.perf_counter() - tick
@@ -575,9 +646,11 @@ def train_epoch(run: Run, epoch: int, position: dict, stop: StopRequest) -> Sums
             img_s=sums.images / max(sums.seconds, 1e-9) * ranks.world_size, data_wait=sums.wait / max(sums.seconds, 1e-9),
         )  # fmt: skip
         if stopping:
-            interrupt(run, epoch, batch.step + 1, sums, position, stop.signal or "a signal on another rank")
+            break  # leaving the loop shuts the loader's workers down before the checkpoint is written
         tick = time.perf_counter()
     run.progress.finish()
+    if stopping:
+        interrupt(run, epoch, batch.step + 1, sums, position, stop.signal or "a signal on another rank")
     return sums
 
 

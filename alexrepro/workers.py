@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
-from alexrepro.errors import WorkerDiedError
+from alexrepro.errors import AlexReproError, WorkerDiedError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -83,7 +85,12 @@ def _pool(workers: int, preload: str) -> Iterator[ProcessPoolExecutor]:
         context = forkserver
     else:
         context = multiprocessing.get_context("spawn")
+    # A scheduler's SIGTERM (or Ctrl-C's SIGINT) reaches the whole process group. The main process stops by an
+    # exception, so that the pool is shut down in order: killed at once, it leaves the pool's semaphores to the
+    # resource tracker, which warns of them as "leaked".
     pool = ProcessPoolExecutor(workers, mp_context=context)
+    stopped: list[str] = []
+    previous = _stop_by_exception(stopped)
     try:
         try:
             yield pool
@@ -96,6 +103,8 @@ def _pool(workers: int, preload: str) -> Iterator[ProcessPoolExecutor]:
             raise BrokenProcessPool from None
     except BrokenProcessPool:
         _kill_leftovers(pool)
+        if stopped:  # the workers died of the same signal
+            raise _stopped(stopped[0]) from None
         raise WorkerDiedError(
             f"a {preload.rsplit('.', 1)[-1]} worker process died without a word (killed by a signal; on Linux most "
             "often the out-of-memory killer, see `dmesg`); rerun the same command to go on where it stopped, with "
@@ -103,6 +112,31 @@ def _pool(workers: int, preload: str) -> Iterator[ProcessPoolExecutor]:
         ) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stopped(name: str) -> AlexReproError:
+    return AlexReproError(f"stopped by {name}; rerun the same command to go on")
+
+
+def _stop_by_exception(stopped: list[str]) -> dict:
+    """Make SIGINT and SIGTERM raise "stopped by SIG…" (the command line exits 128+N), once, noting the signal in
+    `stopped`; return the old handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum, _frame):
+        name = signal.Signals(signum).name
+        if stopped:  # already unwinding
+            return
+        stopped.append(name)
+        raise _stopped(name)
+
+    return {sig: signal.signal(sig, stop) for sig in _STOP_SIGNALS}
 
 
 def _kill_leftovers(pool: ProcessPoolExecutor) -> None:
@@ -111,7 +145,7 @@ def _kill_leftovers(pool: ProcessPoolExecutor) -> None:
     Python 3.11's ProcessPoolExecutor starts fork-server workers on demand in `submit`, and `submit` can pass its
     "is the pool broken?" check just before the manager thread marks the pool broken and terminates its workers;
     the worker that `submit` then starts waits on a task queue nobody writes to, and the manager thread joins it
-    forever (seen here: prepare hanging after a worker was killed). `_processes` is the executor's own map of its
+    forever (the dead-worker test in tests/test_workers.py hung this way). `_processes` is the executor's own map of its
     workers (private, hence getattr); killing a worker that is already gone does nothing.
     """
     processes = getattr(pool, "_processes", None) or {}
