@@ -258,10 +258,12 @@ def run_stage(stage: str, scale: str, args: list[str], out: Path, images: int, *
 
 def bench_one_scale(scale: Fraction, work: Path, classes: int, steps: int, workers: int,
                     log: Path | None = None, progress_file: Path | None = None, download: Path | None = None,
-                    kill_resume: bool = False) -> list[StageMeasure]:
+                    kill_resume: bool = False, only: set[str] | None = None) -> list[StageMeasure]:
     """Every stage at one scale. `download`: an existing download of this scale to use instead of writing one
     (the "sample" stage is then left out); `kill_resume`: after the other stages, prepare once more into a second
-    folder, kill -9 its process tree when half the train shards exist, rerun it, and compare the two outputs."""
+    folder, kill -9 its process tree when half the train shards exist, rerun it, and compare the two outputs.
+    `only`: run just these stages, over what an earlier run of this scale left in the work folder (which is then
+    kept), e.g. {"stats", "train", "evaluate"} after a failure past prepare."""
     from alexrepro.errors import ConfigError
     from alexrepro.sample_scale import ScaleConfig, scale_classes
 
@@ -279,11 +281,13 @@ def bench_one_scale(scale: Fraction, work: Path, classes: int, steps: int, worke
     n_val = config.val_count_per_class * classes
     w = ["--workers", str(workers)]
 
-    if folder.exists():
+    if folder.exists() and only is None:
         shutil.rmtree(folder)  # every stage starts from nothing, so "prepare" is a first run
     results = []
 
-    def stage(name, args, out, images, **kwargs) -> StageMeasure:
+    def stage(name, args, out, images, **kwargs) -> StageMeasure | None:
+        if only is not None and name not in only:
+            return None
         result = run_stage(name, label, args, out, images, log=log, **kwargs)
         results.append(result)
         if progress_file is not None:  # one JSON line per finished stage: a long run's figures survive an abort
@@ -297,7 +301,7 @@ def bench_one_scale(scale: Fraction, work: Path, classes: int, steps: int, worke
             )
         return result
 
-    if reused_download is None:
+    if reused_download is None:  # (the sample stage writes it)
         stage("sample", ["sample", str(download), "--scale", label, "--classes", str(classes)], download,
               n_train + n_val)
     prepare = ["prepare", str(download), str(shards), "--size", str(PREPARE_SIZE), *w]
@@ -312,7 +316,7 @@ def bench_one_scale(scale: Fraction, work: Path, classes: int, steps: int, worke
     )
     stage("evaluate", ["evaluate", str(train / "checkpoint-last.pt"), str(shards), str(evaluation),
                        "--devices", "cpu"], evaluation, n_val)
-    if kill_resume:
+    if kill_resume and (only is None or "prepare resumed" in only):
         again = folder / "shards-resumed"
         half = max(1, -(-n_train // 1000) // 2)  # prepare's default shard_size is 1000
         resume = ["prepare", str(download), str(again), *prepare[3:]]
@@ -334,14 +338,15 @@ def bench_one_scale(scale: Fraction, work: Path, classes: int, steps: int, worke
 
 def bench_scale(scales: list[Fraction], work: Path, classes: int = 1000, steps: int = 10, workers: int = 2,
                 log: Path | None = None, progress_file: Path | None = None,
-                downloads: dict[Fraction, Path] | None = None, kill_resume: bool = False) -> BenchReport:
+                downloads: dict[Fraction, Path] | None = None, kill_resume: bool = False,
+                only: set[str] | None = None) -> BenchReport:
     """Every stage at every scale; ratios compare each stage's per-image cost at the largest vs smallest.
     `downloads`: existing downloads to reuse, by scale; `kill_resume`: see bench_one_scale."""
     work.mkdir(parents=True, exist_ok=True)
     measures: list[StageMeasure] = []
     for scale in scales:
         measures.extend(bench_one_scale(scale, work, classes, steps, workers, log, progress_file,
-                                        (downloads or {}).get(scale), kill_resume))
+                                        (downloads or {}).get(scale), kill_resume, only))
     smallest, largest = str(min(scales)), str(max(scales))
     ratios = {}
     if smallest != largest:

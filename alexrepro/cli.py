@@ -778,6 +778,7 @@ def bench_scale(
     rows_out: Optional[Path] = typer.Option(None, help="Append each stage's row as a JSON line when it ends."),
     download: Optional[List[str]] = typer.Option(None, help="SCALE=DIR: use this existing download at that scale."),
     kill_resume: bool = typer.Option(False, "--kill-resume", help="Also kill -9 a prepare halfway, rerun, compare."),
+    only: Optional[str] = typer.Option(None, help="Comma-separated stages to run over an earlier run's work folder."),
     as_json: bool = JsonOption,
 ) -> None:
     """Every stage run for real at several scales: wall time, ms/image, peak RSS, disk, time to first result.
@@ -794,7 +795,8 @@ def bench_scale(
         except ValueError as exc:
             raise _error(f"--scales/--download: {exc}", 2) from None
         report = run(fractions, work, classes=classes, steps=steps, workers=workers, log=log, progress_file=rows_out,
-                     downloads=downloads, kill_resume=kill_resume)
+                     downloads=downloads, kill_resume=kill_resume,
+                     only={s.strip() for s in only.split(",")} if only else None)
     _print_bench(report, as_json)
     if markdown_out is not None:
         from alexrepro.atomic import atomic_write_text

@@ -178,6 +178,7 @@ def _jpeg_ran_out(image: Image.Image, data: bytes, draft: tuple[int, int] | None
     last = image.getpixel((image.width - 1, image.height - 1))
     if any(channel not in _NO_DATA for channel in (last if isinstance(last, tuple) else (last,))):
         return False
+    data = bytes(data)  # callers may pass a memoryview of a shard (stats), which has no rfind
     end = data.rfind(b"\xff\xd9")
     if end < 0:
         return False  # no EOI at all: Pillow itself raised "image file is truncated" above

@@ -12,6 +12,7 @@ from alexrepro.imaging import (
     MAX_PIXELS,
     UnreadableImage,
     decode_rgb,
+    decode_rgb_planes,
     pillow_build,
     resize_obvious_way,
     resize_square_jpeg,
@@ -224,3 +225,5 @@ def test_whole_jpeg_ending_in_flat_grey_is_kept(colour):
     data = _encode(image, quality=95)
     _check_output(resize_square_jpeg(data, SIZE, 90))
     assert tuple(decode_rgb(data)[-1, -1]) == colour
+    planes = decode_rgb_planes(memoryview(data))  # as stats passes it: a view into the shard, not bytes
+    assert tuple(int(plane[-1, -1]) for plane in planes) == colour
