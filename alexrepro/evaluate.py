@@ -521,8 +521,8 @@ def _write_report(out, predictions, metrics, ckpt, manifest, images, examples, q
     limit = config.neighbours_max_train
     scanned = (
         f"all {train_count:,}" if limit is None or limit >= train_count
-        else f"{limit:,} of the {train_count:,} (the first in the shuffled shard order, a random subset; "
-        "neighbours_max_train: null scans all)"
+        else f"the first {limit:,} (in the shuffled shard order, so a random subset; neighbours_max_train: null "
+        f"scans all) of the {train_count:,}"
     )
     inputs = report.ReportInputs(
         metrics=metrics,
