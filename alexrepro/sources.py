@@ -346,7 +346,7 @@ def _from_archives(source: Path, listings: Path | None = None) -> Source:
                   listings=tuple(saved))
 
 
-def _list_train_tar(train_tar: Path) -> "_Listing":
+def _list_train_tar(train_tar: Path) -> _Listing:
     """Every header of the outer train tar and of each class tar inside it (offsets from the outer tar's start)."""
     groups = []
     with open(train_tar, "rb") as handle:
@@ -362,7 +362,7 @@ def _list_train_tar(train_tar: Path) -> "_Listing":
     return _Listing.of(groups)
 
 
-def _list_flat_tar(tar_path: Path) -> "_Listing":
+def _list_flat_tar(tar_path: Path) -> _Listing:
     with open(tar_path, "rb") as handle:
         return _Listing.of([("", *_tar_members(tar_path, handle))])
 
@@ -387,7 +387,7 @@ class _Listing:
     columns: dict[str, np.ndarray]  # group, name (utf-8 bytes), offset, size, kind, linkname (utf-8 bytes)
 
     @classmethod
-    def of(cls, groups: list[tuple[str, list[_Member], list[_Member]]]) -> "_Listing":
+    def of(cls, groups: list[tuple[str, list[_Member], list[_Member]]]) -> _Listing:
         rows = [(number, m) for number, (_, files, others) in enumerate(groups) for m in files + others]
         def text(values: list[str]) -> np.ndarray:  # numpy 'S': a fixed width, no Python object per member
             return np.array([v.encode("utf-8", "surrogateescape") for v in values] or [b""])[: len(rows)]

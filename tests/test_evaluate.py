@@ -246,7 +246,7 @@ def test_neighbours_match_brute_force_fc7_distances(evaluated, data):
 
 def test_neighbour_scan_capped_by_default_takes_the_first_training_images_and_says_so(data, tmp_path):
     assert ev.EvaluateConfig().neighbours_max_train == 50000  # bounded by default; null scans every training image
-    _, shards, checkpoint, ckpt = data
+    _, shards, checkpoint, _ = data
     result = ev.evaluate(checkpoint, shards, tmp_path / "out", replace(CONFIG, neighbours_max_train=3), NullProgress())
     first = [s.key for s in iter_split(shards, "train")][:3]
     assert result.neighbours and all(set(found) <= set(first) for found in result.neighbours.values())
