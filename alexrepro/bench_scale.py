@@ -71,6 +71,7 @@ class StageMeasure:
     peak_tree_mb: float = 0.0
     disk_mb: float = 0.0
     first_s: float | None = None  # command start → first shard / first forward pass
+    note: str = ""
 
     @property
     def ms_per_image(self) -> float:
@@ -94,6 +95,7 @@ class StageMeasure:
             "disk_MB": round(self.disk_mb, 1),
             "first_s": "" if self.first_s is None else round(self.first_s, 2),
             "rc": self.rc,
+            **({"note": self.note} if self.note else {}),
         }
 
 
@@ -175,24 +177,50 @@ def _cpu_ticks(pid: int) -> tuple[int | None, int]:
     return int(fields[19]), int(fields[11]) + int(fields[12])
 
 
+def _kill_tree_when(process: subprocess.Popen, folder: Path, pattern: str, count: int) -> None:
+    while process.poll() is None:
+        if folder.is_dir() and sum(1 for _ in folder.glob(pattern)) >= count:
+            tree, children = [process.pid], _children_map()
+            for pid in tree:
+                tree.extend(children.get(pid, []))
+            for pid in tree:  # the whole tree at once, as a power cut would
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return
+        time.sleep(POLL_S)
+
+
+def same_output(first: Path, second: Path) -> tuple[bool, str]:
+    """Whether two prepare outputs hold the same bytes: manifest, member indexes and every shard (compared whole)."""
+    names = sorted(p.name for p in first.iterdir() if p.is_file() and not p.name.startswith("."))
+    other = sorted(p.name for p in second.iterdir() if p.is_file() and not p.name.startswith("."))
+    if names != other:
+        return False, f"different files: {sorted(set(names) ^ set(other))[:5]}"
+    for name in names:
+        with open(first / name, "rb") as a, open(second / name, "rb") as b:
+            while True:
+                block_a, block_b = a.read(1 << 20), b.read(1 << 20)
+                if block_a != block_b:
+                    return False, f"{name} differs"
+                if not block_a:
+                    break
+    return True, f"{len(names)} files byte-identical"
+
+
 def _folder_bytes(folder: Path) -> int:
     if not folder.exists():
         return 0
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def run_stage(
-    stage: str,
-    scale: str,
-    args: list[str],
-    out: Path,
-    images: int,
-    *,
-    first_file: str | None = None,
-    stop_after_steps: int | None = None,
-    log: Path | None = None,
-) -> StageMeasure:
-    """Run `alexrepro ARGS` (through this module's wrapper) niced as given, measuring it; see the module doc."""
+def run_stage(stage: str, scale: str, args: list[str], out: Path, images: int, *, first_file: str | None = None,
+              stop_after_steps: int | None = None, log: Path | None = None,
+              kill_at_files: tuple[str, int] | None = None) -> StageMeasure:
+    """Run `alexrepro ARGS` (through this module's wrapper) niced as given, measuring it; see the module doc.
+    `kill_at_files=(glob, n)`: SIGKILL the stage's whole process tree once `n` files under `out` match `glob` (what
+    a power cut or the OOM killer does to a run; the workers die with it)."""
     marks = out.parent / f".{out.name}.{stage.replace(' ', '-')}.marks"
     marks.unlink(missing_ok=True)
     env = {**os.environ, MARKS_ENV: str(marks)}
@@ -207,22 +235,15 @@ def run_stage(
         watcher = _Watcher(process.pid, started, (out, first_file) if first_file else None)
         thread = threading.Thread(target=watcher.run, daemon=True)
         thread.start()
+        if kill_at_files is not None:
+            _kill_tree_when(process, out, *kill_at_files)
         rc = process.wait()
         wall = time.time() - started
         watcher.stop.set()
         thread.join()
     measure = StageMeasure(
-        stage,
-        scale,
-        rc,
-        wall,
-        images,
-        watcher.cpu_s,
-        watcher.peak_main,
-        watcher.peak_other,
-        watcher.peak_tree,
-        (_folder_bytes(out) - before) / 1e6,
-        watcher.first_s,
+        stage, scale, rc, wall, images, watcher.cpu_s, watcher.peak_main, watcher.peak_other, watcher.peak_tree,
+        (_folder_bytes(out) - before) / 1e6, watcher.first_s,
     )
     if first_file is None and marks.exists():
         forwards = [float(line.split()[1]) for line in marks.read_text().splitlines() if line.startswith("forward")]
@@ -235,21 +256,23 @@ def run_stage(
 # One scale, all stages
 
 
-def bench_one_scale(
-    scale: Fraction,
-    work: Path,
-    classes: int,
-    steps: int,
-    workers: int,
-    log: Path | None = None,
-    progress_file: Path | None = None,
-) -> list[StageMeasure]:
+def bench_one_scale(scale: Fraction, work: Path, classes: int, steps: int, workers: int,
+                    log: Path | None = None, progress_file: Path | None = None, download: Path | None = None,
+                    kill_resume: bool = False, only: set[str] | None = None) -> list[StageMeasure]:
+    """Every stage at one scale. `download`: an existing download of this scale to use instead of writing one
+    (the "sample" stage is then left out); `kill_resume`: after the other stages, prepare once more into a second
+    folder, kill -9 its process tree when half the train shards exist, rerun it, and compare the two outputs.
+    `only`: run just these stages, over what an earlier run of this scale left in the work folder (which is then
+    kept), e.g. {"stats", "train", "evaluate"} after a failure past prepare."""
     from alexrepro.errors import ConfigError
     from alexrepro.sample_scale import ScaleConfig, scale_classes
 
     label = str(scale)
     folder = work / label.replace("/", "_")
+    reused_download = download
     download, shards, stats, train, evaluation = (folder / n for n in ("download", "shards", "stats", "train", "eval"))
+    if reused_download is not None:
+        download = Path(reused_download)
     try:
         config = ScaleConfig(scale=scale, classes=classes)
     except ValueError as exc:
@@ -258,11 +281,13 @@ def bench_one_scale(
     n_val = config.val_count_per_class * classes
     w = ["--workers", str(workers)]
 
-    if folder.exists():
+    if folder.exists() and only is None:
         shutil.rmtree(folder)  # every stage starts from nothing, so "prepare" is a first run
     results = []
 
-    def stage(name, args, out, images, **kwargs) -> StageMeasure:
+    def stage(name, args, out, images, **kwargs) -> StageMeasure | None:
+        if only is not None and name not in only:
+            return None
         result = run_stage(name, label, args, out, images, log=log, **kwargs)
         results.append(result)
         if progress_file is not None:  # one JSON line per finished stage: a long run's figures survive an abort
@@ -276,94 +301,75 @@ def bench_one_scale(
             )
         return result
 
-    stage("sample", ["sample", str(download), "--scale", label, "--classes", str(classes)], download, n_train + n_val)
+    if reused_download is None:  # (the sample stage writes it)
+        stage("sample", ["sample", str(download), "--scale", label, "--classes", str(classes)], download,
+              n_train + n_val)
     prepare = ["prepare", str(download), str(shards), "--size", str(PREPARE_SIZE), *w]
     stage("prepare", prepare, shards, n_train + n_val, first_file="*-000000.tar")
     stage("prepare again", prepare, shards, n_train + n_val)
     stage("stats", ["stats", str(shards), str(stats), *w], stats, n_train)
     stage(
-        "train",
-        [
-            "train",
-            str(shards),
-            str(stats),
-            str(train),
-            "--epochs",
-            "1",
-            "--batch-size",
-            str(TRAIN_BATCH),
-            "--crop",
-            str(CROP),
-            "--width",
-            str(TRAIN_WIDTH),
-            "--towers",
-            "1",
-            "--init",
-            "he",
-            "--devices",
-            "cpu",
-            *w,
-        ],
-        train,
-        steps * TRAIN_BATCH,
-        stop_after_steps=steps,
+        "train", ["train", str(shards), str(stats), str(train), "--epochs", "1", "--batch-size", str(TRAIN_BATCH),
+                  "--crop", str(CROP), "--width", str(TRAIN_WIDTH), "--towers", "1", "--init", "he",
+                  "--devices", "cpu", *w],
+        train, steps * TRAIN_BATCH, stop_after_steps=steps,
     )
-    stage(
-        "evaluate",
-        ["evaluate", str(train / "checkpoint-last.pt"), str(shards), str(evaluation), "--devices", "cpu"],
-        evaluation,
-        n_val,
-    )
+    stage("evaluate", ["evaluate", str(train / "checkpoint-last.pt"), str(shards), str(evaluation),
+                       "--devices", "cpu"], evaluation, n_val)
+    if kill_resume and (only is None or "prepare resumed" in only):
+        again = folder / "shards-resumed"
+        half = max(1, -(-n_train // 1000) // 2)  # prepare's default shard_size is 1000
+        resume = ["prepare", str(download), str(again), *prepare[3:]]
+        killed = run_stage("prepare killed", label, resume, again, n_train + n_val, log=log,
+                           kill_at_files=("train-*.tar", half))
+        results.append(killed)
+        resumed = stage("prepare resumed", resume, again, n_train + n_val)
+        identical, detail = same_output(shards, again)
+        resumed.note = f"killed (rc {killed.rc}) at {half} train shards; {detail}"
+        if progress_file is not None:
+            with open(progress_file, "a") as handle:
+                handle.write(json.dumps({"name": f"resume check @ {label}", "identical": identical,
+                                         "detail": resumed.note}) + "\n")
+        if not identical:
+            raise BenchStageError(f"prepare resumed after kill -9 at scale {label}: {detail}")
+        shutil.rmtree(again)
     return results
 
 
-def bench_scale(
-    scales: list[Fraction],
-    work: Path,
-    classes: int = 1000,
-    steps: int = 10,
-    workers: int = 2,
-    log: Path | None = None,
-    progress_file: Path | None = None,
-) -> BenchReport:
-    """Run every stage at every scale; ratios compare each stage's per-image cost at the largest vs smallest."""
+def bench_scale(scales: list[Fraction], work: Path, classes: int = 1000, steps: int = 10, workers: int = 2,
+                log: Path | None = None, progress_file: Path | None = None,
+                downloads: dict[Fraction, Path] | None = None, kill_resume: bool = False,
+                only: set[str] | None = None) -> BenchReport:
+    """Every stage at every scale; ratios compare each stage's per-image cost at the largest vs smallest.
+    `downloads`: existing downloads to reuse, by scale; `kill_resume`: see bench_one_scale."""
     work.mkdir(parents=True, exist_ok=True)
     measures: list[StageMeasure] = []
     for scale in scales:
-        measures.extend(bench_one_scale(scale, work, classes, steps, workers, log, progress_file))
+        measures.extend(bench_one_scale(scale, work, classes, steps, workers, log, progress_file,
+                                        (downloads or {}).get(scale), kill_resume, only))
     smallest, largest = str(min(scales)), str(max(scales))
     ratios = {}
     if smallest != largest:
         by = {(m.stage, m.scale): m for m in measures}
         for stage in dict.fromkeys(m.stage for m in measures):
-            if stage == "train":
+            if stage == "train" or (stage, largest) not in by or (stage, smallest) not in by:
                 continue  # a fixed number of steps: its per-image cost is start-up over a constant, not a rate
             big, small = by[(stage, largest)], by[(stage, smallest)]
             ratios[f"{stage}: wall ms/img at {largest} ÷ at {smallest}"] = big.ms_per_image / small.ms_per_image
             ratios[f"{stage}: CPU ms/img at {largest} ÷ at {smallest}"] = big.cpu_ms_per_image / small.cpu_ms_per_image
     notes = [
         machine_description(),
-        (
-            f"{classes} classes; prepare --size {PREPARE_SIZE}; train {steps} steps of batch {TRAIN_BATCH}, crop {CROP}, "
-            f"width {TRAIN_WIDTH}, one tower, CPU; {workers} workers where a stage takes them"
-        ),
+        f"{classes} classes; prepare --size {PREPARE_SIZE}; train {steps} steps of batch {TRAIN_BATCH}, crop {CROP}, "
+        f"width {TRAIN_WIDTH}, one tower, CPU; {workers} workers where a stage takes them",
         f"memory: VmRSS of the process tree polled every {POLL_S}s (main process, largest other process, tree sum)",
-        (
-            "cpu_s: user + system time of every process of the tree, as last seen by the poller (getrusage of waited "
-            "children would miss workers started by a forkserver); on a shared machine wall time stretches with the "
-            "load, CPU time much less"
-        ),
-        (
-            "disk: bytes added under the stage's output folder; first_s: first shard file (prepare), first forward pass "
-            "(train, evaluate)"
-        ),
+        "cpu_s: user + system time of every process of the tree, as last seen by the poller (getrusage of waited "
+        "children would miss workers started by a forkserver); on a shared machine wall time stretches with the "
+        "load, CPU time much less",
+        "disk: bytes added under the stage's output folder; first_s: first shard file (prepare), first forward pass "
+        "(train, evaluate)",
     ]
-    return BenchReport(
-        title="Stages at fractions of ILSVRC-2012's counts",
-        rows=[m.row() for m in measures],
-        ratios=ratios,
-        notes=notes,
-    )
+    return BenchReport(title="Stages at fractions of ILSVRC-2012's counts", rows=[m.row() for m in measures],
+                       ratios=ratios, notes=notes)
 
 
 def markdown_table(report: BenchReport) -> str:

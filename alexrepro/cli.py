@@ -860,6 +860,11 @@ def bench_scale(
     log: Path | None = typer.Option(None, help="Append every stage's output to this file."),
     markdown_out: Path | None = typer.Option(None, help="Also write the tables as Markdown to this file."),
     rows_out: Path | None = typer.Option(None, help="Append each stage's row as a JSON line when it ends."),
+    download: list[str] | None = typer.Option(None, help="SCALE=DIR: use this existing download at that scale."),
+    kill_resume: bool = typer.Option(
+        False, "--kill-resume", metavar="", help="Also kill -9 a prepare halfway, rerun, compare."
+    ),
+    only: str | None = typer.Option(None, help="Comma-separated stages to run over an earlier run's work folder."),
     as_json: bool = JsonOption,
 ) -> None:
     """Every stage run for real at several scales: wall time, ms/image, peak RSS, disk, time to first result.
@@ -872,9 +877,12 @@ def bench_scale(
 
         try:
             fractions = [parse_scale(s) for s in scales.split(",") if s.strip()]
+            downloads = {parse_scale(d.partition("=")[0]): Path(d.partition("=")[2]) for d in download or []}
         except ValueError as exc:
-            raise _error(f"--scales: {exc}", 2) from None
-        report = run(fractions, work, classes=classes, steps=steps, workers=workers, log=log, progress_file=rows_out)
+            raise _error(f"--scales/--download: {exc}", 2) from None
+        report = run(fractions, work, classes=classes, steps=steps, workers=workers, log=log, progress_file=rows_out,
+                     downloads=downloads, kill_resume=kill_resume,
+                     only={s.strip() for s in only.split(",")} if only else None)
     _print_bench(report, as_json)
     if markdown_out is not None:
         from alexrepro.atomic import atomic_write_text

@@ -60,7 +60,10 @@ class EvaluateConfig:
     batch_size: int = 128  # validation images per forward pass; each contributes its ten patches (§4.1)
     devices: str = "auto"  # "auto", "cpu", "cuda:0", or "cuda:0,cuda:1" for the paper's two-tower placement (§3.2)
     workers: int | None = None  # decoding processes; None = one per CPU core (at most 8), 0 = decode in this process
-    neighbours_max_train: int | None = None  # training images scanned for Figure 4's neighbours; None = all, 0 = skip
+    # Training images scanned for Figure 4's neighbours: the first this many in stored order, a uniform random
+    # subset since prepare shuffles the train shards (the paper searched all 1.2 M; fc7 of every training image costs
+    # a full inference pass over the train set, an hour or more on a CPU). null = all, 0 = skip the figure.
+    neighbours_max_train: int | None = 50000
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -379,7 +382,13 @@ def _score_split(network: InferenceNetwork, index: ShardIndex, manifest, config:
     """This rank's share of the validation split, scored: top-k of the 10-crop average and of the centre patch."""
     k = min(TOP_K, manifest.num_classes)
     keys: list[str] = []
-    labels, top10, prob10, top1 = [], [], [], []
+    # Filled in place rather than appended batch by batch: a few small arrays kept from every batch, between the
+    # batch's large temporaries, stopped the allocator from reusing their memory, and the process grew by ~5 MB per
+    # batch (2.8 GB for 50,000 images, measured; docs/benchmarks.md, Scale). This rank gets at most len(index).
+    labels = np.zeros(len(index), np.int64)
+    top10, top1 = np.zeros((len(index), k), np.int64), np.zeros((len(index), k), np.int64)
+    prob10 = np.zeros((len(index), k), np.float32)
+    filled = 0
     progress.start("evaluating (10 patches per image)", math.ceil(len(index) / ranks.world_size))
     for batch in _loader(index, ranks, network, config):
         batch_keys, batch_labels, images = batch.keys, batch.labels, batch.images
@@ -387,24 +396,14 @@ def _score_split(network: InferenceNetwork, index: ShardIndex, manifest, config:
         probs = network.ten_crop_probabilities(images)  # N×10×K
         p10, i10 = probs.mean(dim=1).topk(k, dim=1)
         i1 = probs[:, CENTRE_VIEW].topk(k, dim=1).indices
+        rows = slice(filled, filled + len(batch_keys))
         keys.extend(batch_keys)
-        labels.append(batch_labels.numpy())
-        top10.append(i10.cpu().numpy())
-        prob10.append(p10.cpu().numpy())
-        top1.append(i1.cpu().numpy())
+        labels[rows] = batch_labels.numpy()
+        top10[rows], prob10[rows], top1[rows] = i10.cpu().numpy(), p10.cpu().numpy(), i1.cpu().numpy()
+        filled = rows.stop
         progress.advance(len(batch_keys))
     progress.finish()
-
-    def cat(chunks, shape, dtype):
-        return np.concatenate(chunks) if chunks else np.zeros(shape, dtype)
-
-    return Predictions(
-        keys,
-        cat(labels, (0,), np.int64),
-        cat(top10, (0, k), np.int64),
-        cat(prob10, (0, k), np.float32),
-        cat(top1, (0, k), np.int64),
-    )
+    return Predictions(keys, labels[:filled].copy(), top10[:filled].copy(), prob10[:filled].copy(), top1[:filled].copy())
 
 
 def _check_count(predictions: Predictions, expected: int, num_classes: int, shards: Path) -> None:
@@ -535,7 +534,11 @@ def _write_report(out, predictions, metrics, ckpt, manifest, images, examples, q
     ]
     train_count = manifest.split("train").count if "train" in manifest.splits else 0
     limit = config.neighbours_max_train
-    scanned = f"all {train_count:,}" if limit is None or limit >= train_count else f"{limit:,} of the {train_count:,}"
+    scanned = (
+        f"all {train_count:,}" if limit is None or limit >= train_count
+        else f"the first {limit:,} (in the shuffled shard order, so a random subset; neighbours_max_train: null "
+        f"scans all) of the {train_count:,}"
+    )
     inputs = report.ReportInputs(
         metrics=metrics,
         classes=[dataclasses.asdict(c) for c in manifest.classes],

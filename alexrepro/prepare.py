@@ -15,8 +15,10 @@ The stage runs in three steps:
    can be read) marked with the failure, which every downstream reader refuses.
 
 Resuming: `OUT/.prepare/plan.json` records the settings and a hash of the plan. A rerun with the same settings and
-inputs keeps every shard whose record and sha256 still match and redoes the rest, so an interrupted run (even by
-`kill -9`) ends byte-identical to an uninterrupted one. A rerun with other settings raises OutputExistsError unless
+inputs keeps every shard whose record still matches it (size and mtime as written; sha256 with `verify_finished`)
+and redoes the rest, so an interrupted run (even by `kill -9`) ends byte-identical to an uninterrupted one. The
+archive listing is kept there too (`sources.save_listings`), so a rerun does not read every header of the archives
+again unless they changed. A rerun with other settings raises OutputExistsError unless
 `overwrite` is set. `manifest.json` exists only while every shard it names is complete.
 """
 
@@ -52,7 +54,7 @@ from alexrepro.shards import (
     write_manifest,
     write_shard,
 )
-from alexrepro.sources import ImageRef, Source, find_source, fingerprint
+from alexrepro.sources import ImageRef, Source, find_source, fingerprint, save_listings
 from alexrepro.workers import map_unordered, worker_count
 
 STATE_DIR = ".prepare"  # resume bookkeeping inside OUT: plan.json and one record per finished shard
@@ -64,6 +66,7 @@ PLAN_VERSION = 1
 MAX_SIZE = 4096
 
 _SHARD_FILE = re.compile(r"(train|val)-(\d{6}\.tar|index\.npy)")  # shards and their member indexes
+_LISTING_FILE = re.compile(r"listing-.+\.npz")  # sources.save_listings
 _TEMP_FILE = re.compile(r"\..+\.tmp-\d+")  # left behind by atomic_open when a run is killed with SIGKILL
 
 
@@ -84,6 +87,11 @@ class PrepareConfig:
     # Symlinks in an ImageFolder source that point outside it are refused unless this is set: following them
     # silently would read files the user did not mean to hand over (and whose changes DVC does not track).
     follow_symlinks: bool = False
+    # A rerun keeps a finished shard whose size and mtime are still those its record noted when this prepare wrote
+    # it (the record also holds its sha256 and member index); re-hashing every shard would read the whole output
+    # again (33 GB for ILSVRC-2012 at 256 px). true: check each kept shard's sha256 as well (`stats` and the
+    # loaders check the manifest's sha256 on first use anyway).
+    verify_finished: bool = False
 
     def __post_init__(self) -> None:
         if self.size < 8:
@@ -141,7 +149,7 @@ def prepare(
 
 def _prepare(source: Path, out: Path, config: PrepareConfig, overwrite: bool, progress: Progress) -> PrepareResult:
     progress.start("listing the source's images", None)  # archives: reads every member header, minutes at full scale
-    found = find_source(source, follow_symlinks=config.follow_symlinks)
+    found = find_source(source, follow_symlinks=config.follow_symlinks, listings=out / STATE_DIR)
     progress.finish()
     tasks = plan_shards(found, config.shard_size, config.seed)
     settings = {
@@ -154,11 +162,12 @@ def _prepare(source: Path, out: Path, config: PrepareConfig, overwrite: bool, pr
         "layout": found.layout,
     }
     _claim_output(out, settings, _plan_hash(tasks), overwrite)
+    save_listings(found, out / STATE_DIR)  # the archive listing, so that the next run need not read every header
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # present only when every shard it names is complete
 
     total = sum(len(t.refs) for t in tasks)
     progress.start("resizing into shards", total=total)
-    work = partial(run_shard_task, out=out, size=config.size, quality=config.quality)
+    work = partial(run_shard_task, out=out, size=config.size, quality=config.quality, verify=config.verify_finished)
     records: dict[str, dict] = {}
     reused = 0
     for record, kept in map_unordered(work, tasks, worker_count(config.workers, len(tasks)), preload=__name__):
@@ -225,13 +234,15 @@ def _plan_hash(tasks: list[ShardTask]) -> str:
 # One shard, in a worker process
 
 
-def run_shard_task(task: ShardTask, out: Path, size: int, quality: int) -> tuple[dict, bool]:
+def run_shard_task(task: ShardTask, out: Path, size: int, quality: int, verify: bool = False) -> tuple[dict, bool]:
     """Write one shard and its record, unless an earlier run did; return the record (name, count, size, sha256,
     rejected files, and the members for the index) and whether it was kept from an earlier run."""
-    record = _finished_record(Path(out), task)
+    record = _finished_record(Path(out), task, verify)
     if record is not None:
         shard = Path(out) / task.name
-        return {**record, "size": shard.stat().st_size, "members": scan_members(shard)}, True
+        members = record.get("members")
+        members = tuple(map(tuple, members)) if members is not None else scan_members(shard)  # an older record
+        return {**record, "size": shard.stat().st_size, "members": members}, True
     rejected: list[dict] = []
     reader = _Reader()
 
@@ -248,9 +259,11 @@ def run_shard_task(task: ShardTask, out: Path, size: int, quality: int) -> tuple
         info = write_shard(Path(out) / task.name, samples())
     finally:
         reader.close()
-    record = {"name": info.name, "count": info.count, "sha256": info.sha256, "rejected": rejected}
+    stat = (Path(out) / task.name).stat()
+    record = {"name": info.name, "count": info.count, "sha256": info.sha256, "rejected": rejected,
+              "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "members": [list(m) for m in info.members]}
     _write_record(_record_path(Path(out), task), record)
-    return {**record, "size": info.size, "members": info.members}, False
+    return {**record, "members": info.members}, False
 
 
 def _write_record(path: Path, record: dict) -> None:
@@ -258,7 +271,7 @@ def _write_record(path: Path, record: dict) -> None:
     one whose shard did not reach the disk, fails the sha256 check on resume and the shard is redone. This saves
     one of the two fsyncs per shard (about 10 ms each here)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.write_text(json.dumps(record, separators=(",", ":")) + "\n")
     os.replace(tmp, path)
 
 
@@ -334,19 +347,28 @@ def _clear(out: Path) -> None:
     for path in out.iterdir():
         if _SHARD_FILE.fullmatch(path.name) or _TEMP_FILE.fullmatch(path.name) or path.name == MANIFEST_NAME:
             path.unlink()
-    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    state = out / STATE_DIR
+    if state.is_dir():  # the archive listings stay: they describe the source, whatever the settings
+        for path in state.iterdir():
+            if not _LISTING_FILE.fullmatch(path.name):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def _record_path(out: Path, task: ShardTask) -> Path:
     return out / STATE_DIR / f"{task.name}.json"
 
 
-def _finished_record(out: Path, task: ShardTask) -> dict | None:
-    """The record of a shard an earlier run completed, if the shard is still there with the recorded sha256."""
+def _finished_record(out: Path, task: ShardTask, verify: bool = False) -> dict | None:
+    """The record of a shard an earlier run completed, if the shard is still there as recorded: the same size and
+    mtime as when it was written (or, when `verify` is set or the record predates those fields, the same sha256)."""
     record = _read_json(_record_path(out, task))
     shard = out / task.name
     if record is None or record.get("name") != task.name or not shard.is_file():
         return None
+    stat = shard.stat()
+    unchanged = (record.get("size"), record.get("mtime_ns")) == (stat.st_size, stat.st_mtime_ns)
+    if unchanged and not verify and isinstance(record.get("members"), list):
+        return record
     return record if sha256_file(shard) == record.get("sha256") else None
 
 

@@ -3,7 +3,8 @@
 `find_source(path)` recognises, in this order (REFERENCE.md §5):
 
 - the official ILSVRC-2012 download: `ILSVRC2012_img_train.tar` (one inner `nXXXXXXXX.tar` per class),
-  `ILSVRC2012_img_val.tar` (flat) and `ILSVRC2012_devkit_t12.tar.gz` (or its extracted folder); all three are needed. The archives are read in place: only member
+  `ILSVRC2012_img_val.tar` (flat) and `ILSVRC2012_devkit_t12.tar.gz` (or its extracted folder); all three are
+  needed. The archives are read in place: only member
   headers are read here, and each image becomes an (archive, offset, size) triple that a worker later reads with one
   seek and one read. Nothing is unpacked to disk or held in memory whole.
 - the Kaggle layout: `ILSVRC/Data/CLS-LOC/{train,val}` with `LOC_synset_mapping.txt` and `LOC_val_solution.csv`
@@ -26,15 +27,18 @@ import errno
 import gzip
 import hashlib
 import io
+import json
 import os
 import re
 import tarfile
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
+from alexrepro.atomic import atomic_write_bytes
 from alexrepro.errors import SourceError
 from alexrepro.shards import ClassInfo, RejectedFile
 
@@ -76,6 +80,9 @@ class Source:
     classes: tuple[ClassInfo, ...]
     splits: dict[str, tuple[ImageRef, ...]]
     rejected: tuple[RejectedFile, ...] = ()  # inputs refused before any byte is read (symlink archive members)
+    # Archive listings made by this call, as (file name, .npz bytes), for `save_listings` (archives only, and only
+    # when find_source was given a listings folder that did not already hold them).
+    listings: tuple[tuple[str, bytes], ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -89,17 +96,18 @@ class Devkit:
         return {c.ilsvrc_id: c.wnid for c in self.classes}
 
 
-def find_source(path: Path, follow_symlinks: bool = False) -> Source:
+def find_source(path: Path, follow_symlinks: bool = False, listings: Path | None = None) -> Source:
     """Recognise the layout of `path` and list its labelled images; raise SourceError saying what was looked for.
 
     In a folder tree, a symbolic link that points outside `path` is refused unless `follow_symlinks` is set; a
     dangling link or a link loop is always an error (the file it stood for would otherwise be lost silently).
+    `listings`: a folder where archive listings saved by `save_listings` are looked for (prepare's state folder).
     """
     path = Path(path)
     if not path.is_dir():
         raise SourceError(f"{path}: source folder not found; pass the folder that holds the ILSVRC-2012 download")
     if (path / TRAIN_TAR).is_file():
-        return _from_archives(path)
+        return _from_archives(path, listings)
     links = _Links(path, follow_symlinks)
     if (path / KAGGLE_TREE / "train").is_dir():
         return _from_tree(path, path / KAGGLE_TREE, "kaggle-cls-loc", links)
@@ -244,9 +252,19 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
-def _tar_members(
-    tar_path: Path, handle, start: int = 0, size: int | None = None
-) -> tuple[list[tarfile.TarInfo], list[tarfile.TarInfo]]:
+@dataclass(frozen=True, slots=True)
+class _Member:
+    """What the listing keeps of one tar header (a `tarfile.TarInfo` holds some 20 fields; at 1.3 M members that
+    is most of the listing's memory)."""
+
+    name: str
+    offset: int  # of the member's data, from the start of the tar it is in
+    size: int
+    kind: str  # "file", "symlink", "hardlink" or "other" (devices, FIFOs); folders are left out
+    linkname: str = ""
+
+
+def _tar_members(tar_path: Path, handle, start: int = 0, size: int | None = None) -> tuple[list[_Member], list[_Member]]:
     """Headers in the tar at [start, start + size) of `handle` (offsets relative to `start`): the regular files,
     and the members that are neither files nor folders (links, devices), which the caller rejects by name."""
     size = size if size is not None else os.fstat(handle.fileno()).st_size
@@ -258,8 +276,12 @@ def _tar_members(
     except (tarfile.TarError, EOFError) as exc:
         raise SourceError(f"{tar_path}: not a readable tar archive ({exc}); download it again") from None
     _check_tar_end(tar_path, window, end, size, len(members))
-    files = [m for m in members if m.isfile()]
-    others = [m for m in members if not m.isfile() and not m.isdir()]
+    files = [_Member(m.name, m.offset_data, m.size, "file") for m in members if m.isfile()]
+    others = [
+        _Member(m.name, m.offset_data, m.size, "symlink" if m.issym() else "hardlink" if m.islnk() else "other",
+                m.linkname)
+        for m in members if not m.isfile() and not m.isdir()
+    ]
     return files, others
 
 
@@ -279,7 +301,7 @@ def _check_tar_end(tar_path: Path, window: _Window, end: int, size: int, count: 
     raise SourceError(f"{tar_path}: {problem}; the download is damaged, download it again")
 
 
-def _from_archives(source: Path) -> Source:
+def _from_archives(source: Path, listings: Path | None = None) -> Source:
     # The official download is three archives; without the val tar or the devkit, prepare would write shards
     # that train refuses later (no val split) or classes without their ILSVRC2012_IDs.
     if not (source / VAL_TAR).is_file():
@@ -294,55 +316,183 @@ def _from_archives(source: Path) -> Source:
             "ILSVRC-2012 devkit (t12): it holds the classes and the val labels"
         )
     train_tar = source / TRAIN_TAR
-    found: list[tuple[str, str, str, int, int]] = []  # (wnid, member name, inner tar name, offset, size)
+    saved: list[tuple[str, bytes]] = []
+    train_listing = _listing(listings, train_tar, lambda: _list_train_tar(train_tar), saved)
     rejected: list[RejectedFile] = []
-    with open(train_tar, "rb") as handle:
-        inners, odd = _tar_members(train_tar, handle)
-        for inner in inners + odd:
-            wnid = PurePosixPath(inner.name).name.removesuffix(".tar")
-            if not inner.isfile() or not inner.name.endswith(".tar") or not _WNID.fullmatch(wnid):
-                raise SourceError(
-                    f"{train_tar}: unexpected member {inner.name!r}; expected one nXXXXXXXX.tar per class"
-                )
-            where = f"{train_tar}/{inner.name}"
-            members, links = _tar_members(Path(where), handle, inner.offset_data, inner.size)
-            for member in members:
-                found.append((wnid, member.name, inner.name, inner.offset_data + member.offset_data, member.size))
-            rejected += _rejected_members("train", f"{TRAIN_TAR}/{inner.name}", links)
-    folder_wnids = sorted({wnid for wnid, *_ in found})
+    inner_names = train_listing.groups
+    for number, links in train_listing.others().items():
+        rejected += _rejected_members("train", f"{TRAIN_TAR}/{inner_names[number]}", links)
+    wnids = [PurePosixPath(inner).name.removesuffix(".tar") for inner in inner_names]
+    files = train_listing.files()
+    folder_wnids = sorted({wnids[g] for g in np.unique(files["group"]).tolist()})
     classes = devkit.classes
     index = _class_index(classes, folder_wnids, f"{train_tar}", "devkit meta.mat")
+    labels = [index.get(w, -1) for w in wnids]  # -1: a class tar with no images (then no ImageRef uses it)
     train = [
-        ImageRef(make_key(name), index[wnid], f"{TRAIN_TAR}/{inner}/{name}", str(train_tar), offset, size)
-        for wnid, name, inner, offset, size in found
+        ImageRef(make_key(name), labels[group], f"{TRAIN_TAR}/{inner_names[group]}/{name}", str(train_tar), offset, size)
+        for group, name, offset, size in zip(
+            files["group"].tolist(), _decoded(files["name"]), files["offset"].tolist(), files["size"].tolist()
+        )
     ]
     _check_every_class_has_images(classes, train, str(train_tar))
     splits = {"train": _checked(train)}
     val_tar = source / VAL_TAR
     if val_tar.is_file():
-        with open(val_tar, "rb") as handle:
-            members, links = _tar_members(val_tar, handle)
-        _check_ground_truth_count(devkit, len(members) + len(links), str(val_tar))
+        val_listing = _listing(listings, val_tar, lambda: _list_flat_tar(val_tar), saved)
+        files, links = val_listing.files(), val_listing.others().get(0, [])
+        _check_ground_truth_count(devkit, len(files["name"]) + len(links), str(val_tar))
         rejected += _rejected_members("val", VAL_TAR, links)
-        names = [PurePosixPath(m.name).name for m in members]
+        paths = _decoded(files["name"])
+        names = [PurePosixPath(m).name for m in paths]
         labels = _devkit_val_labels(devkit, names, classes, str(val_tar))
         splits["val"] = _checked(
             [
-                ImageRef(make_key(name), label, f"{VAL_TAR}/{m.name}", str(val_tar), m.offset_data, m.size)
-                for m, name, label in zip(members, names, labels)
+                ImageRef(make_key(name), label, f"{VAL_TAR}/{path}", str(val_tar), offset, size)
+                for path, name, label, offset, size in zip(
+                    paths, names, labels, files["offset"].tolist(), files["size"].tolist()
+                )
             ]
         )
-    return Source(layout="ilsvrc2012-archives", classes=classes, splits=splits, rejected=tuple(rejected))
+    return Source(layout="ilsvrc2012-archives", classes=classes, splits=splits, rejected=tuple(rejected),
+                  listings=tuple(saved))
 
 
-def _rejected_members(split: str, where: str, members: list[tarfile.TarInfo]) -> list[RejectedFile]:
+def _list_train_tar(train_tar: Path) -> _Listing:
+    """Every header of the outer train tar and of each class tar inside it (offsets from the outer tar's start)."""
+    groups = []
+    with open(train_tar, "rb") as handle:
+        inners, odd = _tar_members(train_tar, handle)
+        for inner in inners + odd:
+            wnid = PurePosixPath(inner.name).name.removesuffix(".tar")
+            if inner.kind != "file" or not inner.name.endswith(".tar") or not _WNID.fullmatch(wnid):
+                raise SourceError(
+                    f"{train_tar}: unexpected member {inner.name!r}; expected one nXXXXXXXX.tar per class"
+                )
+            members, links = _tar_members(Path(f"{train_tar}/{inner.name}"), handle, inner.offset, inner.size)
+            groups.append((inner.name, [replace(m, offset=inner.offset + m.offset) for m in members], links))
+    return _Listing.of(groups)
+
+
+def _list_flat_tar(tar_path: Path) -> _Listing:
+    with open(tar_path, "rb") as handle:
+        return _Listing.of([("", *_tar_members(tar_path, handle))])
+
+
+# The archive listing, persisted. Reading every header of the 138 GB train tar costs ~42 µs of CPU per member
+# (54 s for ILSVRC-2012's 1.33 M, plus a seek per class tar) and ~600 bytes of memory per member as TarInfo objects;
+# prepare keeps the listing in its state folder as numpy columns and reads it back in about a second, as long as the
+# archive is unchanged. "Unchanged" is judged by size, mtime_ns, inode and device (what a rewrite or a copy
+# changes) plus sha256 of the first and last MiB (what a same-size in-place rewrite with a restored mtime would not
+# keep), so a changed archive is listed afresh.
+LISTING_FORMAT = "alexrepro-archive-listing"
+LISTING_VERSION = 1
+_KINDS = ("file", "symlink", "hardlink", "other")
+_EDGE = 1 << 20
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """An archive's members in stored order: `group` numbers the inner tar (0 for a flat tar), `kind` indexes _KINDS."""
+
+    groups: tuple[str, ...]  # inner tar names ("" for a flat tar)
+    columns: dict[str, np.ndarray]  # group, name (utf-8 bytes), offset, size, kind, linkname (utf-8 bytes)
+
+    @classmethod
+    def of(cls, groups: list[tuple[str, list[_Member], list[_Member]]]) -> _Listing:
+        rows = [(number, m) for number, (_, files, others) in enumerate(groups) for m in files + others]
+        def text(values: list[str]) -> np.ndarray:  # numpy 'S': a fixed width, no Python object per member
+            return np.array([v.encode("utf-8", "surrogateescape") for v in values] or [b""])[: len(rows)]
+
+        columns = {
+            "group": np.array([g for g, _ in rows], np.int32),
+            "name": text([m.name for _, m in rows]),
+            "offset": np.array([m.offset for _, m in rows], np.int64),
+            "size": np.array([m.size for _, m in rows], np.int64),
+            "kind": np.array([_KINDS.index(m.kind) for _, m in rows], np.uint8),
+            "linkname": text([m.linkname for _, m in rows]),
+        }
+        return cls(tuple(name for name, _, _ in groups), columns)
+
+    def files(self) -> dict[str, np.ndarray]:
+        keep = self.columns["kind"] == 0
+        return {name: column[keep] for name, column in self.columns.items()}
+
+    def others(self) -> dict[int, list[_Member]]:
+        """The members that are not regular files (links, devices), by group."""
+        c = self.columns
+        found: dict[int, list[_Member]] = {}
+        for i in np.flatnonzero(c["kind"] != 0).tolist():
+            name, linkname = _decoded(c["name"][i : i + 1])[0], _decoded(c["linkname"][i : i + 1])[0]
+            member = _Member(name, int(c["offset"][i]), int(c["size"][i]), _KINDS[c["kind"][i]], linkname)
+            found.setdefault(int(c["group"][i]), []).append(member)
+        return found
+
+
+def _decoded(values: np.ndarray) -> list[str]:
+    return [v.decode("utf-8", "surrogateescape") for v in values.tolist()]
+
+
+def _listing_name(archive: Path) -> str:
+    return f"listing-{archive.name}.npz"
+
+
+def _archive_key(archive: Path) -> str:
+    """What identifies the archive's bytes without reading them all (see above), as JSON text."""
+    stat = archive.stat()
+    with open(archive, "rb") as handle:
+        head = hashlib.sha256(handle.read(_EDGE)).hexdigest()
+        handle.seek(max(0, stat.st_size - _EDGE))
+        tail = hashlib.sha256(handle.read(_EDGE)).hexdigest()
+    key = {"format": LISTING_FORMAT, "version": LISTING_VERSION, "name": archive.name, "size": stat.st_size,
+           "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "device": stat.st_dev, "head_sha256": head,
+           "tail_sha256": tail}
+    return json.dumps(key, sort_keys=True)
+
+
+def _listing(folder: Path | None, archive: Path, make: Callable[[], _Listing], saved: list) -> _Listing:
+    """The archive's listing: read back from `folder` when it was made from these very bytes, else made now (and,
+    when there is a `folder`, appended to `saved` as (file name, .npz bytes) for `save_listings`)."""
+    if folder is None:
+        return make()
+    key = _archive_key(archive)  # before listing: an archive changed meanwhile is listed again next time
+    cached = _cached_listing(folder, archive, key)
+    if cached is not None:
+        return cached
+    listing = make()
+    buffer = io.BytesIO()
+    np.savez(buffer, key=np.array(key), groups=np.array(listing.groups or ("",))[: len(listing.groups)],
+             **listing.columns)
+    saved.append((_listing_name(archive), buffer.getvalue()))
+    return listing
+
+
+def _cached_listing(folder: Path, archive: Path, key: str) -> _Listing | None:
+    try:
+        with np.load(folder / _listing_name(archive), allow_pickle=False) as saved:
+            if str(saved["key"]) != key:
+                return None
+            groups = tuple(str(g) for g in saved["groups"].tolist())
+            columns = {name: saved[name] for name in ("group", "name", "offset", "size", "kind", "linkname")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None  # missing, unreadable or from another version: list the archive again
+    return _Listing(groups, columns)
+
+
+def save_listings(source: Source, folder: Path) -> None:
+    """Persist the archive listings `find_source` made (none when it read them from `folder`), keyed to the archives
+    as they were listed. Each file is written atomically; a listing is only a cache of what the archive holds."""
+    for name, data in source.listings:
+        atomic_write_bytes(Path(folder) / name, data)
+
+
+def _rejected_members(split: str, where: str, members: list[_Member]) -> list[RejectedFile]:
     """Links and other non-files in an archive: listed as rejected rather than followed or dropped."""
     return [
         RejectedFile(
             split,
             f"{where}/{m.name}",
-            f"symbolic link to {m.linkname!r}, not an image" if m.issym()
-            else f"hard link to {m.linkname!r}, not an image" if m.islnk()
+            f"symbolic link to {m.linkname!r}, not an image" if m.kind == "symlink"
+            else f"hard link to {m.linkname!r}, not an image" if m.kind == "hardlink"
             else "not a regular file",
         )
         for m in members

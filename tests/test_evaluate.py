@@ -243,6 +243,17 @@ def test_neighbours_match_brute_force_fc7_distances(evaluated, data):
         assert found == [train[i].key for i in np.argsort(distances, kind="stable")[:6]]
 
 
+def test_neighbour_scan_capped_by_default_takes_the_first_training_images_and_says_so(data, tmp_path):
+    assert ev.EvaluateConfig().neighbours_max_train == 50000  # bounded by default; null scans every training image
+    _, shards, checkpoint, _ = data
+    result = ev.evaluate(checkpoint, shards, tmp_path / "out", replace(CONFIG, neighbours_max_train=3), NullProgress())
+    first = [s.key for s in iter_split(shards, "train")][:3]
+    assert result.neighbours and all(set(found) <= set(first) for found in result.neighbours.values())
+    train = read_manifest(shards).split("train").count
+    assert f"among the first 3 (in the shuffled shard order, so a random subset; neighbours_max_train: null scans " \
+           f"all) of the {train:,} training images" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_manifest_count_mismatch_is_an_error(data, tmp_path):
     _, shards, checkpoint, _ = data
     copy = tmp_path / "shards"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import signal
 import subprocess
@@ -9,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import fixtures as fx
@@ -24,8 +27,24 @@ CONFIG = PrepareConfig(size=32, shard_size=5, workers=1)  # tiny output images: 
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder` (hidden bookkeeping included) by relative path."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file under `folder` (hidden bookkeeping included) by relative path. Two parts of the bookkeeping are
+    compared by content rather than bytes: a shard record's `mtime_ns` (when that shard was written, which resume
+    trusts) is left out, and an archive listing (.npz, whose zip entries carry the time of writing) by its arrays,
+    less its key (which names the archive file it was read from: its inode, mtime)."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        name, data = path.relative_to(folder).as_posix(), path.read_bytes()
+        if name.startswith(".prepare/") and name.endswith(".tar.json"):
+            record = json.loads(data)
+            record.pop("mtime_ns", None)
+            data = json.dumps(record, sort_keys=True).encode()
+        elif name.startswith(".prepare/listing-"):
+            with np.load(path, allow_pickle=False) as listing:
+                data = b"".join(n.encode() + listing[n].tobytes() for n in sorted(listing.files) if n != "key")
+        files[name] = data
+    return files
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +276,74 @@ def test_changed_source_over_existing_output_needs_overwrite(tmp_path):
         prepare(source, tmp_path / "shards", CONFIG, overwrite=False, progress=NullProgress())
     result = prepare(source, tmp_path / "shards", CONFIG, overwrite=True, progress=NullProgress())
     assert result.written["train"] == 10
+
+
+def _counting_headers(monkeypatch) -> list[str]:
+    """Record every tar that `sources` reads the headers of (the listing work that a saved listing spares)."""
+    from alexrepro import sources
+
+    calls: list[str] = []
+    real = sources._tar_members
+
+    def counting(tar_path, *args, **kwargs):
+        calls.append(Path(tar_path).name)
+        return real(tar_path, *args, **kwargs)
+
+    monkeypatch.setattr(sources, "_tar_members", counting)
+    return calls
+
+
+def test_a_rerun_reads_the_saved_archive_listing_instead_of_every_header(tmp_path, archives, reference, monkeypatch):
+    out = tmp_path / "shards"
+    shutil.copytree(reference[0], out)
+    assert sorted(p.name for p in (out / ".prepare").glob("listing-*")) == [
+        "listing-ILSVRC2012_img_train.tar.npz", "listing-ILSVRC2012_img_val.tar.npz"
+    ]
+    calls = _counting_headers(monkeypatch)
+    result = prepare(archives, out, CONFIG, overwrite=False, progress=NullProgress())
+    assert calls == []  # not one tar header read: the listing came from .prepare
+    assert result.reused_shards == 6 and tree_bytes(out) == reference[2]
+
+
+def test_a_changed_archive_is_listed_again(tmp_path, archives, reference, monkeypatch):
+    source = tmp_path / "download"
+    shutil.copytree(archives, source)  # a copy: new inodes, so the reference's listing does not fit it
+    out = tmp_path / "shards"
+    shutil.copytree(reference[0], out)
+    calls = _counting_headers(monkeypatch)
+    prepare(source, out, CONFIG, overwrite=False, progress=NullProgress())
+    assert "ILSVRC2012_img_train.tar" in calls and "ILSVRC2012_img_val.tar" in calls
+    assert tree_bytes(out) == reference[2]  # the same images, so the same output
+
+    calls.clear()
+    prepare(source, out, CONFIG, overwrite=False, progress=NullProgress())
+    assert calls == []
+    # A rewrite in place that keeps size, mtime and inode (one byte of the end padding changed, mtime put back).
+    val = source / "ILSVRC2012_img_val.tar"
+    before = val.stat()
+    with open(val, "r+b") as handle:
+        handle.seek(before.st_size - 1)
+        handle.write(b"\x01")
+    os.utime(val, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (val.stat().st_size, val.stat().st_mtime_ns, val.stat().st_ino) == (
+        before.st_size, before.st_mtime_ns, before.st_ino
+    )
+    prepare(source, out, CONFIG, overwrite=False, progress=NullProgress())
+    assert calls == ["ILSVRC2012_img_val.tar"]  # the val tar listed again, the unchanged train tar not
+
+
+def test_a_kept_shard_is_trusted_by_size_and_mtime_and_hashed_with_verify_finished(tmp_path, archives, reference):
+    out = tmp_path / "shards"
+    shutil.copytree(reference[0], out)  # copy2 keeps the mtimes the records noted
+    shard = out / "train-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # inside the first image's bytes: same size
+    stat = shard.stat()
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert prepare(archives, out, CONFIG, overwrite=False, progress=NullProgress()).reused_shards == 6
+    verify = PrepareConfig(**{**CONFIG.__dict__, "verify_finished": True})
+    assert prepare(archives, out, verify, overwrite=False, progress=NullProgress()).reused_shards == 5
+    assert tree_bytes(out) == reference[2]
+    os.utime(out / "train-000001.tar", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # touched: hashed, still kept
+    assert prepare(archives, out, CONFIG, overwrite=False, progress=NullProgress()).reused_shards == 6

@@ -151,3 +151,24 @@ def test_bench_scale_refuses_a_class_count_out_of_range(tmp_path):
     result = CliRunner().invoke(app, ["bench", "scale", "--classes", "2", "--work", str(tmp_path / "work")])
     assert result.exit_code == 2
     assert "classes" in result.output and "Traceback" not in result.output
+
+
+def test_prepare_killed_with_signal_9_resumes_to_the_same_bytes_without_starting_over(download, tmp_path):
+    """What `alexrepro bench scale --kill-resume` does at 1/64 … 1: the same functions, at a small scale."""
+    from alexrepro.bench_scale import run_stage, same_output
+
+    common = ["--size", "32", "--shard-size", "5", "--workers", "1"]
+    reference, again = tmp_path / "reference", tmp_path / "again"
+    images = sum(c.train_count for c in scale_classes(ScaleConfig(scale=Fraction(SCALE), classes=CLASSES))) + CLASSES
+    assert run_stage("prepare", SCALE, ["prepare", str(download), str(reference), *common], reference, images).rc == 0
+    killed = run_stage("prepare killed", SCALE, ["prepare", str(download), str(again), *common], again, images,
+                       kill_at_files=("train-*.tar", 3))
+    assert killed.rc == -9 and not (again / "manifest.json").exists()
+    finished = {p.name.removesuffix(".json") for p in (again / ".prepare").glob("train-*.tar.json")}
+    assert finished  # some shards were complete when it died
+    kept = {name: (again / name).stat().st_mtime_ns for name in finished}
+    assert (again / ".prepare" / "listing-ILSVRC2012_img_train.tar.npz").is_file()  # saved before the first shard
+    resumed = run_stage("prepare resumed", SCALE, ["prepare", str(download), str(again), *common], again, images)
+    assert resumed.rc == 0
+    assert {name: (again / name).stat().st_mtime_ns for name in finished} == kept  # not written again
+    assert same_output(reference, again) == (True, f"{len(list(reference.glob('*.tar'))) + 3} files byte-identical")
