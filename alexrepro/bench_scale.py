@@ -215,9 +215,18 @@ def _folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def run_stage(stage: str, scale: str, args: list[str], out: Path, images: int, *, first_file: str | None = None,
-              stop_after_steps: int | None = None, log: Path | None = None,
-              kill_at_files: tuple[str, int] | None = None) -> StageMeasure:
+def run_stage(
+    stage: str,
+    scale: str,
+    args: list[str],
+    out: Path,
+    images: int,
+    *,
+    first_file: str | None = None,
+    stop_after_steps: int | None = None,
+    log: Path | None = None,
+    kill_at_files: tuple[str, int] | None = None,
+) -> StageMeasure:
     """Run `alexrepro ARGS` (through this module's wrapper) niced as given, measuring it; see the module doc.
     `kill_at_files=(glob, n)`: SIGKILL the stage's whole process tree once `n` files under `out` match `glob` (what
     a power cut or the OOM killer does to a run; the workers die with it)."""
@@ -242,8 +251,17 @@ def run_stage(stage: str, scale: str, args: list[str], out: Path, images: int, *
         watcher.stop.set()
         thread.join()
     measure = StageMeasure(
-        stage, scale, rc, wall, images, watcher.cpu_s, watcher.peak_main, watcher.peak_other, watcher.peak_tree,
-        (_folder_bytes(out) - before) / 1e6, watcher.first_s,
+        stage,
+        scale,
+        rc,
+        wall,
+        images,
+        watcher.cpu_s,
+        watcher.peak_main,
+        watcher.peak_other,
+        watcher.peak_tree,
+        (_folder_bytes(out) - before) / 1e6,
+        watcher.first_s,
     )
     if first_file is None and marks.exists():
         forwards = [float(line.split()[1]) for line in marks.read_text().splitlines() if line.startswith("forward")]
@@ -256,9 +274,18 @@ def run_stage(stage: str, scale: str, args: list[str], out: Path, images: int, *
 # One scale, all stages
 
 
-def bench_one_scale(scale: Fraction, work: Path, classes: int, steps: int, workers: int,
-                    log: Path | None = None, progress_file: Path | None = None, download: Path | None = None,
-                    kill_resume: bool = False, only: set[str] | None = None) -> list[StageMeasure]:
+def bench_one_scale(
+    scale: Fraction,
+    work: Path,
+    classes: int,
+    steps: int,
+    workers: int,
+    log: Path | None = None,
+    progress_file: Path | None = None,
+    download: Path | None = None,
+    kill_resume: bool = False,
+    only: set[str] | None = None,
+) -> list[StageMeasure]:
     """Every stage at one scale. `download`: an existing download of this scale to use instead of writing one
     (the "sample" stage is then left out); `kill_resume`: after the other stages, prepare once more into a second
     folder, kill -9 its process tree when half the train shards exist, rerun it, and compare the two outputs.
@@ -302,51 +329,101 @@ def bench_one_scale(scale: Fraction, work: Path, classes: int, steps: int, worke
         return result
 
     if reused_download is None:  # (the sample stage writes it)
-        stage("sample", ["sample", str(download), "--scale", label, "--classes", str(classes)], download,
-              n_train + n_val)
+        stage(
+            "sample", ["sample", str(download), "--scale", label, "--classes", str(classes)], download, n_train + n_val
+        )
     prepare = ["prepare", str(download), str(shards), "--size", str(PREPARE_SIZE), *w]
     stage("prepare", prepare, shards, n_train + n_val, first_file="*-000000.tar")
     stage("prepare again", prepare, shards, n_train + n_val)
     stage("stats", ["stats", str(shards), str(stats), *w], stats, n_train)
     stage(
-        "train", ["train", str(shards), str(stats), str(train), "--epochs", "1", "--batch-size", str(TRAIN_BATCH),
-                  "--crop", str(CROP), "--width", str(TRAIN_WIDTH), "--towers", "1", "--init", "he",
-                  "--devices", "cpu", *w],
-        train, steps * TRAIN_BATCH, stop_after_steps=steps,
+        "train",
+        [
+            "train",
+            str(shards),
+            str(stats),
+            str(train),
+            "--epochs",
+            "1",
+            "--batch-size",
+            str(TRAIN_BATCH),
+            "--crop",
+            str(CROP),
+            "--width",
+            str(TRAIN_WIDTH),
+            "--towers",
+            "1",
+            "--init",
+            "he",
+            "--devices",
+            "cpu",
+            *w,
+        ],
+        train,
+        steps * TRAIN_BATCH,
+        stop_after_steps=steps,
     )
-    stage("evaluate", ["evaluate", str(train / "checkpoint-last.pt"), str(shards), str(evaluation),
-                       "--devices", "cpu"], evaluation, n_val)
+    stage(
+        "evaluate",
+        ["evaluate", str(train / "checkpoint-last.pt"), str(shards), str(evaluation), "--devices", "cpu"],
+        evaluation,
+        n_val,
+    )
     if kill_resume and (only is None or "prepare resumed" in only):
         again = folder / "shards-resumed"
         half = max(1, -(-n_train // 1000) // 2)  # prepare's default shard_size is 1000
         resume = ["prepare", str(download), str(again), *prepare[3:]]
-        killed = run_stage("prepare killed", label, resume, again, n_train + n_val, log=log,
-                           kill_at_files=("train-*.tar", half))
+        killed = run_stage(
+            "prepare killed", label, resume, again, n_train + n_val, log=log, kill_at_files=("train-*.tar", half)
+        )
         results.append(killed)
         resumed = stage("prepare resumed", resume, again, n_train + n_val)
+        assert resumed is not None  # `only` lets "prepare resumed" run: checked above
         identical, detail = same_output(shards, again)
         resumed.note = f"killed (rc {killed.rc}) at {half} train shards; {detail}"
         if progress_file is not None:
             with open(progress_file, "a") as handle:
-                handle.write(json.dumps({"name": f"resume check @ {label}", "identical": identical,
-                                         "detail": resumed.note}) + "\n")
+                handle.write(
+                    json.dumps({"name": f"resume check @ {label}", "identical": identical, "detail": resumed.note})
+                    + "\n"
+                )
         if not identical:
             raise BenchStageError(f"prepare resumed after kill -9 at scale {label}: {detail}")
         shutil.rmtree(again)
     return results
 
 
-def bench_scale(scales: list[Fraction], work: Path, classes: int = 1000, steps: int = 10, workers: int = 2,
-                log: Path | None = None, progress_file: Path | None = None,
-                downloads: dict[Fraction, Path] | None = None, kill_resume: bool = False,
-                only: set[str] | None = None) -> BenchReport:
+def bench_scale(
+    scales: list[Fraction],
+    work: Path,
+    classes: int = 1000,
+    steps: int = 10,
+    workers: int = 2,
+    log: Path | None = None,
+    progress_file: Path | None = None,
+    downloads: dict[Fraction, Path] | None = None,
+    kill_resume: bool = False,
+    only: set[str] | None = None,
+) -> BenchReport:
     """Every stage at every scale; ratios compare each stage's per-image cost at the largest vs smallest.
     `downloads`: existing downloads to reuse, by scale; `kill_resume`: see bench_one_scale."""
     work.mkdir(parents=True, exist_ok=True)
     measures: list[StageMeasure] = []
     for scale in scales:
-        measures.extend(bench_one_scale(scale, work, classes, steps, workers, log, progress_file,
-                                        (downloads or {}).get(scale), kill_resume, only))
+        measures.extend(
+            bench_one_scale(
+                scale,
+                work,
+                classes,
+                steps,
+                workers,
+                log,
+                progress_file,
+                (downloads or {}).get(scale),
+                kill_resume,
+                only,
+            )
+        )
     smallest, largest = str(min(scales)), str(max(scales))
     ratios = {}
     if smallest != largest:
@@ -359,17 +436,27 @@ def bench_scale(scales: list[Fraction], work: Path, classes: int = 1000, steps: 
             ratios[f"{stage}: CPU ms/img at {largest} ÷ at {smallest}"] = big.cpu_ms_per_image / small.cpu_ms_per_image
     notes = [
         machine_description(),
-        f"{classes} classes; prepare --size {PREPARE_SIZE}; train {steps} steps of batch {TRAIN_BATCH}, crop {CROP}, "
-        f"width {TRAIN_WIDTH}, one tower, CPU; {workers} workers where a stage takes them",
+        (
+            f"{classes} classes; prepare --size {PREPARE_SIZE}; train {steps} steps of batch {TRAIN_BATCH}, "
+            f"crop {CROP}, width {TRAIN_WIDTH}, one tower, CPU; {workers} workers where a stage takes them"
+        ),
         f"memory: VmRSS of the process tree polled every {POLL_S}s (main process, largest other process, tree sum)",
-        "cpu_s: user + system time of every process of the tree, as last seen by the poller (getrusage of waited "
-        "children would miss workers started by a forkserver); on a shared machine wall time stretches with the "
-        "load, CPU time much less",
-        "disk: bytes added under the stage's output folder; first_s: first shard file (prepare), first forward pass "
-        "(train, evaluate)",
+        (
+            "cpu_s: user + system time of every process of the tree, as last seen by the poller (getrusage of waited "
+            "children would miss workers started by a forkserver); on a shared machine wall time stretches with the "
+            "load, CPU time much less"
+        ),
+        (
+            "disk: bytes added under the stage's output folder; first_s: first shard file (prepare), first forward "
+            "pass (train, evaluate)"
+        ),
     ]
-    return BenchReport(title="Stages at fractions of ILSVRC-2012's counts", rows=[m.row() for m in measures],
-                       ratios=ratios, notes=notes)
+    return BenchReport(
+        title="Stages at fractions of ILSVRC-2012's counts",
+        rows=[m.row() for m in measures],
+        ratios=ratios,
+        notes=notes,
+    )
 
 
 def markdown_table(report: BenchReport) -> str:

@@ -30,9 +30,10 @@ import json
 import math
 import signal
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -105,8 +106,16 @@ def _all_gather(obj: Any, ranks: Ranks) -> list[Any]:
 
 def _loader(index: ShardIndex, ranks: Ranks, network: InferenceNetwork, config: EvaluateConfig) -> DataLoader:
     """Whole images of `index`, each exactly once across ranks and workers; `batch_size` images per rank batch."""
-    return ordered_loader(index, None, config.batch_size * ranks.world_size, _workers(config), ranks.rank, ranks.world_size,
-                          network.device.type == "cuda", network.decoder)
+    return ordered_loader(
+        index,
+        None,
+        config.batch_size * ranks.world_size,
+        _workers(config),
+        ranks.rank,
+        ranks.world_size,
+        network.device.type == "cuda",
+        network.decoder,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -132,7 +141,7 @@ class Predictions:
     top1: np.ndarray  # N×k class indices from the centre patch alone
 
     @classmethod
-    def merge(cls, pieces: Sequence["Predictions"]) -> "Predictions":
+    def merge(cls, pieces: Sequence[Predictions]) -> Predictions:
         keys = [key for p in pieces for key in p.keys]
         order = sorted(range(len(keys)), key=keys.__getitem__)
 
@@ -151,7 +160,7 @@ def check_classes(checkpoint_classes: list[dict], manifest: shardlib.Manifest, c
             f"{checkpoint} was trained on {len(mine)} classes but {shards / shardlib.MANIFEST_NAME} has "
             f"{len(theirs)}; evaluate on the shards it was trained on"
         )
-    for index, (a, b) in enumerate(zip(mine, theirs)):
+    for index, (a, b) in enumerate(zip(mine, theirs, strict=True)):
         if a != b:
             raise EvaluationError(
                 f"{checkpoint}: class {index} is {a} but {shards / shardlib.MANIFEST_NAME} has {b} there; "
@@ -205,7 +214,7 @@ class RunningNearest:
             values, indices = torch.topk(row, take, largest=False)
             fresh = [
                 Neighbour(float(v), keys[i], int(labels[i]), images[i].cpu().clone())
-                for v, i in zip(values.tolist(), indices.tolist())
+                for v, i in zip(values.tolist(), indices.tolist(), strict=True)
             ]
             self.best[q] = merge_nearest([self.best[q], fresh], self.k)
 
@@ -241,7 +250,9 @@ def nearest_training_images(
     return [merge_nearest([g[q] for g in gathered], NEIGHBOURS) for q in range(len(queries))]
 
 
-def fetch_images(index: ShardIndex, keys: Sequence[str], decode: Callable[[bytes], torch.Tensor]) -> dict[str, torch.Tensor]:
+def fetch_images(
+    index: ShardIndex, keys: Sequence[str], decode: Callable[[bytes], torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Decode the samples named `keys`, found by the index and read by offset."""
     wanted = set(keys)
     with ShardReader(index) as reader:
@@ -326,7 +337,9 @@ def _evaluate_locked(checkpoint: Path, shards: Path, out: Path, config: Evaluate
                 f"mean image is {network.size}×{network.size}; evaluate on shards prepared with --size {network.size}"
             )
 
-        val_index = verified_index(shards, manifest, "val", out, _workers(config), (ranks.rank, ranks.world_size), progress)
+        val_index = verified_index(
+            shards, manifest, "val", out, _workers(config), (ranks.rank, ranks.world_size), progress
+        )
         mine = _score_split(network, val_index, manifest, config, ranks, progress)
         predictions = Predictions.merge(_all_gather(mine, ranks))
         _check_count(predictions, manifest.split("val").count, manifest.num_classes, shards)
@@ -346,7 +359,7 @@ def _evaluate_locked(checkpoint: Path, shards: Path, out: Path, config: Evaluate
         report_html=out / "report.html",
         submission=out / "submission.txt",
         predictions=out / "predictions.csv",
-        neighbours={key: [n.key for n in found] for key, found in zip(query_keys, neighbours)},
+        neighbours={key: [n.key for n in found] for key, found in zip(query_keys, neighbours, strict=True)},
     )
     if ranks.rank != 0:
         return result
@@ -377,8 +390,9 @@ def _workers(config: EvaluateConfig) -> int:
     return worker_count(config.workers, most=8, least=0)  # DataLoader workers: 0 decodes in this process
 
 
-def _score_split(network: InferenceNetwork, index: ShardIndex, manifest, config: EvaluateConfig, ranks: Ranks,
-                 progress: Progress) -> Predictions:
+def _score_split(
+    network: InferenceNetwork, index: ShardIndex, manifest, config: EvaluateConfig, ranks: Ranks, progress: Progress
+) -> Predictions:
     """This rank's share of the validation split, scored: top-k of the 10-crop average and of the centre patch."""
     k = min(TOP_K, manifest.num_classes)
     keys: list[str] = []
@@ -403,12 +417,16 @@ def _score_split(network: InferenceNetwork, index: ShardIndex, manifest, config:
         filled = rows.stop
         progress.advance(len(batch_keys))
     progress.finish()
-    return Predictions(keys, labels[:filled].copy(), top10[:filled].copy(), prob10[:filled].copy(), top1[:filled].copy())
+    return Predictions(
+        keys, labels[:filled].copy(), top10[:filled].copy(), prob10[:filled].copy(), top1[:filled].copy()
+    )
 
 
 def _check_count(predictions: Predictions, expected: int, num_classes: int, shards: Path) -> None:
     if expected == 0:
-        raise EvaluationError(f"{shards / shardlib.MANIFEST_NAME} lists no val images; prepare a source with a val split")
+        raise EvaluationError(
+            f"{shards / shardlib.MANIFEST_NAME} lists no val images; prepare a source with a val split"
+        )
     seen = len(predictions.keys)
     unique = len(set(predictions.keys))
     if seen != expected or unique != seen:
@@ -457,8 +475,9 @@ def _plain(value: Any) -> Any:
 def submission_ids(manifest: shardlib.Manifest) -> tuple[list[int], str]:
     """The label written for each class index: ILSVRC2012_IDs when every class has one, else the index itself."""
     ids = [c.ilsvrc_id for c in manifest.classes]
-    if ids and all(i is not None for i in ids):
-        return [int(i) for i in ids], "ILSVRC2012_ID"
+    known = [i for i in ids if i is not None]
+    if ids and len(known) == len(ids):
+        return known, "ILSVRC2012_ID"
     return [c.index for c in manifest.classes], "class index"
 
 
@@ -478,10 +497,15 @@ def write_predictions_csv(path: Path, predictions: Predictions, manifest: shardl
     for j in range(1, k + 1):
         header += [f"class{j}", f"prob{j}"]
     writer.writerow(header)
-    for key, label, top, prob in zip(predictions.keys, predictions.labels.tolist(), predictions.top10.tolist(),
-                                     predictions.prob10.tolist()):
+    for key, label, top, prob in zip(
+        predictions.keys,
+        predictions.labels.tolist(),
+        predictions.top10.tolist(),
+        predictions.prob10.tolist(),
+        strict=True,
+    ):
         row: list[Any] = [key, label, manifest.classes[label].wnid]
-        for c, p in zip(top, prob):
+        for c, p in zip(top, prob, strict=True):
             row += [c, f"{p:.6f}"]
         writer.writerow(row)
     atomic_write_text(path, buffer.getvalue())
@@ -530,12 +554,13 @@ def _write_report(out, predictions, metrics, ckpt, manifest, images, examples, q
             query=report.Example(key=key, image=as_hwc(images[key]), label=int(predictions.labels[index[key]])),
             neighbours=[report.Example(n.key, as_hwc(n.image), n.label, distance=n.distance) for n in found],
         )
-        for key, found in zip(query_keys, neighbours)
+        for key, found in zip(query_keys, neighbours, strict=True)
     ]
     train_count = manifest.split("train").count if "train" in manifest.splits else 0
     limit = config.neighbours_max_train
     scanned = (
-        f"all {train_count:,}" if limit is None or limit >= train_count
+        f"all {train_count:,}"
+        if limit is None or limit >= train_count
         else f"the first {limit:,} (in the shuffled shard order, so a random subset; neighbours_max_train: null "
         f"scans all) of the {train_count:,}"
     )

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from alexrepro.augment import center_offset, crop_mean, normalize, ten_crop_offsets
 from alexrepro.errors import EvaluationError, FormatError
-from alexrepro.loader import decode_pil, decode_torchvision
+from alexrepro.loader import Decoder, decode_pil, decode_torchvision
 
 
 def ten_crop_views(images: torch.Tensor, crop: int) -> torch.Tensor:
@@ -89,12 +89,13 @@ class InferenceNetwork:
             )
         self.patches = TenCropPatches(ckpt["normalization"], crop, self.device)
         train = ckpt.get("train_config") or {}
-        self.decoder = str(train.get("decoder", "torchvision"))
-        if self.decoder not in DECODERS:
+        decoder = str(train.get("decoder", "torchvision"))
+        if decoder not in DECODERS:
             raise EvaluationError(
-                f"checkpoint train_config: unknown decoder {self.decoder!r} (known: {sorted(DECODERS)}); "
+                f"checkpoint train_config: unknown decoder {decoder!r} (known: {sorted(DECODERS)}); "
                 "evaluate with the alexrepro version that trained it"
             )
+        self.decoder: Decoder = "pil" if decoder == "pil" else "torchvision"  # checked just above
         # bf16 autocast and channels_last on CUDA, as training ran (DESIGN.md "Training"); softmax always in fp32.
         cuda = self.device.type == "cuda"
         self.bf16 = cuda and train.get("precision", "auto") != "fp32"

@@ -30,10 +30,11 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO
 
 from alexrepro import imaging
 from alexrepro.atomic import atomic_write_text
@@ -42,15 +43,15 @@ from alexrepro.locking import LOCK_NAME, output_lock, reported_write_errors
 from alexrepro.progress import NullProgress, Progress
 from alexrepro.shards import (
     MANIFEST_NAME,
-    scan_members,
     SPLITS,
     Manifest,
     RejectedFile,
     Sample,
     ShardInfo,
     SplitInfo,
-    shard_name,
+    scan_members,
     sha256_file,
+    shard_name,
     write_manifest,
     write_shard,
 )
@@ -106,7 +107,9 @@ class PrepareConfig:
         if self.shard_size < 1:
             raise ValueError(f"key 'shard_size' must be at least 1, got {self.shard_size}")
         if self.workers is not None and self.workers < 0:
-            raise ValueError(f"key 'workers' must be 0 (in this process) or more, or null (one per core), got {self.workers}")
+            raise ValueError(
+                f"key 'workers' must be 0 (in this process) or more, or null (one per core), got {self.workers}"
+            )
         if self.max_rejected < 0:
             raise ValueError(f"key 'max_rejected' must be 0 or more, got {self.max_rejected}")
 
@@ -184,7 +187,9 @@ def _prepare(source: Path, out: Path, config: PrepareConfig, overwrite: bool, pr
         assert written[split] + sum(r.split == split for r in rejected) == len(refs) + unlisted, f"{split}: lost"
     failed = len(rejected) > config.max_rejected
     if failed:
-        manifest = replace(manifest, failure=f"{len(rejected)} images rejected, more than max_rejected={config.max_rejected}")
+        manifest = replace(
+            manifest, failure=f"{len(rejected)} images rejected, more than max_rejected={config.max_rejected}"
+        )
     manifest = write_manifest(out, manifest)
     progress.log(
         f"prepared {', '.join(f'{n:,} {s}' for s, n in written.items())} images; {len(rejected)} rejected; "
@@ -195,7 +200,7 @@ def _prepare(source: Path, out: Path, config: PrepareConfig, overwrite: bool, pr
             f"{len(rejected)} images could not be read, more than max_rejected={config.max_rejected}; the list is "
             f"under 'rejected' in {out / MANIFEST_NAME}: fix or remove those files, or raise --max-rejected"
         )
-    return PrepareResult(manifest, written, rejected, found.layout, settings["pillow"], reused)
+    return PrepareResult(manifest, written, rejected, found.layout, str(settings["pillow"]), reused)
 
 
 def plan_shards(found: Source, shard_size: int, seed: int) -> list[ShardTask]:
@@ -260,8 +265,15 @@ def run_shard_task(task: ShardTask, out: Path, size: int, quality: int, verify: 
     finally:
         reader.close()
     stat = (Path(out) / task.name).stat()
-    record = {"name": info.name, "count": info.count, "sha256": info.sha256, "rejected": rejected,
-              "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "members": [list(m) for m in info.members]}
+    record = {
+        "name": info.name,
+        "count": info.count,
+        "sha256": info.sha256,
+        "rejected": rejected,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "members": [list(m) for m in info.members or ()],
+    }
     _write_record(_record_path(Path(out), task), record)
     return {**record, "members": info.members}, False
 
@@ -281,13 +293,14 @@ class _Reader:
 
     def __init__(self) -> None:
         self.name: str | None = None
-        self.handle = None
+        self.handle: BinaryIO | None = None
 
     def read(self, ref: ImageRef) -> bytes:
         try:
             if ref.file != self.name:
                 self.close()
                 self.handle, self.name = open(ref.file, "rb", buffering=0), ref.file
+            assert self.handle is not None  # opened just above, or by the previous read of this file
             self.handle.seek(ref.offset)
             data = self.handle.read(ref.size)
         except OSError as exc:

@@ -32,9 +32,10 @@ import os
 import re
 import tarfile
 import zipfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -93,7 +94,7 @@ class Devkit:
     val_ids: tuple[int, ...]  # val_ids[i] is the ILSVRC2012_ID of ILSVRC2012_val_{i+1:08d}
 
     def wnid_of_id(self) -> dict[int, str]:
-        return {c.ilsvrc_id: c.wnid for c in self.classes}
+        return {c.ilsvrc_id: c.wnid for c in self.classes if c.ilsvrc_id is not None}
 
 
 def find_source(path: Path, follow_symlinks: bool = False, listings: Path | None = None) -> Source:
@@ -153,7 +154,12 @@ def _devkit_member(tar: tarfile.TarFile, members: dict, name: str, archive: Path
     member = members.get(PurePosixPath(name).parts)
     if member is None:
         raise SourceError(f"{archive}: no {DEVKIT_DIR}/{name} inside; download the ILSVRC-2012 devkit (t12) again")
-    return tar.extractfile(member).read()
+    handle = tar.extractfile(member)
+    if handle is None:  # a directory or a link, not the file the devkit holds
+        raise SourceError(
+            f"{archive}: {DEVKIT_DIR}/{name} is not a regular file; download the ILSVRC-2012 devkit again"
+        )
+    return handle.read()
 
 
 def _parse_devkit(meta_mat: bytes, truth: bytes, where: str) -> Devkit:
@@ -167,12 +173,16 @@ def _parse_devkit(meta_mat: bytes, truth: bytes, where: str) -> Devkit:
             if int(s["num_children"]) == 0  # leaf synsets are the 1000 classes; the rest are internal nodes
         ]
     except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise SourceError(f"{where}: {META_MAT} is not an ILSVRC-2012 meta.mat ({exc}); download the devkit again")
+        raise SourceError(
+            f"{where}: {META_MAT} is not an ILSVRC-2012 meta.mat ({exc}); download the devkit again"
+        ) from None
     classes = _index_classes((wnid, ilsvrc_id, words) for ilsvrc_id, wnid, words in leaves)
     try:
         val_ids = tuple(int(line) for line in truth.decode("ascii").split())
     except (UnicodeDecodeError, ValueError):
-        raise SourceError(f"{where}: {GROUND_TRUTH} must hold one ILSVRC2012_ID per line; download the devkit again")
+        raise SourceError(
+            f"{where}: {GROUND_TRUTH} must hold one ILSVRC2012_ID per line; download the devkit again"
+        ) from None
     known = {c.ilsvrc_id for c in classes}
     unknown = sorted(set(val_ids) - known)
     if unknown:
@@ -264,7 +274,9 @@ class _Member:
     linkname: str = ""
 
 
-def _tar_members(tar_path: Path, handle, start: int = 0, size: int | None = None) -> tuple[list[_Member], list[_Member]]:
+def _tar_members(
+    tar_path: Path, handle, start: int = 0, size: int | None = None
+) -> tuple[list[_Member], list[_Member]]:
     """Headers in the tar at [start, start + size) of `handle` (offsets relative to `start`): the regular files,
     and the members that are neither files nor folders (links, devices), which the caller rejects by name."""
     size = size if size is not None else os.fstat(handle.fileno()).st_size
@@ -278,9 +290,11 @@ def _tar_members(tar_path: Path, handle, start: int = 0, size: int | None = None
     _check_tar_end(tar_path, window, end, size, len(members))
     files = [_Member(m.name, m.offset_data, m.size, "file") for m in members if m.isfile()]
     others = [
-        _Member(m.name, m.offset_data, m.size, "symlink" if m.issym() else "hardlink" if m.islnk() else "other",
-                m.linkname)
-        for m in members if not m.isfile() and not m.isdir()
+        _Member(
+            m.name, m.offset_data, m.size, "symlink" if m.issym() else "hardlink" if m.islnk() else "other", m.linkname
+        )
+        for m in members
+        if not m.isfile() and not m.isdir()
     ]
     return files, others
 
@@ -329,9 +343,15 @@ def _from_archives(source: Path, listings: Path | None = None) -> Source:
     index = _class_index(classes, folder_wnids, f"{train_tar}", "devkit meta.mat")
     labels = [index.get(w, -1) for w in wnids]  # -1: a class tar with no images (then no ImageRef uses it)
     train = [
-        ImageRef(make_key(name), labels[group], f"{TRAIN_TAR}/{inner_names[group]}/{name}", str(train_tar), offset, size)
+        ImageRef(
+            make_key(name), labels[group], f"{TRAIN_TAR}/{inner_names[group]}/{name}", str(train_tar), offset, size
+        )
         for group, name, offset, size in zip(
-            files["group"].tolist(), _decoded(files["name"]), files["offset"].tolist(), files["size"].tolist()
+            files["group"].tolist(),
+            _decoded(files["name"]),
+            files["offset"].tolist(),
+            files["size"].tolist(),
+            strict=True,
         )
     ]
     _check_every_class_has_images(classes, train, str(train_tar))
@@ -349,12 +369,13 @@ def _from_archives(source: Path, listings: Path | None = None) -> Source:
             [
                 ImageRef(make_key(name), label, f"{VAL_TAR}/{path}", str(val_tar), offset, size)
                 for path, name, label, offset, size in zip(
-                    paths, names, labels, files["offset"].tolist(), files["size"].tolist()
+                    paths, names, labels, files["offset"].tolist(), files["size"].tolist(), strict=True
                 )
             ]
         )
-    return Source(layout="ilsvrc2012-archives", classes=classes, splits=splits, rejected=tuple(rejected),
-                  listings=tuple(saved))
+    return Source(
+        layout="ilsvrc2012-archives", classes=classes, splits=splits, rejected=tuple(rejected), listings=tuple(saved)
+    )
 
 
 def _list_train_tar(train_tar: Path) -> _Listing:
@@ -400,6 +421,7 @@ class _Listing:
     @classmethod
     def of(cls, groups: list[tuple[str, list[_Member], list[_Member]]]) -> _Listing:
         rows = [(number, m) for number, (_, files, others) in enumerate(groups) for m in files + others]
+
         def text(values: list[str]) -> np.ndarray:  # numpy 'S': a fixed width, no Python object per member
             return np.array([v.encode("utf-8", "surrogateescape") for v in values] or [b""])[: len(rows)]
 
@@ -443,9 +465,17 @@ def _archive_key(archive: Path) -> str:
         head = hashlib.sha256(handle.read(_EDGE)).hexdigest()
         handle.seek(max(0, stat.st_size - _EDGE))
         tail = hashlib.sha256(handle.read(_EDGE)).hexdigest()
-    key = {"format": LISTING_FORMAT, "version": LISTING_VERSION, "name": archive.name, "size": stat.st_size,
-           "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "device": stat.st_dev, "head_sha256": head,
-           "tail_sha256": tail}
+    key = {
+        "format": LISTING_FORMAT,
+        "version": LISTING_VERSION,
+        "name": archive.name,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "inode": stat.st_ino,
+        "device": stat.st_dev,
+        "head_sha256": head,
+        "tail_sha256": tail,
+    }
     return json.dumps(key, sort_keys=True)
 
 
@@ -460,8 +490,10 @@ def _listing(folder: Path | None, archive: Path, make: Callable[[], _Listing], s
         return cached
     listing = make()
     buffer = io.BytesIO()
-    np.savez(buffer, key=np.array(key), groups=np.array(listing.groups or ("",))[: len(listing.groups)],
-             **listing.columns)
+    # One mapping typed Any: numpy's stub reads keyword arrays as its own `allow_pickle` flag.
+    arrays: dict[str, Any] = {"key": np.array(key), "groups": np.array(listing.groups or ("",))[: len(listing.groups)]}
+    arrays.update(listing.columns)
+    np.savez(buffer, **arrays)
     saved.append((_listing_name(archive), buffer.getvalue()))
     return listing
 
@@ -491,8 +523,10 @@ def _rejected_members(split: str, where: str, members: list[_Member]) -> list[Re
         RejectedFile(
             split,
             f"{where}/{m.name}",
-            f"symbolic link to {m.linkname!r}, not an image" if m.kind == "symlink"
-            else f"hard link to {m.linkname!r}, not an image" if m.kind == "hardlink"
+            f"symbolic link to {m.linkname!r}, not an image"
+            if m.kind == "symlink"
+            else f"hard link to {m.linkname!r}, not an image"
+            if m.kind == "hardlink"
             else "not a regular file",
         )
         for m in members
@@ -602,7 +636,7 @@ def _flat_val(source: Path, files: list[Path], classes, devkit: Devkit | None) -
             f"{files[0].parent}: flat val/ needs labels: put {DEVKIT_TAR} (or the extracted {DEVKIT_DIR}/) or "
             f"Kaggle's {LOC_SOLUTION} in {source}, or sort val into class folders"
         )
-    refs = [_file_ref(source, f, label) for f, label in zip(files, labels)]
+    refs = [_file_ref(source, f, label) for f, label in zip(files, labels, strict=True)]
     return _checked(refs), how
 
 

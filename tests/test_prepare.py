@@ -84,8 +84,13 @@ def test_shards_hold_every_readable_image_with_its_label(reference, tiny):
     assert result.written == {"train": 12, "val": 6}
     assert result.layout == "ilsvrc2012-archives" and result.pillow == imaging.pillow_build()
     assert manifest.settings == {
-        "size": 32, "quality": 90, "resize_filter": imaging.RESIZE_FILTER, "seed": 0, "shard_size": 5,
-        "pillow": imaging.pillow_build(), "layout": "ilsvrc2012-archives",
+        "size": 32,
+        "quality": 90,
+        "resize_filter": imaging.RESIZE_FILTER,
+        "seed": 0,
+        "shard_size": 5,
+        "pillow": imaging.pillow_build(),
+        "layout": "ilsvrc2012-archives",
     }
     assert [(c.wnid, c.ilsvrc_id) for c in manifest.classes] == [("n01000001", 2), ("n01000002", 3), ("n01000003", 1)]
 
@@ -244,7 +249,9 @@ def test_own_classes_imagefolder(tmp_path):
     assert result.written == {"train": 9, "val": 3} and result.rejected == []
     assert [c.name for c in result.manifest.classes] == ["Mango", "apple", "zebra"]
     assert [s.key for s in iter_shard(tmp_path / "shards" / "val-000000.tar")] == [
-        "Mango_val_0", "apple_val_0", "zebra_val_0"
+        "Mango_val_0",
+        "apple_val_0",
+        "zebra_val_0",
     ]
 
 
@@ -297,7 +304,8 @@ def test_a_rerun_reads_the_saved_archive_listing_instead_of_every_header(tmp_pat
     out = tmp_path / "shards"
     shutil.copytree(reference[0], out)
     assert sorted(p.name for p in (out / ".prepare").glob("listing-*")) == [
-        "listing-ILSVRC2012_img_train.tar.npz", "listing-ILSVRC2012_img_val.tar.npz"
+        "listing-ILSVRC2012_img_train.tar.npz",
+        "listing-ILSVRC2012_img_val.tar.npz",
     ]
     calls = _counting_headers(monkeypatch)
     result = prepare(archives, out, CONFIG, overwrite=False, progress=NullProgress())
@@ -326,7 +334,9 @@ def test_a_changed_archive_is_listed_again(tmp_path, archives, reference, monkey
         handle.write(b"\x01")
     os.utime(val, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert (val.stat().st_size, val.stat().st_mtime_ns, val.stat().st_ino) == (
-        before.st_size, before.st_mtime_ns, before.st_ino
+        before.st_size,
+        before.st_mtime_ns,
+        before.st_ino,
     )
     prepare(source, out, CONFIG, overwrite=False, progress=NullProgress())
     assert calls == ["ILSVRC2012_img_val.tar"]  # the val tar listed again, the unchanged train tar not

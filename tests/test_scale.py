@@ -161,8 +161,14 @@ def test_prepare_killed_with_signal_9_resumes_to_the_same_bytes_without_starting
     reference, again = tmp_path / "reference", tmp_path / "again"
     images = sum(c.train_count for c in scale_classes(ScaleConfig(scale=Fraction(SCALE), classes=CLASSES))) + CLASSES
     assert run_stage("prepare", SCALE, ["prepare", str(download), str(reference), *common], reference, images).rc == 0
-    killed = run_stage("prepare killed", SCALE, ["prepare", str(download), str(again), *common], again, images,
-                       kill_at_files=("train-*.tar", 3))
+    killed = run_stage(
+        "prepare killed",
+        SCALE,
+        ["prepare", str(download), str(again), *common],
+        again,
+        images,
+        kill_at_files=("train-*.tar", 3),
+    )
     assert killed.rc == -9 and not (again / "manifest.json").exists()
     finished = {p.name.removesuffix(".json") for p in (again / ".prepare").glob("train-*.tar.json")}
     assert finished  # some shards were complete when it died
