@@ -47,17 +47,22 @@ def bench_loader(
         jpegs = _jpegs(folder, manifest, images)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        measures = [
-            lambda: _per_image("Pillow decode only (1 core)", jpegs, decode_pil),
-            lambda: _per_image("torchvision decode only (1 core)", jpegs, _plain_decode_jpeg()),
-            lambda: _per_image("decode + crop + flip + to-tensor (1 core)", jpegs, _crop_flip(crop)),
-            lambda: _index_cost(folder, manifest),
-        ] + [
-            lambda n=n: _loader_row(folder, manifest, crop, batch_size, n, decoder, seed) for n in sorted({0, 1, workers})
-        ] + [
-            lambda on=on: _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, on, device)
-            for on in ("workers", "device")
-        ]
+        measures = (
+            [
+                lambda: _per_image("Pillow decode only (1 core)", jpegs, decode_pil),
+                lambda: _per_image("torchvision decode only (1 core)", jpegs, _plain_decode_jpeg()),
+                lambda: _per_image("decode + crop + flip + to-tensor (1 core)", jpegs, _crop_flip(crop)),
+                lambda: _index_cost(folder, manifest),
+            ]
+            + [
+                lambda n=n: _loader_row(folder, manifest, crop, batch_size, n, decoder, seed)
+                for n in sorted({0, 1, workers})
+            ]
+            + [
+                lambda on=on: _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, on, device)
+                for on in ("workers", "device")
+            ]
+        )
         rows = [_best_of(measure, rounds) for measure in measures]
         torch.set_num_threads(threads)
     rate = {row["name"]: row["img_s"] for row in rows}

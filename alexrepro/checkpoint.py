@@ -101,7 +101,12 @@ def check_entries(ckpt: dict, source: str) -> None:
         if value.dim() != dims or not torch.isfinite(value).all():
             fail(f"normalization.{name}", f"is not a finite {dims}-D tensor (shape {tuple(value.shape)})")
     side = norm["mean_image"].shape
-    if side[0] != side[1] or side[2] != 3 or tuple(norm["eigval"].shape) != (3,) or tuple(norm["eigvec"].shape) != (3, 3):
+    if (
+        side[0] != side[1]
+        or side[2] != 3
+        or tuple(norm["eigval"].shape) != (3,)
+        or tuple(norm["eigvec"].shape) != (3, 3)
+    ):
         fail("normalization", "does not hold an S×S×3 mean image with 3 RGB eigenpairs")
     scale = norm.get("input_scale")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:

@@ -35,9 +35,10 @@ import re
 import signal
 import warnings
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -116,7 +117,7 @@ class Batch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         if self.images is not None:  # pin the contiguous (channels-last) storage
             self.images = self.images.permute(0, 2, 3, 1).pin_memory().permute(0, 3, 1, 2)
             self.release()  # the pixels are copied out: the worker may refill its buffer
@@ -383,7 +384,12 @@ def split_index(shards: Path, manifest: Manifest, split: str) -> ShardIndex:
 
 
 def verified_index(
-    shards: Path, manifest: Manifest, split: str, stamp_dir: Path, workers: int, part: tuple[int, int] = (0, 1),
+    shards: Path,
+    manifest: Manifest,
+    split: str,
+    stamp_dir: Path,
+    workers: int,
+    part: tuple[int, int] = (0, 1),
     progress: Progress = NullProgress(),
 ) -> ShardIndex:
     """split_index, with the split's shards checked against the manifest's sha256 once per `stamp_dir` (the

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_model import SMALL, assert_same_run, run
-from train_helpers import make_shards, make_stats
 
 from alexrepro.checkpoint import load_checkpoint
 from alexrepro.feed import DeviceFeed
@@ -26,6 +24,8 @@ from alexrepro.model import AlexNet, ModelConfig
 from alexrepro.progress import NullProgress
 from alexrepro.shards import read_manifest
 from alexrepro.train import TrainConfig, make_preprocess, normalization_from_stats, train
+from test_model import SMALL, assert_same_run, run
+from train_helpers import make_shards, make_stats
 
 pytestmark = [
     pytest.mark.cuda,

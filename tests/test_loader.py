@@ -6,10 +6,10 @@ from collections import Counter
 
 import pytest
 import torch
-from train_helpers import make_shards
 
 from alexrepro.loader import Augmentation, EpochPlan, decode_torchvision, train_loader, val_loader
 from alexrepro.shards import iter_split
+from train_helpers import make_shards
 
 AUG = Augmentation(crop=64)
 
@@ -52,7 +52,9 @@ def test_split_does_not_change_the_global_batches(shards):
     """The ranks' shares at step k together are the single process's batch k, with the same crops."""
     out, manifest = shards
     single = list(train_loader(out, manifest, AUG, 8, seed=1, epoch=0, workers=0))
-    ranks = [list(train_loader(out, manifest, AUG, 8, seed=1, epoch=0, workers=2, rank=r, world_size=2)) for r in range(2)]
+    ranks = [
+        list(train_loader(out, manifest, AUG, 8, seed=1, epoch=0, workers=2, rank=r, world_size=2)) for r in range(2)
+    ]
     for k, batch in enumerate(single):
         assert batch.keys == ranks[0][k].keys + ranks[1][k].keys
         assert torch.equal(batch.images, torch.cat([ranks[0][k].images, ranks[1][k].images]))
@@ -113,7 +115,9 @@ def test_shard_that_disagrees_with_the_manifest_is_refused(shards, tmp_path):
     out, manifest = shards
     train = manifest.split("train")
     wrong = dataclasses.replace(train.shards[0], count=train.shards[0].count + 1)
-    bad = dataclasses.replace(manifest, splits={**manifest.splits, "train": dataclasses.replace(train, shards=(wrong, *train.shards[1:]))})
+    bad = dataclasses.replace(
+        manifest, splits={**manifest.splits, "train": dataclasses.replace(train, shards=(wrong, *train.shards[1:]))}
+    )
     with pytest.raises(FormatError, match="rerun `alexrepro prepare`"):
         split_index(out, bad, "train")
 
@@ -202,11 +206,10 @@ def test_released_buffers_are_reused_and_unreleased_ones_are_not_overwritten(sha
 def test_training_with_device_decoding_matches_worker_decoding(tmp_path):
     """On the CPU, decode_on: device trains to the very same weights as decode_on: workers: it is a setting of
     speed, not of what is computed."""
-    from train_helpers import make_stats
-
     from alexrepro.checkpoint import load_checkpoint
     from alexrepro.progress import NullProgress
     from alexrepro.train import TrainConfig, train
+    from train_helpers import make_stats
 
     make_shards(tmp_path / "shards", classes=3, train_per_class=6, val_per_class=2, size=72, shard_size=10)
     make_stats(tmp_path / "shards", tmp_path / "stats")
