@@ -90,9 +90,11 @@ def bench_loader(
         machine_description(),
         f"{len(jpegs)} images of {size}×{size}, crop {crop}, batch {batch_size}, decoder {decoder}",
         f"torch {torch.__version__}; each worker uses one thread",
-        "img_s: wall clock (loaders: from the first batch on, so worker start-up is left out); img_per_cpu_s: images "
-        "per CPU-second of this process and its finished workers (robust to other load on the machine); "
-        "img_per_worker_cpu_s: per CPU-second of the workers alone (the worker side)",
+        (
+            "img_s: wall clock (loaders: from the first batch on, so worker start-up is left out); img_per_cpu_s: "
+            "images per CPU-second of this process and its finished workers (robust to other load on the machine); "
+            "img_per_worker_cpu_s: per CPU-second of the workers alone (the worker side)"
+        ),
         f"feed: uint8 crops on {device} through alexrepro.feed, decoded in the workers or on {device}",
         "workers share the machine's cores with the training process and anything else running",
         f"each figure is the best of {rounds} rounds (the machine may be shared)",

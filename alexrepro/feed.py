@@ -38,7 +38,7 @@ def device_crops(batch: Batch, device: torch.device) -> torch.Tensor:
         images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)  # n × (3×H×W)
     offsets = batch.offsets.tolist()
     crop = crop or int(images[0].shape[1])  # uncropped evaluation: the whole (square) image
-    return torch.stack([image[:, y : y + crop, x : x + crop] for image, (y, x) in zip(images, offsets)])
+    return torch.stack([image[:, y : y + crop, x : x + crop] for image, (y, x) in zip(images, offsets, strict=True)])
 
 
 class DeviceFeed:

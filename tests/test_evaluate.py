@@ -103,7 +103,9 @@ def test_averaged_softmax_matches_a_manual_computation(data):
         views = TenCrop(CROP)(images[n].float())
         mean_views = TenCrop(CROP)(mean)
         with torch.no_grad():
-            softmaxes = [F.softmax(net.model(((v - m) * scale)[None]), dim=1)[0] for v, m in zip(views, mean_views)]
+            softmaxes = [
+                F.softmax(net.model(((v - m) * scale)[None]), dim=1)[0] for v, m in zip(views, mean_views, strict=True)
+            ]
             manual = sum(softmaxes) / 10
         torch.testing.assert_close(averaged[n], manual, rtol=1e-5, atol=1e-6)
 
@@ -114,7 +116,7 @@ def test_topk_error_matches_brute_force():
     labels = rng.integers(0, 20, size=300)
     for k in (1, 3, 5):
         wrong = 0
-        for row, label in zip(top, labels):
+        for row, label in zip(top, labels, strict=True):
             wrong += label not in list(row[:k])
         assert ev.topk_error(top, labels, k) == pytest.approx(wrong / 300)
 
@@ -198,7 +200,7 @@ def test_metrics_match_brute_force_over_every_image(evaluated, data):
     # Recompute every image's 10-crop and centre-crop top-5 directly from the shards.
     net = network(ckpt)
     wrong1 = 0
-    for sample, row in zip(iter_split(data[1], "val"), rows):
+    for sample, row in zip(iter_split(data[1], "val"), rows, strict=True):
         probs = net.ten_crop_probabilities(net.decode(sample.jpeg)[None])[0]
         assert probs.mean(0).topk(5).indices.tolist() == [int(row[f"class{j}"]) for j in range(1, 6)]
         wrong1 += int(probs[inference.CENTRE_VIEW].argmax()) != sample.label
@@ -211,7 +213,7 @@ def test_submission_lists_ilsvrc_ids_in_file_name_order(evaluated):
     lines = (out / "submission.txt").read_text().splitlines()
     assert len(lines) == VAL_IMAGES
     ids = {c.index: c.ilsvrc_id for c in tiny_classes()}
-    for line, row in zip(lines, rows):
+    for line, row in zip(lines, rows, strict=True):
         labels = line.split(" ")
         assert len(labels) == 5 and all(x.isdigit() for x in labels)
         assert [int(x) for x in labels] == [ids[int(row[f"class{j}"])] for j in range(1, 6)]

@@ -152,12 +152,12 @@ def test_paper_update_rule_matches_the_papers_formula_across_an_lr_change():
     grads = [torch.randn(4) for _ in range(6)]
     lrs = [0.1, 0.1, 0.1, 0.01, 0.01, 0.001]
     w_ref, v = torch.ones(4), torch.zeros(4)
-    for g, eps in zip(grads, lrs):
+    for g, eps in zip(grads, lrs, strict=True):
         v = 0.9 * v - 0.0005 * eps * w_ref - eps * g
         w_ref = w_ref + v
     w = torch.nn.Parameter(torch.ones(4))
     sgd = torch.optim.SGD([w], lr=lrs[0], momentum=0.9, weight_decay=0.0005)
-    for g, eps in zip(grads, lrs):
+    for g, eps in zip(grads, lrs, strict=True):
         apply_lr(sgd, eps, "paper")
         w.grad = g.clone()
         sgd.step()
