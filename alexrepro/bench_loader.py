@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -263,7 +264,7 @@ def bench_training(
     folder: Path,
     images: int = 51_200,
     workers: int = 8,
-    decode_on: str = "workers",
+    decode_on: Literal["workers", "device"] = "workers",
     device: str = "cuda",
     batch_size: int = 128,
     width: float = 1.0,

@@ -15,7 +15,7 @@ import pickle
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -33,7 +33,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
     with atomic_open(Path(path)) as handle:
         writer = _Writer(handle)
         try:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, writer)
+            # torch.save only calls write and flush on a file object; its stubs ask for a whole IO[bytes].
+            torch.save({"format": FORMAT, "version": VERSION, **state}, cast(IO[bytes], writer))
         except RuntimeError:
             # torch's zip writer turns a failed write (disk full, file size limit) into "unexpected pos …";
             # the OSError it swallowed says what happened.

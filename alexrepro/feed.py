@@ -79,5 +79,6 @@ class DeviceFeed:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(done)
             for tensor in (batch.inputs, batch.targets):
+                assert tensor is not None  # both set by __iter__ before the batch is handed on
                 tensor.record_stream(current)
         return batch

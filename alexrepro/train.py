@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -213,7 +213,7 @@ class Preprocess:
     eigval: torch.Tensor
     eigvec: torch.Tensor
     input_scale: float
-    lighting_scale: str
+    lighting_scale: Literal["eigval", "sqrt_eigval"]
     crop: int
     device: torch.device
     memory_format: torch.memory_format = torch.contiguous_format
@@ -515,7 +515,8 @@ def build_run(shards, out, config, manifest, normalization, stats, ranks, device
         torch.backends.cudnn.benchmark = True
     model = wrap_model(net, devices, ranks)
     if config.compile:
-        model = torch.compile(model)
+        # torch.compile returns an OptimizedModule (a Module) for a Module; its stubs only promise a callable.
+        model = cast(torch.nn.Module, torch.compile(model))
     optimizer = make_optimizer(net, config)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
     if cuda:
@@ -597,7 +598,7 @@ def stats_sha256(stats: Path) -> str:
 def start_position(run: Run, resume: bool) -> dict:
     """Where training starts: from scratch, or where checkpoint-last.pt left off (weights, optimizer, schedule)."""
     last = run.out / LAST
-    fresh = {"epoch": 0, "step": 0, "sums": None, "history": [], "schedule": LrSchedule(run.config.lr)}
+    fresh: dict[str, Any] = {"epoch": 0, "step": 0, "sums": None, "history": [], "schedule": LrSchedule(run.config.lr)}
     if not resume:
         if last.exists():
             raise OutputExistsError(
@@ -683,6 +684,7 @@ def train_step(run: Run, batch: Batch, epoch: int, sums: Sums) -> torch.Tensor:
     """Forward, backward and one SGD step on this rank's share of a global batch; returns the share's loss sum."""
     torch.manual_seed(step_seed(run.config.seed, epoch, batch.step, run.ranks.rank))  # dropout masks
     x, labels = batch.inputs, batch.targets  # preprocessed on the device by alexrepro.feed
+    assert x is not None and labels is not None
     with run.autocast():
         logits = run.model(x)
     losses = F.cross_entropy(logits.float(), labels, reduction="none")
@@ -763,6 +765,7 @@ def validate(run: Run) -> tuple[float, float, float]:
     run.progress.start("validate", -(-expected // config.batch_size), unit="step")
     for batch in DeviceFeed(loader, lambda batch: run.preprocess(batch, train=False), device):
         x, labels = batch.inputs, batch.targets
+        assert x is not None and labels is not None  # set by DeviceFeed
         with run.autocast():
             logits = run.net(x)  # not the DDP wrapper: no gradient sync in evaluation
         sums.add(logits.float(), labels, F.cross_entropy(logits.float(), labels, reduction="sum"))
