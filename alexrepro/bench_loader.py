@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -47,17 +48,22 @@ def bench_loader(
         jpegs = _jpegs(folder, manifest, images)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        measures = [
-            lambda: _per_image("Pillow decode only (1 core)", jpegs, decode_pil),
-            lambda: _per_image("torchvision decode only (1 core)", jpegs, _plain_decode_jpeg()),
-            lambda: _per_image("decode + crop + flip + to-tensor (1 core)", jpegs, _crop_flip(crop)),
-            lambda: _index_cost(folder, manifest),
-        ] + [
-            lambda n=n: _loader_row(folder, manifest, crop, batch_size, n, decoder, seed) for n in sorted({0, 1, workers})
-        ] + [
-            lambda on=on: _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, on, device)
-            for on in ("workers", "device")
-        ]
+        measures = (
+            [
+                lambda: _per_image("Pillow decode only (1 core)", jpegs, decode_pil),
+                lambda: _per_image("torchvision decode only (1 core)", jpegs, _plain_decode_jpeg()),
+                lambda: _per_image("decode + crop + flip + to-tensor (1 core)", jpegs, _crop_flip(crop)),
+                lambda: _index_cost(folder, manifest),
+            ]
+            + [
+                lambda n=n: _loader_row(folder, manifest, crop, batch_size, n, decoder, seed)
+                for n in sorted({0, 1, workers})
+            ]
+            + [
+                lambda on=on: _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, on, device)
+                for on in ("workers", "device")
+            ]
+        )
         rows = [_best_of(measure, rounds) for measure in measures]
         torch.set_num_threads(threads)
     rate = {row["name"]: row["img_s"] for row in rows}
@@ -85,9 +91,11 @@ def bench_loader(
         machine_description(),
         f"{len(jpegs)} images of {size}×{size}, crop {crop}, batch {batch_size}, decoder {decoder}",
         f"torch {torch.__version__}; each worker uses one thread",
-        "img_s: wall clock (loaders: from the first batch on, so worker start-up is left out); img_per_cpu_s: images "
-        "per CPU-second of this process and its finished workers (robust to other load on the machine); "
-        "img_per_worker_cpu_s: per CPU-second of the workers alone (the worker side)",
+        (
+            "img_s: wall clock (loaders: from the first batch on, so worker start-up is left out); img_per_cpu_s: "
+            "images per CPU-second of this process and its finished workers (robust to other load on the machine); "
+            "img_per_worker_cpu_s: per CPU-second of the workers alone (the worker side)"
+        ),
         f"feed: uint8 crops on {device} through alexrepro.feed, decoded in the workers or on {device}",
         "workers share the machine's cores with the training process and anything else running",
         f"each figure is the best of {rounds} rounds (the machine may be shared)",
@@ -256,7 +264,7 @@ def bench_training(
     folder: Path,
     images: int = 51_200,
     workers: int = 8,
-    decode_on: str = "workers",
+    decode_on: Literal["workers", "device"] = "workers",
     device: str = "cuda",
     batch_size: int = 128,
     width: float = 1.0,

@@ -15,7 +15,7 @@ import pickle
 import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 import torch
 
@@ -33,7 +33,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
     with atomic_open(Path(path)) as handle:
         writer = _Writer(handle)
         try:
-            torch.save({"format": FORMAT, "version": VERSION, **state}, writer)
+            # torch.save only calls write and flush on a file object; its stubs ask for a whole IO[bytes].
+            torch.save({"format": FORMAT, "version": VERSION, **state}, cast(IO[bytes], writer))
         except RuntimeError:
             # torch's zip writer turns a failed write (disk full, file size limit) into "unexpected pos …";
             # the OSError it swallowed says what happened.
@@ -101,7 +102,12 @@ def check_entries(ckpt: dict, source: str) -> None:
         if value.dim() != dims or not torch.isfinite(value).all():
             fail(f"normalization.{name}", f"is not a finite {dims}-D tensor (shape {tuple(value.shape)})")
     side = norm["mean_image"].shape
-    if side[0] != side[1] or side[2] != 3 or tuple(norm["eigval"].shape) != (3,) or tuple(norm["eigvec"].shape) != (3, 3):
+    if (
+        side[0] != side[1]
+        or side[2] != 3
+        or tuple(norm["eigval"].shape) != (3,)
+        or tuple(norm["eigvec"].shape) != (3, 3)
+    ):
         fail("normalization", "does not hold an S×S×3 mean image with 3 RGB eigenpairs")
     scale = norm.get("input_scale")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:

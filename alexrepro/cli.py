@@ -835,8 +835,9 @@ def bench_train(
 def bench_loader(
     images: int = typer.Option(1500, help="Number of 256×256 shard images to stream."),
     workers: int = typer.Option(2, help="Loader worker processes (also measured with 1)."),
-    device: str = typer.Option("cpu", help="Device the feed rows bring the crops to (cpu, cuda), decoded in the "
-                               "workers or on it."),
+    device: str = typer.Option(
+        "cpu", help="Device the feed rows bring the crops to (cpu, cuda), decoded in the workers or on it."
+    ),
     as_json: bool = JsonOption,
 ) -> None:
     """Loader img/s per worker vs plain decode of the same shard JPEGs.

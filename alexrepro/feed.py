@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -38,7 +38,7 @@ def device_crops(batch: Batch, device: torch.device) -> torch.Tensor:
         images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)  # n × (3×H×W)
     offsets = batch.offsets.tolist()
     crop = crop or int(images[0].shape[1])  # uncropped evaluation: the whole (square) image
-    return torch.stack([image[:, y : y + crop, x : x + crop] for image, (y, x) in zip(images, offsets)])
+    return torch.stack([image[:, y : y + crop, x : x + crop] for image, (y, x) in zip(images, offsets, strict=True)])
 
 
 class DeviceFeed:
@@ -79,5 +79,6 @@ class DeviceFeed:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(done)
             for tensor in (batch.inputs, batch.targets):
+                assert tensor is not None  # both set by __iter__ before the batch is handed on
                 tensor.record_stream(current)
         return batch

@@ -35,9 +35,10 @@ import re
 import signal
 import warnings
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -116,7 +117,7 @@ class Batch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         if self.images is not None:  # pin the contiguous (channels-last) storage
             self.images = self.images.permute(0, 2, 3, 1).pin_memory().permute(0, 3, 1, 2)
             self.release()  # the pixels are copied out: the worker may refill its buffer
@@ -193,7 +194,7 @@ class ShardBatches(IterableDataset):
         self.decode_on = decode_on
         self._slots = SharedSlots()  # filled in each worker process (each has its own copy of the dataset)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | _Fault]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         sequence = global_sequence(self.index, self.seed, self.epoch, self.shuffle_buffer)
@@ -261,6 +262,7 @@ class ShardBatches(IterableDataset):
 
     def _decode_batch(self, files: ShardReader, sequence: np.ndarray, start: int, end: int, step: int, decode) -> Batch:
         crop = self.crop
+        assert crop is not None, "whole images go through _collate"
         images, slot = self._buffer((end - start, crop, crop, 3))  # n×crop×crop×3
         rows = images.numpy()  # numpy copies a strided crop 5× faster than Tensor.copy_ (4 vs 24 µs for 227²)
         items = []
@@ -347,8 +349,9 @@ class SharedSlots:
         if free is None:
             return _shared_empty(shape, torch.uint8), None
         free[0] = 1
-        flag = torch.empty(0, dtype=torch.uint8).set_(free, 0, (1,))
-        return torch.empty(0, dtype=torch.uint8).set_(free, self.HEADER, shape), flag
+        # torch accepts set_(storage, offset, size) (strides: contiguous); its stubs list only the 4-argument form.
+        flag = torch.empty(0, dtype=torch.uint8).set_(free, 0, (1,))  # type: ignore[call-overload]
+        return torch.empty(0, dtype=torch.uint8).set_(free, self.HEADER, shape), flag  # type: ignore[call-overload]
 
 
 def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -383,7 +386,12 @@ def split_index(shards: Path, manifest: Manifest, split: str) -> ShardIndex:
 
 
 def verified_index(
-    shards: Path, manifest: Manifest, split: str, stamp_dir: Path, workers: int, part: tuple[int, int] = (0, 1),
+    shards: Path,
+    manifest: Manifest,
+    split: str,
+    stamp_dir: Path,
+    workers: int,
+    part: tuple[int, int] = (0, 1),
     progress: Progress = NullProgress(),
 ) -> ShardIndex:
     """split_index, with the split's shards checked against the manifest's sha256 once per `stamp_dir` (the
@@ -468,7 +476,7 @@ def _loader(dataset: ShardBatches, workers: int, pin_memory: bool) -> DataLoader
     )
 
 
-def _identity(batch: Batch) -> Batch:
+def _identity(batch: Any) -> Any:  # DataLoader's stubs ask for a list (true only when it batches itself)
     return batch
 
 
@@ -497,7 +505,7 @@ class _BatchLoader(DataLoader):
         try:
             batches = super().__iter__()
         finally:
-            if can_block:
+            if previous is not None:  # can_block
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         if self.num_workers:
             _running.add(batches)

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +55,8 @@ from alexrepro.errors import (
     WorkerDiedError,
 )
 from alexrepro.feed import DeviceFeed, device_crops
-from alexrepro.locking import output_lock, reported_write_errors
 from alexrepro.loader import Augmentation, Batch, ShardIndex, train_loader, val_loader, verified_index, worker_death
+from alexrepro.locking import output_lock, reported_write_errors
 from alexrepro.progress import NullProgress, Progress
 from alexrepro.shards import Manifest, manifest_sha256, read_manifest, sha256_file
 from alexrepro.stats import check_stats_source
@@ -73,7 +73,16 @@ RESULT_FIELDS = ("train_loss", "train_top1_error", "train_top5_error", "val_loss
 
 # Settings that may change when a run is resumed: they decide how fast it runs, not what it computes.
 RESUMABLE_CHANGES = (
-    "epochs", "workers", "devices", "precision", "tf32", "channels_last", "compile", "log_every", "decoder", "decode_on",
+    "epochs",
+    "workers",
+    "devices",
+    "precision",
+    "tf32",
+    "channels_last",
+    "compile",
+    "log_every",
+    "decoder",
+    "decode_on",
 )
 
 
@@ -95,7 +104,11 @@ class TrainConfig:
     lr_patience: int = 3  # epochs without improvement before ÷10 (not given in the paper)
     lr_min_improvement: float = 0.001  # top-1 error (fraction) an epoch must gain to count as improving (not given)
     max_lr_drops: int = 3  # §5: "reduced three times prior to termination"
-    lr_milestones: tuple[int, ...] = (30, 60, 80)  # "step": ÷10 after these epochs (not in the paper: a fixed stand-in for plateaus)
+    lr_milestones: tuple[int, ...] = (
+        30,
+        60,
+        80,
+    )  # "step": ÷10 after these epochs (not in the paper: a fixed stand-in for plateaus)
     # The network (§3); see alexrepro.model.ModelConfig
     crop: int = 227  # §4.1 says 224; 227 makes conv1's arithmetic give 55×55 (REFERENCE.md §1)
     width: float = 1.0
@@ -112,7 +125,9 @@ class TrainConfig:
     flip: bool = True  # horizontal reflections
     pca_lighting: bool = True
     lighting_std: float = 0.1  # std of α
-    lighting_scale: Literal["eigval", "sqrt_eigval"] = "eigval"  # λ as a variance (§4.1 text) or its sqrt (cuda-convnet2)
+    lighting_scale: Literal["eigval", "sqrt_eigval"] = (
+        "eigval"  # λ as a variance (§4.1 text) or its sqrt (cuda-convnet2)
+    )
     input_scale: float = 1.0  # §2: raw mean-subtracted 0–255 values; smaller is a deviation for quick demos
     shuffle_buffer: int = 2000  # samples in the per-epoch shuffle buffer (not in the paper; shards are shuffled once)
     # Machinery (not from the paper)
@@ -198,7 +213,7 @@ class Preprocess:
     eigval: torch.Tensor
     eigvec: torch.Tensor
     input_scale: float
-    lighting_scale: str
+    lighting_scale: Literal["eigval", "sqrt_eigval"]
     crop: int
     device: torch.device
     memory_format: torch.memory_format = torch.contiguous_format
@@ -314,7 +329,7 @@ class StopRequest:
         self.signal: str | None = None
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -343,7 +358,7 @@ class Sums:
     wait: float = 0.0
 
     @classmethod
-    def zeros(cls, device: torch.device) -> "Sums":
+    def zeros(cls, device: torch.device) -> Sums:
         z = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
         return cls(z(), z(), z())
 
@@ -369,7 +384,7 @@ class Sums:
                 "images": self.images, "seconds": self.seconds, "wait": self.wait}  # fmt: skip
 
     @classmethod
-    def from_state(cls, state: dict, device: torch.device) -> "Sums":
+    def from_state(cls, state: dict, device: torch.device) -> Sums:
         t = lambda v: torch.tensor(float(v), dtype=torch.float64, device=device)  # noqa: E731
         return cls(t(state["loss"]), t(state["top1"]), t(state["top5"]), int(state["images"]),
                    float(state["seconds"]), float(state["wait"]))  # fmt: skip
@@ -481,7 +496,9 @@ def check_sizes(manifest: Manifest, normalization: dict, crop: int, stats: Path)
             "rerun `alexrepro stats` on these shards"
         )
     if crop > mean_side:
-        raise ConfigError(f"key 'crop' ({crop}) is larger than the {mean_side}×{mean_side} images; use a smaller --crop")
+        raise ConfigError(
+            f"key 'crop' ({crop}) is larger than the {mean_side}×{mean_side} images; use a smaller --crop"
+        )
 
 
 def build_run(shards, out, config, manifest, normalization, stats, ranks, devices, progress) -> Run:
@@ -498,7 +515,8 @@ def build_run(shards, out, config, manifest, normalization, stats, ranks, device
         torch.backends.cudnn.benchmark = True
     model = wrap_model(net, devices, ranks)
     if config.compile:
-        model = torch.compile(model)
+        # torch.compile returns an OptimizedModule (a Module) for a Module; its stubs only promise a callable.
+        model = cast(torch.nn.Module, torch.compile(model))
     optimizer = make_optimizer(net, config)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
     if cuda:
@@ -580,7 +598,7 @@ def stats_sha256(stats: Path) -> str:
 def start_position(run: Run, resume: bool) -> dict:
     """Where training starts: from scratch, or where checkpoint-last.pt left off (weights, optimizer, schedule)."""
     last = run.out / LAST
-    fresh = {"epoch": 0, "step": 0, "sums": None, "history": [], "schedule": LrSchedule(run.config.lr)}
+    fresh: dict[str, Any] = {"epoch": 0, "step": 0, "sums": None, "history": [], "schedule": LrSchedule(run.config.lr)}
     if not resume:
         if last.exists():
             raise OutputExistsError(
@@ -666,6 +684,7 @@ def train_step(run: Run, batch: Batch, epoch: int, sums: Sums) -> torch.Tensor:
     """Forward, backward and one SGD step on this rank's share of a global batch; returns the share's loss sum."""
     torch.manual_seed(step_seed(run.config.seed, epoch, batch.step, run.ranks.rank))  # dropout masks
     x, labels = batch.inputs, batch.targets  # preprocessed on the device by alexrepro.feed
+    assert x is not None and labels is not None
     with run.autocast():
         logits = run.model(x)
     losses = F.cross_entropy(logits.float(), labels, reduction="none")
@@ -746,6 +765,7 @@ def validate(run: Run) -> tuple[float, float, float]:
     run.progress.start("validate", -(-expected // config.batch_size), unit="step")
     for batch in DeviceFeed(loader, lambda batch: run.preprocess(batch, train=False), device):
         x, labels = batch.inputs, batch.targets
+        assert x is not None and labels is not None  # set by DeviceFeed
         with run.autocast():
             logits = run.net(x)  # not the DDP wrapper: no gradient sync in evaluation
         sums.add(logits.float(), labels, F.cross_entropy(logits.float(), labels, reduction="sum"))

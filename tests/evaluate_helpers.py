@@ -26,8 +26,12 @@ TRAIN_IMAGES = 20
 def tiny_classes(count: int = NUM_CLASSES, with_ids: bool = True) -> tuple[ClassInfo, ...]:
     # ILSVRC2012_IDs in an order that differs from the index order, as in the real devkit (REFERENCE.md §5).
     return tuple(
-        ClassInfo(index=i, wnid=f"n0{1000000 + i:07d}", ilsvrc_id=(count - i) if with_ids else None,
-                  name=f"thing {i}, object number {i}")
+        ClassInfo(
+            index=i,
+            wnid=f"n0{1000000 + i:07d}",
+            ilsvrc_id=(count - i) if with_ids else None,
+            name=f"thing {i}, object number {i}",
+        )
         for i in range(count)
     )
 
@@ -78,11 +82,21 @@ def tiny_checkpoint(shards: Path, classes: tuple[ClassInfo, ...] | None = None, 
     model = AlexNet(model_config)
     train_config = config_to_dict(TrainConfig())
     train_config.update(epochs=3, crop=CROP, width=0.125, towers=towers, init="he", lr=0.02)
-    switches = {key: train_config[key] for key in ("lrn", "overlap_pool", "towers", "dropout", "pca_lighting", "flip")
-                if key in train_config}
+    switches = {
+        key: train_config[key]
+        for key in ("lrn", "overlap_pool", "towers", "dropout", "pca_lighting", "flip")
+        if key in train_config
+    }
     history = [
-        {"epoch": e, "train_loss": 1.8 - 0.2 * e, "train_top1_error": 0.8 - 0.1 * e, "train_top5_error": 0.3 - 0.05 * e,
-         "val_top1_error": 0.82 - 0.1 * e, "val_top5_error": 0.35 - 0.05 * e, "lr": 0.02 if e < 3 else 0.002}
+        {
+            "epoch": e,
+            "train_loss": 1.8 - 0.2 * e,
+            "train_top1_error": 0.8 - 0.1 * e,
+            "train_top5_error": 0.3 - 0.05 * e,
+            "val_top1_error": 0.82 - 0.1 * e,
+            "val_top5_error": 0.35 - 0.05 * e,
+            "lr": 0.02 if e < 3 else 0.002,
+        }
         for e in (1, 2, 3)
     ]
     eigvec = torch.eye(3)
@@ -134,8 +148,9 @@ def evaluate_rank(rank: int, world: int, port: int, checkpoint: str, shards: str
     from alexrepro import evaluate as ev
     from alexrepro.progress import NullProgress
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     ev._write_report = lambda *args, **kwargs: None  # figures are tested elsewhere; here only ranks and counts
     config = ev.EvaluateConfig(batch_size=4, devices="cpu", workers=0)

@@ -12,12 +12,11 @@ import math
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from test_model import SMALL, assert_same_run, run
-from train_helpers import make_shards, make_stats
 
 from alexrepro.checkpoint import load_checkpoint
 from alexrepro.feed import DeviceFeed
@@ -26,6 +25,8 @@ from alexrepro.model import AlexNet, ModelConfig
 from alexrepro.progress import NullProgress
 from alexrepro.shards import read_manifest
 from alexrepro.train import TrainConfig, make_preprocess, normalization_from_stats, train
+from test_model import SMALL, assert_same_run, run
+from train_helpers import make_shards, make_stats
 
 pytestmark = [
     pytest.mark.cuda,
@@ -96,7 +97,7 @@ def test_feed_on_cuda_gives_the_cpu_input_in_bf16_channels_last(data, decode_on)
     loader = val_loader(shards, manifest, 64, 5, workers=2, pin_memory=True, decode_on=decode_on)
     fed = list(DeviceFeed(loader, lambda b: gpu(b, train=False), torch.device("cuda")))
     assert len(fed) == len(expected)
-    for batch, want in zip(fed, expected):
+    for batch, want in zip(fed, expected, strict=True):
         x = batch.inputs
         assert x.dtype == torch.bfloat16 and x.is_contiguous(memory_format=torch.channels_last)
         assert batch.targets.device.type == "cuda" and torch.equal(batch.targets.cpu(), batch.labels)
@@ -123,7 +124,7 @@ def test_compiled_model_matches_eager_on_cuda():
     out = compiled(x)
     grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
     torch.testing.assert_close(out, eager_out, rtol=1e-4, atol=1e-4)
-    for g, e in zip(grads, eager_grads):
+    for g, e in zip(grads, eager_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4)
 
 
@@ -194,7 +195,7 @@ def test_evaluation_on_cuda_agrees_with_the_cpu(data, tmp_path):
         loader = val_loader(shards, read_manifest(shards), config.crop, 5, workers=0, pin_memory=device == "cuda")
         out = []
         with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            for batch in DeviceFeed(loader, lambda b: pre(b, train=False), torch.device(device)):
+            for batch in DeviceFeed(loader, partial(pre, train=False), torch.device(device)):
                 out.append(net(batch.inputs).float().cpu())
         logits[device] = torch.cat(out)
     cpu, gpu = logits["cpu"], logits["cuda"]

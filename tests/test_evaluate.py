@@ -21,7 +21,15 @@ from alexrepro.loader import ordered_loader
 from alexrepro.progress import NullProgress
 from alexrepro.shards import ShardIndex, iter_split, read_manifest, write_manifest
 from evaluate_helpers import (
-    CROP, NUM_CLASSES, SIZE, VAL_IMAGES, evaluate_rank, free_port, save_tiny_checkpoint, tiny_checkpoint, tiny_classes,
+    CROP,
+    NUM_CLASSES,
+    SIZE,
+    VAL_IMAGES,
+    evaluate_rank,
+    free_port,
+    save_tiny_checkpoint,
+    tiny_checkpoint,
+    tiny_classes,
     write_tiny_shards,
 )
 
@@ -95,7 +103,9 @@ def test_averaged_softmax_matches_a_manual_computation(data):
         views = TenCrop(CROP)(images[n].float())
         mean_views = TenCrop(CROP)(mean)
         with torch.no_grad():
-            softmaxes = [F.softmax(net.model(((v - m) * scale)[None]), dim=1)[0] for v, m in zip(views, mean_views)]
+            softmaxes = [
+                F.softmax(net.model(((v - m) * scale)[None]), dim=1)[0] for v, m in zip(views, mean_views, strict=True)
+            ]
             manual = sum(softmaxes) / 10
         torch.testing.assert_close(averaged[n], manual, rtol=1e-5, atol=1e-6)
 
@@ -106,7 +116,7 @@ def test_topk_error_matches_brute_force():
     labels = rng.integers(0, 20, size=300)
     for k in (1, 3, 5):
         wrong = 0
-        for row, label in zip(top, labels):
+        for row, label in zip(top, labels, strict=True):
             wrong += label not in list(row[:k])
         assert ev.topk_error(top, labels, k) == pytest.approx(wrong / 300)
 
@@ -119,8 +129,12 @@ def test_running_nearest_matches_brute_force():
     images = torch.zeros(57, 3, 2, 2, dtype=torch.uint8)
     for start in range(0, 57, 8):  # batches of 8, the last one short
         end = min(start + 8, 57)
-        nearest.update(torch.from_numpy(features[start:end]), [f"k{i:03d}" for i in range(start, end)],
-                       list(range(start, end)), images[start:end])
+        nearest.update(
+            torch.from_numpy(features[start:end]),
+            [f"k{i:03d}" for i in range(start, end)],
+            list(range(start, end)),
+            images[start:end],
+        )
     distances = np.sqrt(((queries[:, None, :].astype(np.float64) - features[None]) ** 2).sum(-1))
     for q in range(5):
         expected = np.argsort(distances[q])[:6]
@@ -135,7 +149,9 @@ def test_readers_split_every_image_exactly_once(data):
     assert len(index.paths) == 3
     everything = [f"ILSVRC2012_val_{i + 1:08d}" for i in range(VAL_IMAGES)]
     for world, workers in ((1, 0), (2, 2), (3, 0), (5, 2), (7, 0)):  # more readers than shards share the shards
-        keys = [k for rank in range(world) for b in ordered_loader(index, None, 4, workers, rank, world) for k in b.keys]
+        keys = [
+            k for rank in range(world) for b in ordered_loader(index, None, 4, workers, rank, world) for k in b.keys
+        ]
         assert sorted(keys) == everything
     subset = ShardIndex.load(shards, manifest, "train").head(13)
     assert len(subset.paths) == 2 and sum(len(b.keys) for b in ordered_loader(subset, None, 4, 0)) == 13
@@ -184,7 +200,7 @@ def test_metrics_match_brute_force_over_every_image(evaluated, data):
     # Recompute every image's 10-crop and centre-crop top-5 directly from the shards.
     net = network(ckpt)
     wrong1 = 0
-    for sample, row in zip(iter_split(data[1], "val"), rows):
+    for sample, row in zip(iter_split(data[1], "val"), rows, strict=True):
         probs = net.ten_crop_probabilities(net.decode(sample.jpeg)[None])[0]
         assert probs.mean(0).topk(5).indices.tolist() == [int(row[f"class{j}"]) for j in range(1, 6)]
         wrong1 += int(probs[inference.CENTRE_VIEW].argmax()) != sample.label
@@ -197,7 +213,7 @@ def test_submission_lists_ilsvrc_ids_in_file_name_order(evaluated):
     lines = (out / "submission.txt").read_text().splitlines()
     assert len(lines) == VAL_IMAGES
     ids = {c.index: c.ilsvrc_id for c in tiny_classes()}
-    for line, row in zip(lines, rows):
+    for line, row in zip(lines, rows, strict=True):
         labels = line.split(" ")
         assert len(labels) == 5 and all(x.isdigit() for x in labels)
         assert [int(x) for x in labels] == [ids[int(row[f"class{j}"])] for j in range(1, 6)]
@@ -206,8 +222,13 @@ def test_submission_lists_ilsvrc_ids_in_file_name_order(evaluated):
 def test_submission_uses_class_indices_without_ilsvrc_ids(tmp_path):
     classes = tiny_classes(with_ids=False)
     manifest = replace(read_manifest_like(classes))
-    predictions = ev.Predictions(["b", "a"], np.array([0, 1]), np.array([[5, 4, 3, 2, 1], [0, 1, 2, 3, 4]]),
-                                 np.full((2, 5), 0.2, np.float32), np.zeros((2, 5), np.int64))
+    predictions = ev.Predictions(
+        ["b", "a"],
+        np.array([0, 1]),
+        np.array([[5, 4, 3, 2, 1], [0, 1, 2, 3, 4]]),
+        np.full((2, 5), 0.2, np.float32),
+        np.zeros((2, 5), np.int64),
+    )
     merged = ev.Predictions.merge([predictions])
     assert ev.write_submission(tmp_path / "s.txt", merged, manifest) == "class index"
     assert (tmp_path / "s.txt").read_text() == "0 1 2 3 4\n5 4 3 2 1\n"
@@ -221,11 +242,22 @@ def read_manifest_like(classes):
 
 def test_report_files_are_written(evaluated):
     result, out = evaluated
-    for path in (result.report_md, result.report_html, result.submission, result.predictions, out / "metrics.json",
-                 out / "per_class.csv"):
+    for path in (
+        result.report_md,
+        result.report_html,
+        result.submission,
+        result.predictions,
+        out / "metrics.json",
+        out / "per_class.csv",
+    ):
         assert path.is_file() and path.stat().st_size > 0
     assert sorted(p.name for p in (out / "figures").iterdir()) == [
-        "conv1.png", "curves.png", "examples.png", "neighbours.png", "per_class.png"]
+        "conv1.png",
+        "curves.png",
+        "examples.png",
+        "neighbours.png",
+        "per_class.png",
+    ]
 
 
 def test_neighbours_match_brute_force_fc7_distances(evaluated, data):
@@ -278,8 +310,9 @@ def test_checkpoint_classes_must_match_the_manifest(data, tmp_path):
 def test_two_tower_placement_gives_the_same_probabilities(data):
     *_, ckpt = data
     images = torch.randint(0, 256, (2, 3, SIZE, SIZE), dtype=torch.uint8)
-    torch.testing.assert_close(network(ckpt, ("cpu", "cpu")).ten_crop_probabilities(images),
-                               network(ckpt).ten_crop_probabilities(images))
+    torch.testing.assert_close(
+        network(ckpt, ("cpu", "cpu")).ten_crop_probabilities(images), network(ckpt).ten_crop_probabilities(images)
+    )
 
 
 def test_two_ranks_under_torchrun_agree_with_one_process(evaluated, data, tmp_path):
@@ -290,8 +323,10 @@ def test_two_ranks_under_torchrun_agree_with_one_process(evaluated, data, tmp_pa
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
     port = free_port()
-    procs = [context.Process(target=evaluate_rank, args=(r, 2, port, str(checkpoint), str(shards), str(tmp_path), queue))
-             for r in range(2)]
+    procs = [
+        context.Process(target=evaluate_rank, args=(r, 2, port, str(checkpoint), str(shards), str(tmp_path), queue))
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import jpeg_bytes as jpeg
-from train_helpers import make_stats, pattern_image
 
 import fixtures as fx
 from alexrepro.checkpoint import load_checkpoint
 from alexrepro.shards import ClassInfo, Manifest, Sample, SplitInfo, write_manifest, write_shard
+from conftest import jpeg_bytes as jpeg
+from train_helpers import make_stats, pattern_image
 
 pytestmark = pytest.mark.slow  # each test runs the command line a few times (seconds each)
 
@@ -126,7 +126,10 @@ def write_shards(out: Path, val_fault: tuple[str, object] | None = None) -> Path
             kind, value = val_fault
             bad = samples[2]
             samples[2] = Sample(bad.key, value, bad.label) if kind == "jpeg" else Sample(bad.key, bad.jpeg, value)
-        infos = [write_shard(out / f"{split}-{n:06d}.tar", samples[s : s + 10]) for n, s in enumerate(range(0, len(samples), 10))]
+        infos = [
+            write_shard(out / f"{split}-{n:06d}.tar", samples[s : s + 10])
+            for n, s in enumerate(range(0, len(samples), 10))
+        ]
         splits[split] = SplitInfo(count=len(samples), shards=tuple(infos))
     classes = tuple(ClassInfo(i, f"n{i:08d}", None, f"pattern {i}") for i in range(3))
     write_manifest(out, Manifest(settings={"size": 72, "quality": 90, "seed": 0}, classes=classes, splits=splits))
@@ -301,7 +304,9 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_last_good_checkpoint(d
     unchecked = hook(tmp_path / "hook", NO_START_CHECK)
     result = cli("train", *data, out, "--epochs", "2", "--workers", "0", "--quiet", "--resume", *TINY, hook=unchecked,
                  preexec_fn=_file_size_limit(size // 3))  # fmt: skip
-    line = ends_with_one_error(result, "checkpoint-last.pt", "cannot write", "EFBIG", "last good checkpoint", "--resume")
+    line = ends_with_one_error(
+        result, "checkpoint-last.pt", "cannot write", "EFBIG", "last good checkpoint", "--resume"
+    )
     assert "unexpected pos" not in line
     assert (out / "checkpoint-last.pt").read_bytes() == good
     assert leftovers(out) == []

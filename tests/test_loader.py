@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from itertools import pairwise
 
 import pytest
 import torch
-from train_helpers import make_shards
 
 from alexrepro.loader import Augmentation, EpochPlan, decode_torchvision, train_loader, val_loader
 from alexrepro.shards import iter_split
+from train_helpers import make_shards
 
 AUG = Augmentation(crop=64)
 
@@ -30,7 +31,7 @@ def test_epoch_plan_splits_each_global_batch_evenly():
     for step in range(plan[0].steps):
         shares = [p.rank_batch(step) for p in plan]
         assert shares[0][0] == plan[0].global_batch(step)[0] and shares[-1][1] == plan[0].global_batch(step)[1]
-        assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+        assert all(a[1] == b[0] for a, b in pairwise(shares))
     assert plan[0].steps == 4 and plan[0].global_batch(3) == (24, 27)
 
 
@@ -52,7 +53,9 @@ def test_split_does_not_change_the_global_batches(shards):
     """The ranks' shares at step k together are the single process's batch k, with the same crops."""
     out, manifest = shards
     single = list(train_loader(out, manifest, AUG, 8, seed=1, epoch=0, workers=0))
-    ranks = [list(train_loader(out, manifest, AUG, 8, seed=1, epoch=0, workers=2, rank=r, world_size=2)) for r in range(2)]
+    ranks = [
+        list(train_loader(out, manifest, AUG, 8, seed=1, epoch=0, workers=2, rank=r, world_size=2)) for r in range(2)
+    ]
     for k, batch in enumerate(single):
         assert batch.keys == ranks[0][k].keys + ranks[1][k].keys
         assert torch.equal(batch.images, torch.cat([ranks[0][k].images, ranks[1][k].images]))
@@ -62,7 +65,10 @@ def test_split_does_not_change_the_global_batches(shards):
 
 def test_order_is_seeded_per_epoch(shards):
     out, manifest = shards
-    order = lambda seed, epoch: [k for b in train_loader(out, manifest, AUG, 8, seed, epoch, 0) for k in b.keys]
+
+    def order(seed, epoch):
+        return [k for b in train_loader(out, manifest, AUG, 8, seed, epoch, 0) for k in b.keys]
+
     assert order(1, 0) == order(1, 0)
     assert order(1, 0) != order(1, 1)
     assert order(1, 0) != order(2, 0)
@@ -73,7 +79,7 @@ def test_resume_mid_epoch_sees_the_rest_of_the_epoch(shards):
     full = list(train_loader(out, manifest, AUG, 8, seed=1, epoch=3, workers=0))
     rest = list(train_loader(out, manifest, AUG, 8, seed=1, epoch=3, workers=2, start_step=2))
     assert [b.step for b in rest] == [2, 3]
-    assert all(torch.equal(a.images, b.images) and a.keys == b.keys for a, b in zip(full[2:], rest))
+    assert all(torch.equal(a.images, b.images) and a.keys == b.keys for a, b in zip(full[2:], rest, strict=True))
 
 
 def test_batches_are_uint8_crops_with_their_offsets(shards):
@@ -113,7 +119,9 @@ def test_shard_that_disagrees_with_the_manifest_is_refused(shards, tmp_path):
     out, manifest = shards
     train = manifest.split("train")
     wrong = dataclasses.replace(train.shards[0], count=train.shards[0].count + 1)
-    bad = dataclasses.replace(manifest, splits={**manifest.splits, "train": dataclasses.replace(train, shards=(wrong, *train.shards[1:]))})
+    bad = dataclasses.replace(
+        manifest, splits={**manifest.splits, "train": dataclasses.replace(train, shards=(wrong, *train.shards[1:]))}
+    )
     with pytest.raises(FormatError, match="rerun `alexrepro prepare`"):
         split_index(out, bad, "train")
 
@@ -143,7 +151,7 @@ def test_device_decoding_gives_the_workers_crops(shards, workers):
     decoded = list(train_loader(out, manifest, AUG, 8, seed=1, epoch=2, workers=0))
     read = list(train_loader(out, manifest, AUG, 8, seed=1, epoch=2, workers=workers, decode_on="device"))
     assert [b.step for b in read] == [b.step for b in decoded] == list(range(4))
-    for a, b in zip(decoded, read):
+    for a, b in zip(decoded, read, strict=True):
         assert b.images is None and b.jpegs.dtype == torch.uint8 and int(b.jpeg_sizes.sum()) == b.jpegs.numel()
         assert a.keys == b.keys and a.global_size == b.global_size
         for name in ("labels", "offsets", "flipped", "alphas"):
@@ -159,7 +167,9 @@ def test_device_decoding_of_uncropped_and_centre_cropped_val(shards):
         decoded = list(val_loader(out, manifest, crop, 5, workers=0))
         read = list(val_loader(out, manifest, crop, 5, workers=0, decode_on="device"))
         assert [b.keys for b in read] == [b.keys for b in decoded]
-        assert all(torch.equal(device_crops(b, torch.device("cpu")), a.images) for a, b in zip(decoded, read))
+        assert all(
+            torch.equal(device_crops(b, torch.device("cpu")), a.images) for a, b in zip(decoded, read, strict=True)
+        )
 
 
 def test_feed_prepares_each_batch_once_and_in_order(shards):
@@ -190,7 +200,7 @@ def test_released_buffers_are_reused_and_unreleased_ones_are_not_overwritten(sha
     out, manifest = shards
     reference = [b.images.clone() for b in train_loader(out, manifest, AUG, 4, seed=1, epoch=0, workers=0)]
     kept = list(train_loader(out, manifest, AUG, 4, seed=1, epoch=0, workers=1))  # 7 batches > the pool's 7 - 1
-    assert all(torch.equal(b.images, r) for b, r in zip(kept, reference)) and len(kept) == len(reference)
+    assert all(torch.equal(b.images, r) for b, r in zip(kept, reference, strict=True)) and len(kept) == len(reference)
     storages = set()
     for batch in train_loader(out, manifest, AUG, 4, seed=1, epoch=0, workers=1):
         assert torch.equal(batch.images, reference[batch.step])
@@ -202,11 +212,10 @@ def test_released_buffers_are_reused_and_unreleased_ones_are_not_overwritten(sha
 def test_training_with_device_decoding_matches_worker_decoding(tmp_path):
     """On the CPU, decode_on: device trains to the very same weights as decode_on: workers: it is a setting of
     speed, not of what is computed."""
-    from train_helpers import make_stats
-
     from alexrepro.checkpoint import load_checkpoint
     from alexrepro.progress import NullProgress
     from alexrepro.train import TrainConfig, train
+    from train_helpers import make_stats
 
     make_shards(tmp_path / "shards", classes=3, train_per_class=6, val_per_class=2, size=72, shard_size=10)
     make_stats(tmp_path / "shards", tmp_path / "stats")

@@ -38,7 +38,9 @@ def test_archives_are_indexed_in_place_and_labelled_by_the_devkit(tmp_path, tiny
     assert found.layout == "ilsvrc2012-archives"
     # Class index = sorted WNID position; the devkit's IDs (deliberately in another order) are kept beside it.
     assert [(c.index, c.wnid, c.ilsvrc_id) for c in found.classes] == [
-        (0, "n01000001", 2), (1, "n01000002", 3), (2, "n01000003", 1)
+        (0, "n01000001", 2),
+        (1, "n01000002", 3),
+        (2, "n01000003", 1),
     ]
     assert found.classes[0].name == "alpha, first class"
     assert labelled(found) == expected_labels(tiny)
@@ -113,7 +115,9 @@ def test_own_classes_imagefolder(tmp_path):
     found = find_source(fx.write_own_classes(tmp_path))
     assert found.layout == "imagefolder, val in class folders"
     assert [(c.index, c.wnid, c.ilsvrc_id, c.name) for c in found.classes] == [
-        (0, "Mango", None, "Mango"), (1, "apple", None, "apple"), (2, "zebra", None, "zebra")
+        (0, "Mango", None, "Mango"),
+        (1, "apple", None, "apple"),
+        (2, "zebra", None, "zebra"),
     ]
     val = {r.key: (r.label, r.path) for r in found.splits["val"]}
     assert val["apple_val_0"] == (1, "val/apple/sub/apple.val.0.png")  # nested folder; '.' gone from the key

@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import make_shards, make_stats
 
 from alexrepro.checkpoint import load_checkpoint, model_from_checkpoint
 from alexrepro.errors import ConfigError, OutputExistsError, TrainingError
 from alexrepro.progress import NullProgress
 from alexrepro.train import HISTORY_FIELDS, RESULT_FIELDS, TrainConfig, train
+from train_helpers import make_shards, make_stats
 
-
-TINY = dict(batch_size=8, crop=67, width=0.125, init="he", input_scale=1 / 64, lr=0.02, workers=0, devices="cpu", log_every=2)
+TINY = dict(
+    batch_size=8, crop=67, width=0.125, init="he", input_scale=1 / 64, lr=0.02, workers=0, devices="cpu", log_every=2
+)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,9 @@ except AlexReproError as exc:
 def test_sigterm_writes_a_checkpoint_that_resumes_exactly(two_epochs, data, tmp_path):
     out = tmp_path / "run"
     script = SCRIPT.format(tiny=TINY)
-    process = subprocess.Popen([sys.executable, "-c", script, *map(str, data), str(out)], stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, *map(str, data), str(out)], stderr=subprocess.PIPE, text=True
+    )
     try:
         _, stderr = process.communicate(timeout=120)
     finally:
@@ -149,12 +152,12 @@ def test_paper_update_rule_matches_the_papers_formula_across_an_lr_change():
     grads = [torch.randn(4) for _ in range(6)]
     lrs = [0.1, 0.1, 0.1, 0.01, 0.01, 0.001]
     w_ref, v = torch.ones(4), torch.zeros(4)
-    for g, eps in zip(grads, lrs):
+    for g, eps in zip(grads, lrs, strict=True):
         v = 0.9 * v - 0.0005 * eps * w_ref - eps * g
         w_ref = w_ref + v
     w = torch.nn.Parameter(torch.ones(4))
     sgd = torch.optim.SGD([w], lr=lrs[0], momentum=0.9, weight_decay=0.0005)
-    for g, eps in zip(grads, lrs):
+    for g, eps in zip(grads, lrs, strict=True):
         apply_lr(sgd, eps, "paper")
         w.grad = g.clone()
         sgd.step()
@@ -170,7 +173,9 @@ def test_plateau_schedule_divides_by_ten_and_stops_after_max_drops():
     lrs = [schedule.after_epoch(config, epoch + 1, error) for epoch, error in enumerate(errors)]
     assert lrs == pytest.approx([0.01, 0.01, 0.01, 0.001, 0.001, 0.001, 0.0001, 0.0001, 0.0001, 0.0001])
     step = TrainConfig(lr=0.01, lr_schedule="step", lr_milestones=(2, 4))
-    assert [LrSchedule(0.01).after_epoch(step, e, 0.5) for e in (1, 2, 3, 4)] == pytest.approx([0.01, 0.001, 0.001, 0.0001])
+    assert [LrSchedule(0.01).after_epoch(step, e, 0.5) for e in (1, 2, 3, 4)] == pytest.approx(
+        [0.01, 0.001, 0.001, 0.0001]
+    )
 
 
 @pytest.mark.cuda

@@ -59,7 +59,9 @@ def normalization_of(shards: Path, manifest: Manifest, input_scale: float) -> di
 
     from alexrepro.shards import iter_split
 
-    images = np.stack([np.asarray(Image.open(io.BytesIO(s.jpeg)).convert("RGB")) for s in iter_split(shards, "train", manifest)])
+    images = np.stack(
+        [np.asarray(Image.open(io.BytesIO(s.jpeg)).convert("RGB")) for s in iter_split(shards, "train", manifest)]
+    )
     pixels = images.reshape(-1, 3).astype(np.float64)
     eigval, eigvec = np.linalg.eigh(np.cov(pixels, rowvar=False))
     order = np.argsort(eigval)[::-1]
