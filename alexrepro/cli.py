@@ -881,9 +881,18 @@ def bench_scale(
             downloads = {parse_scale(d.partition("=")[0]): Path(d.partition("=")[2]) for d in download or []}
         except ValueError as exc:
             raise _error(f"--scales/--download: {exc}", 2) from None
-        report = run(fractions, work, classes=classes, steps=steps, workers=workers, log=log, progress_file=rows_out,
-                     downloads=downloads, kill_resume=kill_resume,
-                     only={s.strip() for s in only.split(",")} if only else None)
+        report = run(
+            fractions,
+            work,
+            classes=classes,
+            steps=steps,
+            workers=workers,
+            log=log,
+            progress_file=rows_out,
+            downloads=downloads,
+            kill_resume=kill_resume,
+            only={s.strip() for s in only.split(",")} if only else None,
+        )
     _print_bench(report, as_json)
     if markdown_out is not None:
         from alexrepro.atomic import atomic_write_text

@@ -282,8 +282,10 @@ def test_neighbour_scan_capped_by_default_takes_the_first_training_images_and_sa
     first = [s.key for s in iter_split(shards, "train")][:3]
     assert result.neighbours and all(set(found) <= set(first) for found in result.neighbours.values())
     train = read_manifest(shards).split("train").count
-    assert f"among the first 3 (in the shuffled shard order, so a random subset; neighbours_max_train: null scans " \
-           f"all) of the {train:,} training images" in (tmp_path / "out" / "report.md").read_text()
+    assert (
+        f"among the first 3 (in the shuffled shard order, so a random subset; neighbours_max_train: null scans "
+        f"all) of the {train:,} training images" in (tmp_path / "out" / "report.md").read_text()
+    )
 
 
 def test_manifest_count_mismatch_is_an_error(data, tmp_path):
