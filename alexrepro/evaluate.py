@@ -359,7 +359,8 @@ def _evaluate_locked(checkpoint: Path, shards: Path, out: Path, config: Evaluate
         report_html=out / "report.html",
         submission=out / "submission.txt",
         predictions=out / "predictions.csv",
-        neighbours={key: [n.key for n in found] for key, found in zip(query_keys, neighbours, strict=True)},
+        # `neighbours` is empty when the scan is off (neighbours_max_train: 0): then there are no rows.
+        neighbours={key: [n.key for n in found] for key, found in zip(query_keys, neighbours, strict=False)},
     )
     if ranks.rank != 0:
         return result
@@ -554,7 +555,7 @@ def _write_report(out, predictions, metrics, ckpt, manifest, images, examples, q
             query=report.Example(key=key, image=as_hwc(images[key]), label=int(predictions.labels[index[key]])),
             neighbours=[report.Example(n.key, as_hwc(n.image), n.label, distance=n.distance) for n in found],
         )
-        for key, found in zip(query_keys, neighbours, strict=True)
+        for key, found in zip(query_keys, neighbours, strict=False)  # no rows when the scan was off
     ]
     train_count = manifest.split("train").count if "train" in manifest.splits else 0
     limit = config.neighbours_max_train
