@@ -61,3 +61,12 @@ def pool_start_methods(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(workers, "ProcessPoolExecutor", Recording)
     return methods
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 matmuls and cuDNN convolutions without TF32 for one test (the CUDA comparisons with CPU results)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
