@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import shutil
 import statistics
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -320,10 +322,23 @@ def _absolute(paper: dict[int, Run]) -> str:
     return "; ".join(parts) + f" (seeds {', '.join(map(str, sorted(paper)))})."
 
 
+def dvc_executable() -> str:
+    """The `dvc` on PATH, else the one installed beside this interpreter (a venv run without activating it)."""
+    beside = Path(sys.executable).parent / "dvc"
+    found = shutil.which("dvc") or (str(beside) if beside.is_file() else None)
+    if found is None:
+        raise ClaimsError("dvc not found on PATH nor beside this Python; install it with: pip install -e '.[dvc]'")
+    return found
+
+
 def exp_show(repo: Path) -> list[dict]:
     """`dvc exp show --json` in `repo`."""
     result = subprocess.run(
-        ["dvc", "exp", "show", "--json", "--all-commits"], cwd=repo, capture_output=True, text=True, timeout=600
+        [dvc_executable(), "exp", "show", "--json", "--all-commits"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if result.returncode != 0:
         first = (result.stderr.strip().splitlines() or ["no output"])[-1]

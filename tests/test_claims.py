@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,3 +157,17 @@ def test_report_claims_section_marks_ablated_switches():
     assert set(rows) >= {"activation", "towers", "lrn", "overlap_pool", "pca_lighting", "dropout", "decay_biases"}
     assert rows["lrn"][2:4] == ["False", "True"] and rows["lrn"][5] == "ablated"
     assert rows["dropout_scaling"][5] == "ablated" and rows["activation"][5] == ""
+
+
+def test_dvc_is_found_beside_the_interpreter_when_not_on_path(monkeypatch):
+    # `.venv/bin/python -m pytest` without activating the venv: PATH lacks the venv's bin, where dvc is.
+    monkeypatch.setenv("PATH", "/nonexistent")
+    found = claims.dvc_executable()
+    assert found == str(Path(sys.executable).parent / "dvc")
+
+
+def test_a_missing_dvc_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(claims.sys, "executable", str(tmp_path / "python"))
+    result = CliRunner().invoke(app, ["claims", "--repo", str(tmp_path), "--output", str(tmp_path / "claims.md")])
+    assert result.exit_code == 1 and "dvc not found" in result.output and "pip install" in result.output
