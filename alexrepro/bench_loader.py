@@ -4,8 +4,10 @@ Baselines, on one core each: Pillow decode only, a plain `torchvision.io.decode_
 crop + flip + to-tensor (what any loader must do per image). Then the real training loader (alexrepro.loader: read by
 offset, shuffle buffer, per-rank/worker selection, decode, crop, batching into shared memory) with 0 workers
 (in-process), 1 worker and `workers` workers; for each, images per CPU-second of the whole (workers + the training
-process that receives the batches) and of the worker side alone. Loader rates are steady-state: timed from the first
-batch to the last, so worker start-up is left out. Then the feed to `device` (alexrepro.feed: pinned copies, uint8
+process that receives the batches) and of the worker side alone. Loader figures are steady state: img/s is timed
+from the first batch to the last, and each per-CPU-second figure is N / (CPU(epoch of 2N) − CPU(epoch of N)), so that
+what a worker pays once per epoch (the fork, its start, reading the index) cancels; that start-up is its own column,
+CPU-seconds per worker per epoch (at ILSVRC scale an epoch is 1.28 M images, at which it vanishes). Then the feed to `device` (alexrepro.feed: pinned copies, uint8
 crops on the device) with `workers` workers, for each `decode_on`: "device" times workers that only read plus a
 batched decode_jpeg on `device` (on the CPU: in the training process, one thread). Also measured: loading the
 member index that prepare persisted, paid once per run.
@@ -13,11 +15,13 @@ member index that prepare persisted, paid once per run.
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -36,15 +40,15 @@ def bench_loader(
     size: int = 256,
     batch_size: int = 128,
     decoder: str = "torchvision",
-    shards: Path | None = None,
     seed: int = 0,
-    rounds: int = 2,
+    rounds: int = 3,
     device: str = "cpu",
 ) -> BenchReport:
-    """Measure the loader on `images` synthetic photo-like shard JPEGs (or on the train split of `shards`)."""
+    """Measure the loader on `images` synthetic photo-like shard JPEGs (loaders also on twice as many)."""
     with tempfile.TemporaryDirectory(prefix="alexrepro-bench-loader-") as tmp:
-        folder = Path(shards) if shards else Path(tmp)
-        manifest = write_bench_shards(folder, images, size, seed) if shards is None else _read(folder)
+        folder, doubled = Path(tmp) / "once", Path(tmp) / "twice"
+        manifest = write_bench_shards(folder, images, size, seed)
+        epochs = _Epochs(folder, manifest, doubled, write_bench_shards(doubled, 2 * images, size, seed), images)
         jpegs = _jpegs(folder, manifest, images)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -55,23 +59,22 @@ def bench_loader(
                 lambda: _per_image("decode + crop + flip + to-tensor (1 core)", jpegs, _crop_flip(crop)),
                 lambda: _index_cost(folder, manifest),
             ]
-            + [
-                lambda n=n: _loader_row(folder, manifest, crop, batch_size, n, decoder, seed)
-                for n in sorted({0, 1, workers})
-            ]
+            + [lambda n=n: _loader_row(epochs, crop, batch_size, n, decoder, seed) for n in sorted({0, 1, workers})]
             + [
                 lambda on=on: _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, on, device)
                 for on in ("workers", "device")
             ]
         )
-        rows = [_best_of(measure, rounds) for measure in measures]
+        # Round-robin, so that a spell of load on a shared machine lands on every measure alike, not on one.
+        runs = [[measure() for measure in measures] for _ in range(max(rounds, 1))]
+        rows = [_best_of([run[i] for run in runs]) for i in range(len(measures))]
         torch.set_num_threads(threads)
     rate = {row["name"]: row["img_s"] for row in rows}
     per_cpu = {row["name"]: row["img_per_cpu_s"] for row in rows}
     loader_one = per_cpu[_loader_name(1)]
     worker_side = {row["name"]: row["img_per_worker_cpu_s"] for row in rows if "img_per_worker_cpu_s" in row}
     ratios = {
-        "worker side (read + decode + crop, uint8 out), 1 worker / torchvision decode, per CPU-second": worker_side[
+        "worker side (read + decode + crop, uint8 out), 1 worker, steady state / torchvision decode, per CPU-second": worker_side[
             _loader_name(1)
         ]
         / per_cpu["torchvision decode only (1 core)"],
@@ -96,6 +99,11 @@ def bench_loader(
             "images per CPU-second of this process and its finished workers (robust to other load on the machine); "
             "img_per_worker_cpu_s: per CPU-second of the workers alone (the worker side)"
         ),
+        (
+            f"training loaders, steady state: per-CPU-second figures are {len(jpegs)} / (CPU(epoch of "
+            f"{2 * len(jpegs)}) − CPU(epoch of {len(jpegs)})), the per-epoch start-up cancelled; worker_start_cpu_s: "
+            "that start-up, CPU-seconds per worker (the training process's own in-process)"
+        ),
         f"feed: uint8 crops on {device} through alexrepro.feed, decoded in the workers or on {device}",
         "workers share the machine's cores with the training process and anything else running",
         f"each figure is the best of {rounds} rounds (the machine may be shared)",
@@ -118,12 +126,6 @@ def write_bench_shards(folder: Path, images: int, size: int, seed: int) -> Manif
     return write_manifest(folder, manifest)
 
 
-def _read(folder: Path) -> Manifest:
-    from alexrepro.shards import read_manifest
-
-    return read_manifest(folder)
-
-
 def _jpegs(folder: Path, manifest: Manifest, limit: int) -> list[bytes]:
     from alexrepro.shards import iter_split
 
@@ -135,13 +137,14 @@ def _jpegs(folder: Path, manifest: Manifest, limit: int) -> list[bytes]:
     return out
 
 
-def _best_of(measure: Callable[[], dict], rounds: int) -> dict:
-    """The best of `rounds` runs, figure by figure (each is a lower bound of what the machine can do)."""
-    runs = [measure() for _ in range(max(rounds, 1))]
+def _best_of(runs: list[dict]) -> dict:
+    """The best of several runs of one measure, figure by figure (each is a lower bound of what the machine can do)."""
     best = dict(runs[0])
-    for key in ("img_s", "img_per_cpu_s", "img_s_per_worker", "img_per_worker_cpu_s"):
+    for key, best_of in (("img_s", max), ("img_per_cpu_s", max), ("img_s_per_worker", max),
+                         ("img_per_worker_cpu_s", max), ("worker_start_cpu_s", min)):  # fmt: skip
+        measured = [run[key] for run in runs if key in run and not math.isnan(run[key])]
         if key in best:
-            best[key] = max(run[key] for run in runs)
+            best[key] = best_of(measured) if measured else math.nan
     return best
 
 
@@ -200,29 +203,55 @@ def _loader_name(workers: int) -> str:
     return f"training loader, {workers} worker{'s' if workers != 1 else ''}" + (" (in-process)" if workers == 0 else "")
 
 
-def _loader_row(folder, manifest, crop, batch_size, workers, decoder, seed) -> dict:
+@dataclass(frozen=True)
+class _Epochs:
+    """The bench shards twice over: `images` images, and 2 × `images` (the same ones first) for steady-state figures."""
+
+    once: Path
+    once_manifest: Manifest
+    twice: Path
+    twice_manifest: Manifest
+    images: int
+
+
+def _loader_row(epochs: _Epochs, crop: int, batch_size: int, workers: int, decoder: str, seed: int) -> dict:
+    """One epoch of N and one of 2N through the training loader; the difference is the steady state."""
+    whole_n = _loader_epoch(epochs.once, epochs.once_manifest, crop, batch_size, workers, decoder, seed)
+    whole_2n = _loader_epoch(epochs.twice, epochs.twice_manifest, crop, batch_size, workers, decoder, seed)
+    n = epochs.images
+    side_n, side_2n = (whole["workers_cpu"] if workers else whole["main_cpu"] for whole in (whole_n, whole_2n))
+    total_n, total_2n = (whole["main_cpu"] + whole["workers_cpu"] for whole in (whole_n, whole_2n))
+    worker_rate = _rate(n, side_2n - side_n)
+    rate = whole_2n["img_s"]
+    return {"name": _loader_name(workers), "img_s": rate, "img_per_cpu_s": _rate(n, total_2n - total_n),
+            "workers": workers, "img_s_per_worker": rate / max(workers, 1), "img_per_worker_cpu_s": worker_rate,
+            "worker_start_cpu_s": (side_n - n / worker_rate) / max(workers, 1)}  # fmt: skip
+
+
+def _rate(images: int, seconds: float) -> float:
+    """images / seconds; nan where a difference of two runs is not positive (runs too short to time)."""
+    return images / seconds if seconds > 0 else math.nan
+
+
+def _loader_epoch(folder, manifest, crop, batch_size, workers, decoder, seed) -> dict:
+    """One epoch of the training loader: wall img/s from the first batch on, CPU of this process and of the workers."""
     loader = train_loader(
         folder, manifest, Augmentation(crop), batch_size, seed, 0, workers, shuffle_buffer=2000, decoder=decoder
     )
     first = None
-    count = total = 0
+    count = 0
     main, children = _cpu_seconds()
     for batch in loader:
-        total += len(batch)
         batch.release()  # as the training loop does once the batch is preprocessed: the worker reuses the buffer
         if first is None:
             first = time.perf_counter()  # steady state: from the first batch on
             continue
         count += len(batch)
-    seconds = time.perf_counter() - first if first is not None else float("nan")
+    seconds = time.perf_counter() - first if first is not None else math.nan
     del loader  # the workers have exited once the epoch ends; their CPU time is now counted
     main_after, children_after = _cpu_seconds()
-    main, children = main_after - main, children_after - children
-    rate = count / seconds if count else float("nan")
-    worker_cpu = children if workers else main
-    return {"name": _loader_name(workers), "img_s": rate, "img_per_cpu_s": total / (main + children),
-            "workers": workers, "img_s_per_worker": rate / max(workers, 1),
-            "img_per_worker_cpu_s": total / worker_cpu}  # fmt: skip
+    return {"img_s": count / seconds if count else math.nan, "main_cpu": main_after - main,
+            "workers_cpu": children_after - children}  # fmt: skip
 
 
 def _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, decode_on, device) -> dict:

@@ -30,7 +30,7 @@ import json
 import math
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,14 @@ from alexrepro.atomic import atomic_write_text
 from alexrepro.distributed import Ranks, distributed_ranks, ranks_from_env
 from alexrepro.errors import EvaluationError, WorkerDiedError
 from alexrepro.inference import CENTRE_VIEW, InferenceNetwork
-from alexrepro.loader import decode_sample, ordered_loader, split_index, verified_index, worker_death
+from alexrepro.loader import (
+    JpegDecoder,
+    decode_sample,
+    ordered_loader,
+    split_index,
+    verified_index,
+    worker_death,
+)
 from alexrepro.locking import output_lock
 from alexrepro.progress import Progress
 from alexrepro.shards import ShardIndex, ShardReader, sha256_file, verify_shards
@@ -250,9 +257,7 @@ def nearest_training_images(
     return [merge_nearest([g[q] for g in gathered], NEIGHBOURS) for q in range(len(queries))]
 
 
-def fetch_images(
-    index: ShardIndex, keys: Sequence[str], decode: Callable[[bytes], torch.Tensor]
-) -> dict[str, torch.Tensor]:
+def fetch_images(index: ShardIndex, keys: Sequence[str], decode: JpegDecoder) -> dict[str, torch.Tensor]:
     """Decode the samples named `keys`, found by the index and read by offset."""
     wanted = set(keys)
     with ShardReader(index) as reader:

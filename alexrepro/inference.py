@@ -108,7 +108,7 @@ class InferenceNetwork:
     def size(self) -> int:
         return self.patches.size
 
-    def decode(self, jpeg: bytes) -> torch.Tensor:
+    def decode(self, jpeg: bytes | memoryview) -> torch.Tensor:
         return DECODERS[self.decoder](jpeg)
 
     def _run(self, forward, x: torch.Tensor) -> torch.Tensor:

@@ -51,6 +51,7 @@ from alexrepro.shards import Manifest, ShardIndex, ShardReader, verify_shards
 
 Decoder = Literal["torchvision", "pil"]
 DecodeOn = Literal["workers", "device"]  # where the JPEGs are decoded (alexrepro.feed decodes on the device)
+JpegDecoder = Callable[[bytes | memoryview], torch.Tensor]  # JPEG bytes (or a view of a mapped shard) → 3×H×W uint8
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,8 @@ class ShardBatches(IterableDataset):
             raise ValueError(f"decode_on must be 'workers' or 'device', got {decode_on!r}")
         self.decode_on = decode_on
         self._slots = SharedSlots()  # filled in each worker process (each has its own copy of the dataset)
+        if decode_on == "workers":
+            load_decoder(decoder)
 
     def __iter__(self) -> Iterator[Batch | _Fault]:
         info = get_worker_info()
@@ -223,9 +226,9 @@ class ShardBatches(IterableDataset):
                     return
                 yield batch
 
-    def _load(self, files: ShardReader, sample: int, position: int, decode: Callable[[bytes], torch.Tensor]):
+    def _load(self, files: ShardReader, sample: int, position: int, decode: JpegDecoder):
         label = files.label(sample)  # checked against the manifest's classes
-        image = decode_sample(decode, files.jpeg(sample), self.index, sample)  # 3×H×W uint8
+        image = decode_sample(decode, files.jpeg_view(sample), self.index, sample)  # 3×H×W uint8
         if min(image.shape[1:]) < (self.crop or 0):
             raise FormatError(
                 f"{self.index.paths[self.index.shard[sample]]}: sample {self.index.key(sample)} is "
@@ -239,7 +242,7 @@ class ShardBatches(IterableDataset):
 
     def _read(self, files: ShardReader, sample: int, position: int):
         """decode_on="device": the JPEG bytes and the same view draws as `_load`, sized from the JPEG's header."""
-        data = files.jpeg(sample)
+        data = files.jpeg_view(sample)  # copied once, into the batch's buffer (_collate_jpegs)
         height, width = jpeg_size(data)
         crop, offset, flipped, alphas = self._view(position, height, width)
         return data, files.label(sample), offset, flipped, alphas, self.index.key(sample)
@@ -363,7 +366,7 @@ def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 
-def jpeg_size(data: bytes) -> tuple[int, int]:
+def jpeg_size(data: bytes | memoryview) -> tuple[int, int]:
     """(height, width) from a JPEG's start-of-frame header, without decoding (ITU-T T.81 §B.2.2)."""
     at = 2  # after the SOI marker
     while at + 9 <= len(data):
@@ -556,7 +559,7 @@ def worker_death(exc: BaseException) -> str | None:
     return None
 
 
-def decode_sample(decode: Callable[[bytes], torch.Tensor], data: bytes, index: ShardIndex, sample: int) -> torch.Tensor:
+def decode_sample(decode: JpegDecoder, data: bytes | memoryview, index: ShardIndex, sample: int) -> torch.Tensor:
     """`decode(data)` for sample `sample` of `index`; a JPEG the decoder refuses is a FormatError naming the shard and
     the key (torchvision raises RuntimeError, Pillow OSError or ValueError)."""
     try:
@@ -570,13 +573,28 @@ def decode_sample(decode: Callable[[bytes], torch.Tensor], data: bytes, index: S
         ) from None
 
 
-def _decoders() -> dict[str, Callable[[bytes], torch.Tensor]]:
+def _decoders() -> dict[str, JpegDecoder]:
     return {"torchvision": decode_torchvision, "pil": decode_pil}
 
 
-def decode_torchvision(data: bytes) -> torch.Tensor:
-    """libjpeg-turbo via torchvision: JPEG bytes → 3×H×W uint8 RGB (faster than PIL here; see bench_loader)."""
-    return _jpeg_op()(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+def load_decoder(decoder: Decoder) -> None:
+    """Import the decoder's library in this process, before the loader forks its workers.
+
+    A worker that imports torchvision (or Pillow) itself pays for it in every worker of every epoch: on two cores
+    about 0.1 CPU-second per worker per epoch, measured (docs/benchmarks.md "Loader"). Forked workers inherit it.
+    """
+    if decoder == "torchvision":
+        _jpeg_op()
+    else:
+        from PIL import Image  # noqa: F401  (imported for its side effect: loaded once, before the fork)
+
+
+def decode_torchvision(data: bytes | memoryview) -> torch.Tensor:
+    """libjpeg-turbo via torchvision: JPEG bytes → 3×H×W uint8 RGB (faster than PIL here; see bench_loader).
+    A writable view (ShardReader.jpeg_view) is decoded in place; bytes are copied, as torch wraps only writable
+    buffers without a warning."""
+    buffer = data if isinstance(data, memoryview) and not data.readonly else bytearray(data)
+    return _jpeg_op()(torch.frombuffer(buffer, dtype=torch.uint8))
 
 
 @functools.cache
@@ -600,7 +618,7 @@ def _jpeg_op() -> Callable[[torch.Tensor], torch.Tensor]:
     return wrapped
 
 
-def decode_pil(data: bytes) -> torch.Tensor:
+def decode_pil(data: bytes | memoryview) -> torch.Tensor:
     """Pillow (or Pillow-SIMD): JPEG bytes → 3×H×W uint8 RGB."""
     import io
 

@@ -15,6 +15,7 @@ from alexrepro.shards import (
     RejectedFile,
     Sample,
     ShardIndex,
+    ShardReader,
     SplitInfo,
     iter_shard,
     iter_split,
@@ -176,3 +177,15 @@ def test_verify_hashes_once_per_stamp_and_again_after_a_change(tmp_path):
         verify_shards(ShardIndex.load(shards, manifest, "train"), out, workers=1)
     # Two ranks share the hashing: each checks its own shards.
     assert [verify_shards(index, tmp_path / "ranks", 1, (r, 2)) for r in range(1)] == [1]
+
+
+def test_a_mapped_jpeg_is_the_read_one_and_a_shard_cut_after_indexing_is_one_line(tmp_path):
+    manifest = prepared(tmp_path)
+    index = ShardIndex.load(tmp_path, manifest, "train")
+    with ShardReader(index) as reader:
+        assert all(bytes(reader.jpeg_view(i)) == reader.jpeg(i) for i in range(len(index)))
+    path = tmp_path / "train-000000.tar"
+    path.write_bytes(path.read_bytes()[:700])  # cut after the index was read: only the reads can tell
+    assert index.shard[2] == 0  # the last sample of the first shard, beyond the cut
+    with ShardReader(index) as reader, pytest.raises(FormatError, match="train-000000.tar: truncated shard"):
+        reader.jpeg_view(2)
