@@ -29,7 +29,15 @@ import numpy as np
 import torch
 
 from alexrepro.bench_report import BenchReport, machine_description
-from alexrepro.loader import Augmentation, ShardIndex, decode_pil, train_loader
+from alexrepro.loader import (
+    Augmentation,
+    EpochSpec,
+    LoaderSettings,
+    ShardIndex,
+    decode_pil,
+    split_index,
+    train_loader,
+)
 from alexrepro.shards import ClassInfo, Manifest, Sample, SplitInfo, write_manifest, write_shard
 
 
@@ -236,7 +244,10 @@ def _rate(images: int, seconds: float) -> float:
 def _loader_epoch(folder, manifest, crop, batch_size, workers, decoder, seed) -> dict:
     """One epoch of the training loader: wall img/s from the first batch on, CPU of this process and of the workers."""
     loader = train_loader(
-        folder, manifest, Augmentation(crop), batch_size, seed, 0, workers, shuffle_buffer=2000, decoder=decoder
+        split_index(folder, manifest, "train"),
+        Augmentation(crop),
+        EpochSpec(seed, 0, shuffle_buffer=2000),
+        LoaderSettings(batch_size, workers, decoder=decoder),
     )
     first = None
     count = 0
@@ -261,9 +272,11 @@ def _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, decode
     device = torch.device(device)
     cuda = device.type == "cuda"
     loader = train_loader(
-        folder, manifest, Augmentation(crop), batch_size, seed, 0, workers, shuffle_buffer=2000, pin_memory=cuda,
-        decoder=decoder, decode_on=decode_on,
-    )  # fmt: skip
+        split_index(folder, manifest, "train"),
+        Augmentation(crop),
+        EpochSpec(seed, 0, shuffle_buffer=2000),
+        LoaderSettings(batch_size, workers, pin_memory=cuda, decoder=decoder, decode_on=decode_on),
+    )
 
     def crops(batch):
         return device_crops(batch, device) if batch.images is None else batch.images.to(device, non_blocking=True)

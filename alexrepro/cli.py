@@ -716,9 +716,7 @@ def predict(
 
     Example: alexrepro predict runs/train/checkpoint-best.pt cat.jpg dog.png --crops 1
     """
-    if crops not in (1, 10):
-        raise _error(f"--crops must be 1 or 10, got {crops}", 2)
-    with _stage(quiet=True):
+    with _stage(quiet=True):  # predict() checks --crops: a ConfigError, exit 2
         from alexrepro.predict import PredictionError
         from alexrepro.predict import predict as run_predict
 

@@ -46,6 +46,7 @@ from alexrepro.errors import EvaluationError, WorkerDiedError
 from alexrepro.inference import CENTRE_VIEW, InferenceNetwork
 from alexrepro.loader import (
     JpegDecoder,
+    LoaderSettings,
     decode_sample,
     ordered_loader,
     split_index,
@@ -113,16 +114,15 @@ def _all_gather(obj: Any, ranks: Ranks) -> list[Any]:
 
 def _loader(index: ShardIndex, ranks: Ranks, network: InferenceNetwork, config: EvaluateConfig) -> DataLoader:
     """Whole images of `index`, each exactly once across ranks and workers; `batch_size` images per rank batch."""
-    return ordered_loader(
-        index,
-        None,
+    settings = LoaderSettings(
         config.batch_size * ranks.world_size,
         _workers(config),
         ranks.rank,
         ranks.world_size,
-        network.device.type == "cuda",
-        network.decoder,
+        pin_memory=network.device.type == "cuda",
+        decoder=network.decoder,
     )
+    return ordered_loader(index, None, settings)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -89,6 +89,33 @@ class EpochPlan:
         return start + self.rank * size // self.world_size, start + (self.rank + 1) * size // self.world_size
 
 
+@dataclass(frozen=True)
+class EpochSpec:
+    """Which pass over a split to read: its order, keyed by (seed, epoch), and the step to start from (a resume)."""
+
+    seed: int
+    epoch: int  # 0-based
+    start_step: int = 0
+    shuffle_buffer: int = 2000  # samples in the shuffle buffer; 0: the shards' stored order
+
+
+STORED_ORDER = EpochSpec(seed=0, epoch=0, shuffle_buffer=0)  # evaluation: every sample once, as stored
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How a run reads its splits, the same in every epoch: the global batch, this rank's share of it, the worker
+    processes, and where the JPEGs are decoded."""
+
+    batch_size: int  # the global batch: all ranks' shares together
+    workers: int = 0  # DataLoader worker processes; 0 reads in the calling process
+    rank: int = 0
+    world_size: int = 1
+    pin_memory: bool = False  # page-locked batches, for non-blocking copies to a CUDA device
+    decoder: Decoder = "torchvision"
+    decode_on: DecodeOn = "workers"  # "device": workers only read; alexrepro.feed decodes the batch
+
+
 @dataclass
 class Batch:
     """One rank batch as the workers hand it over: uint8 crops (or the JPEG bytes) and where they came from.
@@ -173,10 +200,7 @@ class ShardBatches(IterableDataset):
         index: ShardIndex,
         plan: EpochPlan,
         augmentation: Augmentation | None,
-        seed: int,
-        epoch: int,
-        shuffle_buffer: int,
-        start_step: int = 0,
+        epoch: EpochSpec,
         decoder: Decoder = "torchvision",
         crop: int | None = None,
         decode_on: DecodeOn = "workers",
@@ -184,10 +208,7 @@ class ShardBatches(IterableDataset):
         self.index = index
         self.plan = plan
         self.augmentation = augmentation  # None: evaluation, the centre `crop` (or the whole image if crop is None)
-        self.seed = seed
         self.epoch = epoch
-        self.shuffle_buffer = shuffle_buffer  # 0: the shards' stored order
-        self.start_step = start_step
         self.decoder = decoder
         self.crop: int | None = augmentation.crop if augmentation else crop
         if decode_on not in ("workers", "device"):
@@ -200,10 +221,10 @@ class ShardBatches(IterableDataset):
     def __iter__(self) -> Iterator[Batch | _Fault]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        sequence = global_sequence(self.index, self.seed, self.epoch, self.shuffle_buffer)
+        sequence = global_sequence(self.index, self.epoch.seed, self.epoch.epoch, self.epoch.shuffle_buffer)
         decode = _decoders()[self.decoder]
         with ShardReader(self.index) as files:
-            for step in range(self.start_step, self.plan.steps):
+            for step in range(self.epoch.start_step, self.plan.steps):
                 if step % workers != worker:
                     continue
                 start, end = self.plan.rank_batch(step)
@@ -254,7 +275,8 @@ class ShardBatches(IterableDataset):
             crop = self.crop or height
             return crop, center_offset(height, crop), False, (0.0, 0.0, 0.0)
         crop = aug.crop
-        rng = random.Random(f"{self.seed}/{self.epoch}/{position}")  # per sample: independent of ranks, workers
+        # per sample: independent of ranks and workers
+        rng = random.Random(f"{self.epoch.seed}/{self.epoch.epoch}/{position}")
         if aug.random_crop:
             offset = (rng.randrange(height - crop + 1), rng.randrange(width - crop + 1))
         else:
@@ -405,75 +427,33 @@ def verified_index(
 
 
 def train_loader(
-    shards: Path,
-    manifest: Manifest,
-    augmentation: Augmentation,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    workers: int,
-    rank: int = 0,
-    world_size: int = 1,
-    shuffle_buffer: int = 2000,
-    start_step: int = 0,
-    pin_memory: bool = False,
-    decoder: Decoder = "torchvision",
-    index: ShardIndex | None = None,
-    decode_on: DecodeOn = "workers",
+    index: ShardIndex, augmentation: Augmentation, epoch: EpochSpec, settings: LoaderSettings
 ) -> DataLoader:
-    """The rank batches of train epoch `epoch` (0-based), from `start_step` on. `batch_size` is the global batch.
-    With `decode_on="device"` the batches hold JPEG bytes, for alexrepro.feed to decode on the device."""
-    index = index or split_index(shards, manifest, "train")
-    plan = EpochPlan(len(index), batch_size, rank, world_size)
-    dataset = ShardBatches(index, plan, augmentation, seed, epoch, shuffle_buffer, start_step, decoder, None, decode_on)
-    return _loader(dataset, workers, pin_memory)
+    """This rank's batches of training epoch `epoch`, from its `start_step` on (`index`: the train split's, see
+    split_index). With `decode_on="device"` the batches hold JPEG bytes, for alexrepro.feed to decode on the device."""
+    plan = EpochPlan(len(index), settings.batch_size, settings.rank, settings.world_size)
+    dataset = ShardBatches(index, plan, augmentation, epoch, settings.decoder, decode_on=settings.decode_on)
+    return _loader(dataset, settings)
 
 
-def val_loader(
-    shards: Path,
-    manifest: Manifest,
-    crop: int | None,
-    batch_size: int,
-    workers: int,
-    rank: int = 0,
-    world_size: int = 1,
-    pin_memory: bool = False,
-    decoder: Decoder = "torchvision",
-    index: ShardIndex | None = None,
-    decode_on: DecodeOn = "workers",
-) -> DataLoader:
-    """Every validation image exactly once, in manifest order, centre-cropped to `crop` (None: the whole image)."""
-    index = index or split_index(shards, manifest, "val")
-    return ordered_loader(index, crop, batch_size, workers, rank, world_size, pin_memory, decoder, decode_on)
+def ordered_loader(index: ShardIndex, crop: int | None, settings: LoaderSettings) -> DataLoader:
+    """Every sample of `index` exactly once across ranks, in stored order, centre-cropped to `crop` (None: whole):
+    validation in training, and evaluation."""
+    plan = EpochPlan(len(index), settings.batch_size, settings.rank, settings.world_size)
+    dataset = ShardBatches(index, plan, None, STORED_ORDER, settings.decoder, crop, settings.decode_on)
+    return _loader(dataset, settings)
 
 
-def ordered_loader(
-    index: ShardIndex,
-    crop: int | None,
-    batch_size: int,
-    workers: int,
-    rank: int = 0,
-    world_size: int = 1,
-    pin_memory: bool = False,
-    decoder: Decoder = "torchvision",
-    decode_on: DecodeOn = "workers",
-) -> DataLoader:
-    """Every sample of `index` exactly once across ranks, in stored order, centre-cropped to `crop` (None: whole)."""
-    plan = EpochPlan(len(index), batch_size, rank, world_size)
-    dataset = ShardBatches(index, plan, None, 0, 0, 0, 0, decoder, crop=crop, decode_on=decode_on)
-    return _loader(dataset, workers, pin_memory)
-
-
-def _loader(dataset: ShardBatches, workers: int, pin_memory: bool) -> DataLoader:
+def _loader(dataset: ShardBatches, settings: LoaderSettings) -> DataLoader:
     # batch_size=None: the workers already batch; each yields whole rank batches, which DataLoader passes through
     # in worker round-robin order, i.e. in step order.
     return _BatchLoader(
         dataset,
         batch_size=None,
-        num_workers=workers,
-        pin_memory=pin_memory,
+        num_workers=settings.workers,
+        pin_memory=settings.pin_memory,
         collate_fn=_identity,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=4 if settings.workers else None,
         persistent_workers=False,
         worker_init_fn=_worker_init,
     )

@@ -55,7 +55,17 @@ from alexrepro.errors import (
     WorkerDiedError,
 )
 from alexrepro.feed import DeviceFeed, device_crops
-from alexrepro.loader import Augmentation, Batch, ShardIndex, train_loader, val_loader, verified_index, worker_death
+from alexrepro.loader import (
+    Augmentation,
+    Batch,
+    EpochSpec,
+    LoaderSettings,
+    ShardIndex,
+    ordered_loader,
+    train_loader,
+    verified_index,
+    worker_death,
+)
 from alexrepro.locking import output_lock, reported_write_errors
 from alexrepro.progress import NullProgress, Progress
 from alexrepro.shards import Manifest, manifest_sha256, read_manifest, sha256_file
@@ -299,6 +309,18 @@ class LrSchedule:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class Position:
+    """Where a run stands: the epochs completed, how far the next one got (a checkpoint written mid-epoch: its steps
+    done and their running sums), the history rows so far and the learning-rate schedule."""
+
+    schedule: LrSchedule
+    epoch: int = 0  # epochs completed
+    step: int = 0  # steps of the next epoch already done
+    sums: dict | None = None  # Sums.to_state() of those steps
+    history: list[dict] = dataclasses.field(default_factory=list)
+
+
 def apply_lr(optimizer: torch.optim.SGD, lr: float, update_rule: str) -> None:
     """Set the learning rate. With the paper's rule, rescale the momentum buffers so the velocity carries over.
 
@@ -398,6 +420,15 @@ def step_seed(seed: int, epoch: int, step: int, rank: int) -> int:
 # --------------------------------------------------------------------------------------------------------- train
 
 
+@dataclass(frozen=True)
+class RunPaths:
+    """The folders of one training run: what it reads (shards, stats) and where it writes (out)."""
+
+    shards: Path
+    stats: Path
+    out: Path
+
+
 @dataclass
 class Run:
     """What stays fixed for one call of `train`: where things are, what runs where."""
@@ -407,15 +438,20 @@ class Run:
     config: TrainConfig
     manifest: Manifest
     indexes: dict[str, ShardIndex]  # "train", "val": where each sample lies in the shards, read once per run
+    loading: LoaderSettings  # how every epoch reads them: this rank's share, the workers, the decoder
     ranks: Ranks
     devices: list[torch.device]
     net: torch.nn.Module  # the AlexNet itself (its state_dict is what checkpoints hold)
     model: torch.nn.Module  # what the step calls: net, or DDP / torch.compile around it
     optimizer: torch.optim.SGD
     preprocess: Preprocess
-    autocast: Any  # a callable returning the autocast context (disabled on fp32)
+    bf16: bool  # forward passes under bf16 autocast (LRN and the loss stay fp32)
     base_state: dict  # the checkpoint entries that never change during the run
     progress: Progress
+
+    def autocast(self) -> torch.autocast:
+        """The forward pass's autocast context: bf16 when the run says so, else disabled (fp32)."""
+        return torch.autocast(device_type=self.devices[0].type, dtype=torch.bfloat16, enabled=self.bf16)
 
 
 def train(shards: Path, stats: Path, out: Path, config: TrainConfig, resume: bool, progress: Progress) -> TrainResult:
@@ -426,24 +462,26 @@ def train(shards: Path, stats: Path, out: Path, config: TrainConfig, resume: boo
     ranks = ranks_from_env()
     # One run per folder. Rank 0 alone holds the lock (every rank's exclusive lock would exclude its own job, and
     # shared locks would let two jobs in); a refused rank 0 exits and torchrun then stops the job's other ranks.
-    with output_lock(out, "train") if ranks.rank == 0 else contextlib.nullcontext():
-        return _train_locked(shards, stats, out, config, resume, ranks, progress)
+    paths = RunPaths(Path(shards), Path(stats), Path(out))
+    with output_lock(paths.out, "train") if ranks.rank == 0 else contextlib.nullcontext():
+        return _train_locked(paths, config, resume, progress)
 
 
-def _train_locked(shards, stats, out, config, resume, ranks, progress) -> TrainResult:
+def _train_locked(paths: RunPaths, config: TrainConfig, resume: bool, progress: Progress) -> TrainResult:
+    out = paths.out
     with distributed_ranks(config.devices, config.towers) as (ranks, devices):
         try:
             with reported_write_errors(out):
-                return _train(Path(shards), Path(stats), Path(out), config, resume, ranks, devices, progress)
+                return _train(paths, config, resume, ranks, devices, progress)
         except OutputWriteError as exc:  # a full disk, a read-only folder: say what is left to resume from
-            raise OutputWriteError(f"{exc}; {kept_checkpoint(Path(out))}") from None
+            raise OutputWriteError(f"{exc}; {kept_checkpoint(out)}") from None
         except RuntimeError as exc:
             died = worker_death(exc)
             if died is None:
                 raise
             raise WorkerDiedError(
                 f"a loader worker process died ({died}; on Linux most often the out-of-memory killer, see `dmesg`); "
-                f"{kept_checkpoint(Path(out))}; use fewer --workers or a smaller --batch-size if memory is short"
+                f"{kept_checkpoint(out)}; use fewer --workers or a smaller --batch-size if memory is short"
             ) from None
 
 
@@ -455,7 +493,15 @@ def kept_checkpoint(out: Path) -> str:
     return "no checkpoint was written: rerun the same command"
 
 
-def _train(shards, stats, out, config, resume, ranks, devices, progress) -> TrainResult:
+def _train(
+    paths: RunPaths,
+    config: TrainConfig,
+    resume: bool,
+    ranks: Ranks,
+    devices: list[torch.device],
+    progress: Progress,
+) -> TrainResult:
+    shards, stats, out = paths.shards, paths.stats, paths.out
     if ranks.is_main:
         for tmp in remove_stale_temporaries(out):  # a run killed while writing a checkpoint leaves its temporary
             progress.log(f"removed {tmp}, left by a run that was stopped while writing it")
@@ -464,27 +510,27 @@ def _train(shards, stats, out, config, resume, ranks, devices, progress) -> Trai
     normalization = normalization_from_stats(stats, config.input_scale)
     check_stats_source(stats, shards)  # normalised by statistics of these very shards
     check_sizes(manifest, normalization, config.crop, stats)
-    run = build_run(shards, out, config, manifest, normalization, stats, ranks, devices, progress)
+    run = build_run(paths, config, manifest, normalization, ranks, devices, progress)
     position = start_position(run, resume)
     if resume:
         run.progress.log(
-            f"resuming {out / LAST}: {position['epoch']} of {config.epochs} epochs done, continuing with epoch "
-            f"{position['epoch'] + 1} at step {position['step']}"
+            f"resuming {out / LAST}: {position.epoch} of {config.epochs} epochs done, continuing with epoch "
+            f"{position.epoch + 1} at step {position.step}"
         )
     if ranks.is_main:  # OUT can take a checkpoint now, not after an epoch's work
         check_room(out, checkpoint_bytes(run), missing=sum(not (out / name).exists() for name in (LAST, BEST)))
         # the resolved settings beside the run, as plain YAML (timm's args.yaml); also the first write into OUT
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
     with StopRequest() as stop:
-        for epoch in range(position["epoch"], config.epochs):
+        for epoch in range(position.epoch, config.epochs):
             sums = train_epoch(run, epoch, position, stop)
-            position["step"], position["sums"] = 0, None
+            position.step, position.sums = 0, None
             row = finish_epoch(run, epoch, sums, position)
-            position["epoch"] = epoch + 1
+            position.epoch = epoch + 1
             run.progress.log(epoch_line(row, config.epochs))
-    history = position["history"]
+    history = position.history
     best = min((r["val_top1_error"] for r in history), default=None)
-    return TrainResult(out, position["epoch"], history, best, out / LAST, out / BEST)
+    return TrainResult(out, position.epoch, history, best, out / LAST, out / BEST)
 
 
 def check_sizes(manifest: Manifest, normalization: dict, crop: int, stats: Path) -> None:
@@ -501,9 +547,18 @@ def check_sizes(manifest: Manifest, normalization: dict, crop: int, stats: Path)
         )
 
 
-def build_run(shards, out, config, manifest, normalization, stats, ranks, devices, progress) -> Run:
+def build_run(
+    paths: RunPaths,
+    config: TrainConfig,
+    manifest: Manifest,
+    normalization: dict,
+    ranks: Ranks,
+    devices: list[torch.device],
+    progress: Progress,
+) -> Run:
     from alexrepro.model import AlexNet
 
+    shards, out = paths.shards, paths.out
     cuda = devices[0].type == "cuda"
     torch.manual_seed(config.seed)  # the initial weights; DDP also broadcasts rank 0's at wrap time
     model_config = config.model_config(manifest.num_classes)
@@ -525,7 +580,7 @@ def build_run(shards, out, config, manifest, normalization, stats, ranks, device
         "model_config": config_to_dict(model_config),
         "train_config": config_to_dict(config),
         "classes": [dataclasses.asdict(c) for c in manifest.classes],
-        "data": {"manifest_sha256": manifest_sha256(shards), "stats_sha256": stats_sha256(stats)},
+        "data": {"manifest_sha256": manifest_sha256(shards), "stats_sha256": stats_sha256(paths.stats)},
         "normalization": normalization,
         "switches": config.switches(),
     }
@@ -533,11 +588,12 @@ def build_run(shards, out, config, manifest, normalization, stats, ranks, device
         shards=shards, out=out, config=config, manifest=manifest, ranks=ranks,
         indexes={split: verified_index(shards, manifest, split, out, config.workers, (ranks.rank, ranks.world_size),
                                        progress if ranks.is_main else NullProgress())
-                 for split in ("train", "val")}, devices=devices, net=net, model=model,
-        optimizer=optimizer,
+                 for split in ("train", "val")},
+        loading=LoaderSettings(config.batch_size, config.workers, ranks.rank, ranks.world_size, pin_memory=cuda,
+                               decoder=config.decoder, decode_on=config.decode_on),
+        devices=devices, net=net, model=model, optimizer=optimizer,
         preprocess=make_preprocess(normalization, config, devices[0], channels_last, input_dtype(bf16, devices)),
-        autocast=lambda: torch.autocast(device_type=devices[0].type, dtype=torch.bfloat16, enabled=bf16),
-        base_state=base_state, progress=progress if ranks.is_main else NullProgress(),
+        bf16=bf16, base_state=base_state, progress=progress if ranks.is_main else NullProgress(),
     )  # fmt: skip
 
 
@@ -595,10 +651,10 @@ def stats_sha256(stats: Path) -> str:
     return sha256_file(path) if path.is_file() else ""
 
 
-def start_position(run: Run, resume: bool) -> dict:
+def start_position(run: Run, resume: bool) -> Position:
     """Where training starts: from scratch, or where checkpoint-last.pt left off (weights, optimizer, schedule)."""
     last = run.out / LAST
-    fresh: dict[str, Any] = {"epoch": 0, "step": 0, "sums": None, "history": [], "schedule": LrSchedule(run.config.lr)}
+    fresh = Position(LrSchedule(run.config.lr))
     if not resume:
         if last.exists():
             raise OutputExistsError(
@@ -614,13 +670,13 @@ def start_position(run: Run, resume: bool) -> dict:
         run.optimizer.load_state_dict(ckpt["optimizer"])
         schedule = LrSchedule(**ckpt["scheduler"])
         partial = ckpt.get("position") or {}
-        return {
-            "epoch": int(ckpt["epoch"]),
-            "step": int(partial.get("step", 0)),
-            "sums": partial.get("sums"),
-            "history": list(ckpt["history"]),
-            "schedule": schedule,
-        }
+        return Position(
+            schedule,
+            epoch=int(ckpt["epoch"]),
+            step=int(partial.get("step", 0)),
+            sums=partial.get("sums"),
+            history=list(ckpt["history"]),
+        )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise FormatError(
             f"{last}: its optimizer, scheduler, history or position entry is missing or does not fit the model "
@@ -629,19 +685,16 @@ def start_position(run: Run, resume: bool) -> dict:
         ) from None
 
 
-def train_epoch(run: Run, epoch: int, position: dict, stop: StopRequest) -> Sums:
-    """One pass over the training set from `position["step"]`; returns the epoch's running sums."""
+def train_epoch(run: Run, epoch: int, position: Position, stop: StopRequest) -> Sums:
+    """One pass over the training set from `position.step`; returns the epoch's running sums."""
     config, ranks, device = run.config, run.ranks, run.devices[0]
-    loader = train_loader(
-        run.shards, run.manifest, config.augmentation(), config.batch_size, config.seed, epoch, config.workers,
-        ranks.rank, ranks.world_size, config.shuffle_buffer, position["step"], device.type == "cuda", config.decoder,
-        run.indexes["train"], config.decode_on,
-    )  # fmt: skip
+    order = EpochSpec(config.seed, epoch, position.step, config.shuffle_buffer)
+    loader = train_loader(run.indexes["train"], config.augmentation(), order, run.loading)
     batches = DeviceFeed(loader, lambda batch: run.preprocess(batch, train=True), device)  # one batch ahead
     steps = -(-run.manifest.split("train").count // config.batch_size)
-    sums = Sums.from_state(position["sums"], device) if position["sums"] else Sums.zeros(device)
+    sums = Sums.from_state(position.sums, device) if position.sums else Sums.zeros(device)
     run.model.train()
-    run.progress.start(f"epoch {epoch + 1}/{config.epochs}", steps - position["step"], unit="step")
+    run.progress.start(f"epoch {epoch + 1}/{config.epochs}", steps - position.step, unit="step")
     window = torch.zeros((), dtype=torch.float64, device=device)  # loss summed since the last read-out
     window_images = 0  # images (all ranks) in that sum
     loss_value: float | None = None  # shown as '—' until the first read-out
@@ -712,7 +765,7 @@ def read_loss(window: torch.Tensor, batch: Batch, run: Run, epoch: int) -> float
     return total
 
 
-def interrupt(run: Run, epoch: int, step: int, sums: Sums, position: dict, signal_name: str) -> None:
+def interrupt(run: Run, epoch: int, step: int, sums: Sums, position: Position, signal_name: str) -> None:
     """Write a mid-epoch checkpoint that --resume continues exactly, then stop."""
     path = run.out / LAST
     if run.ranks.is_main:
@@ -724,7 +777,7 @@ def interrupt(run: Run, epoch: int, step: int, sums: Sums, position: dict, signa
     )
 
 
-def finish_epoch(run: Run, epoch: int, sums: Sums, position: dict) -> dict:
+def finish_epoch(run: Run, epoch: int, sums: Sums, position: Position) -> dict:
     """Validate, step the schedule, write checkpoints and history (rank 0); return the history row."""
     train_loss, train_top1, train_top5, _ = sums.reduced(run.ranks)
     started = time.perf_counter()
@@ -737,11 +790,10 @@ def finish_epoch(run: Run, epoch: int, sums: Sums, position: dict) -> dict:
         "seconds": sums.seconds + time.perf_counter() - started,  # training (also before a resume) + validation
         "data_wait_fraction": sums.wait / max(sums.seconds, 1e-9),
     }  # fmt: skip
-    history = position["history"]
+    history = position.history
     best_before = min((r["val_top1_error"] for r in history), default=math.inf)
     history.append(row)
-    schedule: LrSchedule = position["schedule"]
-    apply_lr(run.optimizer, schedule.after_epoch(run.config, epoch + 1, val_top1), run.config.update_rule)
+    apply_lr(run.optimizer, position.schedule.after_epoch(run.config, epoch + 1, val_top1), run.config.update_rule)
     if run.ranks.is_main:
         state = checkpoint_state(run, epoch + 1, position, None)
         save_checkpoint(run.out / LAST, state)
@@ -755,10 +807,7 @@ def finish_epoch(run: Run, epoch: int, sums: Sums, position: dict) -> dict:
 def validate(run: Run) -> tuple[float, float, float]:
     """Centre-crop loss, top-1 and top-5 error over every validation image exactly once (all ranks together)."""
     config, ranks, device = run.config, run.ranks, run.devices[0]
-    loader = val_loader(
-        run.shards, run.manifest, config.crop, config.batch_size, config.workers, ranks.rank, ranks.world_size,
-        device.type == "cuda", config.decoder, run.indexes["val"], config.decode_on,
-    )  # fmt: skip
+    loader = ordered_loader(run.indexes["val"], config.crop, run.loading)
     expected = run.manifest.split("val").count
     sums = Sums.zeros(device)
     run.net.eval()
@@ -779,16 +828,16 @@ def validate(run: Run) -> tuple[float, float, float]:
     return loss, top1, top5
 
 
-def checkpoint_state(run: Run, epoch: int, position: dict, partial: dict | None) -> dict:
+def checkpoint_state(run: Run, epoch: int, position: Position, partial: dict | None) -> dict:
     """The checkpoint dict (alexrepro.checkpoint) for `epoch` completed epochs (+ `partial` of the next)."""
     return {
         **run.base_state,
         "epoch": epoch,
         "model": {k: v.detach().cpu() for k, v in run.net.state_dict().items()},
         "optimizer": _to_cpu(run.optimizer.state_dict()),
-        "scheduler": position["schedule"].state_dict(),
+        "scheduler": position.schedule.state_dict(),
         "rng": {"seed": run.config.seed, "scheme": "derived from (seed, epoch, step, rank) at each use"},
-        "history": list(position["history"]),
+        "history": list(position.history),
         "position": partial,
     }
 

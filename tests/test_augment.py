@@ -14,8 +14,8 @@ from alexrepro.augment import (
     pca_lighting,
     ten_crop_offsets,
 )
-from alexrepro.loader import Augmentation, train_loader
-from train_helpers import make_shards
+from alexrepro.loader import Augmentation
+from train_helpers import make_shards, train_batches
 
 
 def test_ten_crop_offsets_are_the_corners_then_the_centre():
@@ -30,14 +30,14 @@ def test_random_crops_cover_the_full_range_and_flip_half(tmp_path):
     aug = Augmentation(crop=36)  # 5 positions per axis
     offsets, flips = [], []
     for epoch in range(4):
-        for batch in train_loader(tmp_path, manifest, aug, 60, seed=0, epoch=epoch, workers=0):
+        for batch in train_batches(tmp_path, manifest, aug, 60, seed=0, epoch=epoch, workers=0):
             offsets.append(batch.offsets)
             flips.append(batch.flipped)
     offsets = torch.cat(offsets)
     assert set(offsets[:, 0].tolist()) == set(range(5)) and set(offsets[:, 1].tolist()) == set(range(5))
     assert 0.4 < torch.cat(flips).float().mean().item() < 0.6
     fixed = Augmentation(crop=36, random_crop=False, flip=False, lighting_std=0.0)
-    batch = next(iter(train_loader(tmp_path, manifest, fixed, 60, seed=0, epoch=0, workers=0)))
+    batch = next(iter(train_batches(tmp_path, manifest, fixed, 60, seed=0, epoch=0, workers=0)))
     assert (batch.offsets == 2).all() and not batch.flipped.any() and not batch.alphas.any()
 
 

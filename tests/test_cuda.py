@@ -20,13 +20,12 @@ import torch
 
 from alexrepro.checkpoint import load_checkpoint
 from alexrepro.feed import DeviceFeed
-from alexrepro.loader import val_loader
 from alexrepro.model import AlexNet, ModelConfig
 from alexrepro.progress import NullProgress
 from alexrepro.shards import read_manifest
 from alexrepro.train import TrainConfig, make_preprocess, normalization_from_stats, train
 from test_model import SMALL, assert_same_run, run
-from train_helpers import make_shards, make_stats
+from train_helpers import make_shards, make_stats, val_batches
 
 pytestmark = [
     pytest.mark.cuda,
@@ -85,8 +84,8 @@ def test_feed_on_cuda_gives_the_cpu_input_in_bf16_channels_last(data, decode_on)
     normalization = normalization_from_stats(stats, 1.0)
     cpu = make_preprocess(normalization, config, torch.device("cpu"), channels_last=False)
     gpu = make_preprocess(normalization, config, torch.device("cuda"), channels_last=True, dtype=torch.bfloat16)
-    expected = [cpu(b, train=False) for b in val_loader(shards, manifest, 64, 5, workers=0)]
-    loader = val_loader(shards, manifest, 64, 5, workers=2, pin_memory=True, decode_on=decode_on)
+    expected = [cpu(b, train=False) for b in val_batches(shards, manifest, 64, 5, workers=0)]
+    loader = val_batches(shards, manifest, 64, 5, workers=2, pin_memory=True, decode_on=decode_on)
     fed = list(DeviceFeed(loader, lambda b: gpu(b, train=False), torch.device("cuda")))
     assert len(fed) == len(expected)
     for batch, want in zip(fed, expected, strict=True):
@@ -184,7 +183,7 @@ def test_evaluation_on_cuda_agrees_with_the_cpu(data, tmp_path):
         net.load_state_dict(ckpt["model"])
         net.eval()
         pre = make_preprocess(ckpt["normalization"], config, torch.device(device), device == "cuda", dtype)
-        loader = val_loader(shards, read_manifest(shards), config.crop, 5, workers=0, pin_memory=device == "cuda")
+        loader = val_batches(shards, read_manifest(shards), config.crop, 5, workers=0, pin_memory=device == "cuda")
         out = []
         with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             for batch in DeviceFeed(loader, partial(pre, train=False), torch.device(device)):

@@ -17,7 +17,7 @@ from torchvision.transforms import TenCrop
 from alexrepro import evaluate as ev
 from alexrepro import inference
 from alexrepro.errors import EvaluationError, FormatError
-from alexrepro.loader import ordered_loader
+from alexrepro.loader import LoaderSettings, ordered_loader
 from alexrepro.progress import NullProgress
 from alexrepro.shards import ShardIndex, iter_split, read_manifest, write_manifest
 from evaluate_helpers import (
@@ -79,15 +79,15 @@ def test_mean_is_cut_like_the_image_and_mirrored_with_it(data):
 
 def test_centre_patch_is_what_training_validates_on(data):
     """Evaluation's 1-crop input equals the training loop's validation input, image for image."""
-    from alexrepro.loader import val_loader
     from alexrepro.train import TrainConfig, make_preprocess
+    from train_helpers import val_batches
 
     _, shards, _, ckpt = data
     net = network(ckpt)
     config = TrainConfig(crop=CROP, input_scale=ckpt["normalization"]["input_scale"])
     preprocess = make_preprocess(ckpt["normalization"], config, torch.device("cpu"), channels_last=False)
     val = {s.key: s for s in iter_split(shards, "val")}
-    for batch in val_loader(shards, read_manifest(shards), CROP, batch_size=5, workers=0):
+    for batch in val_batches(shards, read_manifest(shards), CROP, batch_size=5, workers=0):
         ours = net.patches.centre(torch.stack([net.decode(val[key].jpeg) for key in batch.keys]))
         torch.testing.assert_close(ours, preprocess(batch, train=False), rtol=0, atol=1e-6)
 
@@ -150,11 +150,14 @@ def test_readers_split_every_image_exactly_once(data):
     everything = [f"ILSVRC2012_val_{i + 1:08d}" for i in range(VAL_IMAGES)]
     for world, workers in ((1, 0), (2, 2), (3, 0), (5, 2), (7, 0)):  # more readers than shards share the shards
         keys = [
-            k for rank in range(world) for b in ordered_loader(index, None, 4, workers, rank, world) for k in b.keys
+            k
+            for rank in range(world)
+            for b in ordered_loader(index, None, LoaderSettings(4, workers, rank, world))
+            for k in b.keys
         ]
         assert sorted(keys) == everything
     subset = ShardIndex.load(shards, manifest, "train").head(13)
-    assert len(subset.paths) == 2 and sum(len(b.keys) for b in ordered_loader(subset, None, 4, 0)) == 13
+    assert len(subset.paths) == 2 and sum(len(b.keys) for b in ordered_loader(subset, None, LoaderSettings(4))) == 13
 
 
 # ---------------------------------------------------------------------------------------------------------------

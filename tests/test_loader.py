@@ -8,9 +8,9 @@ from itertools import pairwise
 import pytest
 import torch
 
-from alexrepro.loader import Augmentation, EpochPlan, decode_torchvision, train_loader, val_loader
+from alexrepro.loader import Augmentation, EpochPlan, decode_torchvision
 from alexrepro.shards import iter_split
-from train_helpers import make_shards
+from train_helpers import make_shards, train_batches, val_batches
 
 AUG = Augmentation(crop=64)
 
@@ -40,7 +40,7 @@ def test_train_epoch_covers_every_sample_once(shards, world, workers):
     out, manifest = shards
     all_keys = {s.key for s in iter_split(out, "train", manifest)}
     per_rank = [
-        keys_by_step(train_loader(out, manifest, AUG, 8, seed=1, epoch=0, workers=workers, rank=r, world_size=world))
+        keys_by_step(train_batches(out, manifest, AUG, 8, seed=1, epoch=0, workers=workers, rank=r, world_size=world))
         for r in range(world)
     ]
     seen = Counter(k for steps in per_rank for _, keys in steps for k in keys)
@@ -52,9 +52,9 @@ def test_train_epoch_covers_every_sample_once(shards, world, workers):
 def test_split_does_not_change_the_global_batches(shards):
     """The ranks' shares at step k together are the single process's batch k, with the same crops."""
     out, manifest = shards
-    single = list(train_loader(out, manifest, AUG, 8, seed=1, epoch=0, workers=0))
+    single = list(train_batches(out, manifest, AUG, 8, seed=1, epoch=0, workers=0))
     ranks = [
-        list(train_loader(out, manifest, AUG, 8, seed=1, epoch=0, workers=2, rank=r, world_size=2)) for r in range(2)
+        list(train_batches(out, manifest, AUG, 8, seed=1, epoch=0, workers=2, rank=r, world_size=2)) for r in range(2)
     ]
     for k, batch in enumerate(single):
         assert batch.keys == ranks[0][k].keys + ranks[1][k].keys
@@ -67,7 +67,7 @@ def test_order_is_seeded_per_epoch(shards):
     out, manifest = shards
 
     def order(seed, epoch):
-        return [k for b in train_loader(out, manifest, AUG, 8, seed, epoch, 0) for k in b.keys]
+        return [k for b in train_batches(out, manifest, AUG, 8, seed, epoch, 0) for k in b.keys]
 
     assert order(1, 0) == order(1, 0)
     assert order(1, 0) != order(1, 1)
@@ -76,15 +76,15 @@ def test_order_is_seeded_per_epoch(shards):
 
 def test_resume_mid_epoch_sees_the_rest_of_the_epoch(shards):
     out, manifest = shards
-    full = list(train_loader(out, manifest, AUG, 8, seed=1, epoch=3, workers=0))
-    rest = list(train_loader(out, manifest, AUG, 8, seed=1, epoch=3, workers=2, start_step=2))
+    full = list(train_batches(out, manifest, AUG, 8, seed=1, epoch=3, workers=0))
+    rest = list(train_batches(out, manifest, AUG, 8, seed=1, epoch=3, workers=2, start_step=2))
     assert [b.step for b in rest] == [2, 3]
     assert all(torch.equal(a.images, b.images) and a.keys == b.keys for a, b in zip(full[2:], rest, strict=True))
 
 
 def test_batches_are_uint8_crops_with_their_offsets(shards):
     out, manifest = shards
-    batch = next(iter(train_loader(out, manifest, AUG, 8, seed=1, epoch=0, workers=0)))
+    batch = next(iter(train_batches(out, manifest, AUG, 8, seed=1, epoch=0, workers=0)))
     assert batch.images.dtype == torch.uint8 and batch.images.shape == (8, 3, 64, 64)
     assert batch.offsets.shape == (8, 2) and int(batch.offsets.min()) >= 0 and int(batch.offsets.max()) <= 8
     assert batch.flipped.dtype == torch.bool and batch.alphas.shape == (8, 3)
@@ -94,7 +94,7 @@ def test_batches_are_uint8_crops_with_their_offsets(shards):
 def test_crops_match_the_full_image(shards):
     out, manifest = shards
     full = {s.key: decode_torchvision(s.jpeg) for s in iter_split(out, "train", manifest)}
-    batch = next(iter(train_loader(out, manifest, AUG, 27, seed=5, epoch=0, workers=0)))
+    batch = next(iter(train_batches(out, manifest, AUG, 27, seed=5, epoch=0, workers=0)))
     assert 0 < int(batch.flipped.sum()) < 27
     for i, key in enumerate(batch.keys):
         y, x = batch.offsets[i].tolist()
@@ -105,8 +105,8 @@ def test_crops_match_the_full_image(shards):
 def test_val_is_every_sample_once_in_order(shards):
     out, manifest = shards
     stored = [s.key for s in iter_split(out, "val", manifest)]
-    assert [k for b in val_loader(out, manifest, 64, 4, workers=2) for k in b.keys] == stored
-    two = [[k for b in val_loader(out, manifest, 64, 4, 0, rank=r, world_size=2) for k in b.keys] for r in range(2)]
+    assert [k for b in val_batches(out, manifest, 64, 4, workers=2) for k in b.keys] == stored
+    two = [[k for b in val_batches(out, manifest, 64, 4, 0, rank=r, world_size=2) for k in b.keys] for r in range(2)]
     assert sorted(two[0] + two[1]) == sorted(stored) and not set(two[0]) & set(two[1])
 
 
@@ -148,8 +148,8 @@ def test_device_decoding_gives_the_workers_crops(shards, workers):
 
     out, manifest = shards
     cpu = torch.device("cpu")
-    decoded = list(train_loader(out, manifest, AUG, 8, seed=1, epoch=2, workers=0))
-    read = list(train_loader(out, manifest, AUG, 8, seed=1, epoch=2, workers=workers, decode_on="device"))
+    decoded = list(train_batches(out, manifest, AUG, 8, seed=1, epoch=2, workers=0))
+    read = list(train_batches(out, manifest, AUG, 8, seed=1, epoch=2, workers=workers, decode_on="device"))
     assert [b.step for b in read] == [b.step for b in decoded] == list(range(4))
     for a, b in zip(decoded, read, strict=True):
         assert b.images is None and b.jpegs.dtype == torch.uint8 and int(b.jpeg_sizes.sum()) == b.jpegs.numel()
@@ -164,8 +164,8 @@ def test_device_decoding_of_uncropped_and_centre_cropped_val(shards):
 
     out, manifest = shards
     for crop in (None, 64):
-        decoded = list(val_loader(out, manifest, crop, 5, workers=0))
-        read = list(val_loader(out, manifest, crop, 5, workers=0, decode_on="device"))
+        decoded = list(val_batches(out, manifest, crop, 5, workers=0))
+        read = list(val_batches(out, manifest, crop, 5, workers=0, decode_on="device"))
         assert [b.keys for b in read] == [b.keys for b in decoded]
         assert all(
             torch.equal(device_crops(b, torch.device("cpu")), a.images) for a, b in zip(decoded, read, strict=True)
@@ -184,9 +184,9 @@ def test_feed_prepares_each_batch_once_and_in_order(shards):
         prepared.append(batch.step)
         return batch.images.float() + batch.step
 
-    expected = [b.images.float() + b.step for b in train_loader(out, manifest, AUG, 8, seed=1, epoch=0, workers=0)]
+    expected = [b.images.float() + b.step for b in train_batches(out, manifest, AUG, 8, seed=1, epoch=0, workers=0)]
     fed = []
-    for batch in DeviceFeed(train_loader(out, manifest, AUG, 8, seed=1, epoch=0, workers=2), prepare, "cpu"):
+    for batch in DeviceFeed(train_batches(out, manifest, AUG, 8, seed=1, epoch=0, workers=2), prepare, "cpu"):
         fed.append(batch.step)
         assert prepared[-1] == min(batch.step + 1, 3)  # the next batch is already prepared
         assert torch.equal(batch.inputs, expected[batch.step]) and torch.equal(batch.targets, batch.labels)
@@ -198,11 +198,11 @@ def test_released_buffers_are_reused_and_unreleased_ones_are_not_overwritten(sha
     """A worker refills a shared buffer only once the training process released it: batches kept without release
     keep their pixels (the test compares them after the epoch); released ones are recycled."""
     out, manifest = shards
-    reference = [b.images.clone() for b in train_loader(out, manifest, AUG, 4, seed=1, epoch=0, workers=0)]
-    kept = list(train_loader(out, manifest, AUG, 4, seed=1, epoch=0, workers=1))  # 7 batches > the pool's 7 - 1
+    reference = [b.images.clone() for b in train_batches(out, manifest, AUG, 4, seed=1, epoch=0, workers=0)]
+    kept = list(train_batches(out, manifest, AUG, 4, seed=1, epoch=0, workers=1))  # 7 batches > the pool's 7 - 1
     assert all(torch.equal(b.images, r) for b, r in zip(kept, reference, strict=True)) and len(kept) == len(reference)
     storages = set()
-    for batch in train_loader(out, manifest, AUG, 4, seed=1, epoch=0, workers=1):
+    for batch in train_batches(out, manifest, AUG, 4, seed=1, epoch=0, workers=1):
         assert torch.equal(batch.images, reference[batch.step])
         storages.add(batch.images.untyped_storage().data_ptr())
         batch.release()

@@ -103,3 +103,9 @@ def test_crops_must_be_one_or_ten(setup):
     root, checkpoint, _ = setup
     with pytest.raises(ConfigError, match="--crops must be 1"):
         predict(checkpoint, [root / "wide.png"], crops=5, device="cpu")
+
+
+def test_cli_refuses_other_crops_once_with_the_usage_exit_code(setup):
+    root, checkpoint, _ = setup
+    result = CliRunner().invoke(app, ["predict", str(checkpoint), str(root / "wide.png"), "--crops", "5"])
+    assert result.exit_code == 2 and result.output.count("--crops must be 1") == 1

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from alexrepro.loader import Augmentation, EpochSpec, LoaderSettings, ordered_loader, split_index, train_loader
 from alexrepro.shards import ClassInfo, Manifest, Sample
 from conftest import in_shards, jpeg_bytes, write_prepared
 
@@ -80,3 +81,16 @@ def make_stats(shards: Path, out: Path) -> Path:
 
     compute_stats(shards, out, StatsConfig(workers=1), NullProgress())
     return out
+
+
+def train_batches(shards: Path, manifest: Manifest, augmentation: Augmentation, batch_size: int, seed: int,
+                  epoch: int, workers: int = 0, start_step: int = 0, **settings):  # fmt: skip
+    """alexrepro.loader.train_loader over the train split of prepared `shards`; `settings`: LoaderSettings' rest."""
+    order = EpochSpec(seed, epoch, start_step)
+    return train_loader(split_index(shards, manifest, "train"), augmentation, order,
+                        LoaderSettings(batch_size, workers, **settings))  # fmt: skip
+
+
+def val_batches(shards: Path, manifest: Manifest, crop: int | None, batch_size: int, workers: int = 0, **settings):
+    """alexrepro.loader.ordered_loader over the val split of prepared `shards`, as training validates."""
+    return ordered_loader(split_index(shards, manifest, "val"), crop, LoaderSettings(batch_size, workers, **settings))
