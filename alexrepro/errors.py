@@ -51,6 +51,10 @@ class WorkerDiedError(AlexReproError):
     """A worker process died without reporting (killed by a signal, typically the out-of-memory killer)."""
 
 
+class DeviceMemoryError(AlexReproError):
+    """The GPU ran out of memory (torch.cuda.OutOfMemoryError): the batch, the model or both are too large for it."""
+
+
 _OBJECT_ADDRESS = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>|(?<=\w) object at 0x[0-9a-fA-F]+")
 
 

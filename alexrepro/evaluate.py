@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 from alexrepro import shards as shardlib
 from alexrepro.atomic import atomic_write_text
 from alexrepro.distributed import Ranks, distributed_ranks, ranks_from_env
-from alexrepro.errors import EvaluationError, WorkerDiedError
+from alexrepro.errors import DeviceMemoryError, EvaluationError, WorkerDiedError, exception_text
 from alexrepro.inference import CENTRE_VIEW, InferenceNetwork
 from alexrepro.loader import (
     JpegDecoder,
@@ -291,6 +291,11 @@ def evaluate(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, 
         with _stopped_by_signals(out):
             try:
                 return _evaluate_locked(checkpoint, shards, out, config, progress)
+            except torch.cuda.OutOfMemoryError as exc:  # before RuntimeError, its base class
+                raise DeviceMemoryError(
+                    f"out of GPU memory ({exception_text(exc, 200)}); {out / 'metrics.json'} was not written: "
+                    "rerun with a smaller --batch-size"
+                ) from None
             except RuntimeError as exc:
                 died = worker_death(exc)
                 if died is None:

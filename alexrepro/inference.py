@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from alexrepro.augment import center_offset, crop_mean, normalize, ten_crop_offsets
 from alexrepro.errors import EvaluationError, FormatError
 from alexrepro.loader import Decoder, decode_pil, decode_torchvision
+from alexrepro.model import set_tf32
 
 
 def ten_crop_views(images: torch.Tensor, crop: int) -> torch.Tensor:
@@ -99,6 +100,8 @@ class InferenceNetwork:
         # bf16 autocast and channels_last on CUDA, as training ran (DESIGN.md "Training"); softmax always in fp32.
         cuda = self.device.type == "cuda"
         self.bf16 = cuda and train.get("precision", "auto") != "fp32"
+        if cuda:  # fp32 layers (all of them at precision fp32) with TF32 only where training used it
+            set_tf32(bool(train.get("tf32", False)))
         self.memory_format = (
             torch.channels_last if cuda and train.get("channels_last", True) else torch.contiguous_format
         )

@@ -429,6 +429,13 @@ class AlexNet(nn.Module):
         return torch.cat([_weight(tower).detach().cpu() for tower in self.conv1.towers])
 
 
+def set_tf32(enabled: bool) -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions, on or off (cuDNN's default is on: fp32 must switch it off).
+    Training sets it from its `tf32` key; evaluation and predict as the checkpoint was trained."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters (60,965,224 for the paper's network at 1000 classes, REFERENCE.md §1)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

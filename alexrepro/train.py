@@ -48,11 +48,13 @@ from alexrepro.distributed import (
 )
 from alexrepro.errors import (
     ConfigError,
+    DeviceMemoryError,
     FormatError,
     OutputExistsError,
     OutputWriteError,
     TrainingError,
     WorkerDiedError,
+    exception_text,
 )
 from alexrepro.feed import DeviceFeed, device_crops
 from alexrepro.loader import (
@@ -475,6 +477,11 @@ def _train_locked(paths: RunPaths, config: TrainConfig, resume: bool, progress: 
                 return _train(paths, config, resume, ranks, devices, progress)
         except OutputWriteError as exc:  # a full disk, a read-only folder: say what is left to resume from
             raise OutputWriteError(f"{exc}; {kept_checkpoint(out)}") from None
+        except torch.cuda.OutOfMemoryError as exc:  # before RuntimeError, its base class
+            raise DeviceMemoryError(
+                f"out of GPU memory ({exception_text(exc, 200)}); {kept_checkpoint(out)}; resume with "
+                "--precision bf16, or train into a new folder with a smaller --batch-size or on more GPUs"
+            ) from None
         except RuntimeError as exc:
             died = worker_death(exc)
             if died is None:
@@ -556,7 +563,7 @@ def build_run(
     devices: list[torch.device],
     progress: Progress,
 ) -> Run:
-    from alexrepro.model import AlexNet
+    from alexrepro.model import AlexNet, set_tf32
 
     shards, out = paths.shards, paths.out
     cuda = devices[0].type == "cuda"
@@ -608,12 +615,6 @@ def make_optimizer(net: torch.nn.Module, config: TrainConfig) -> torch.optim.SGD
         {"params": biases, "weight_decay": config.weight_decay if config.decay_biases else 0.0},
     ]
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-
-
-def set_tf32(enabled: bool) -> None:
-    """TF32 for fp32 matmuls and cuDNN convolutions, on or off (cuDNN's default is on: fp32 must switch it off)."""
-    torch.backends.cuda.matmul.allow_tf32 = enabled
-    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def checkpoint_bytes(run: Run) -> int:

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -264,6 +265,41 @@ def test_loss_before_the_first_read_out_is_a_dash_not_nan():
     lines = stream.getvalue().splitlines()
     assert "loss —" in lines[0] and "nan" not in stream.getvalue()
     assert "loss 2.2500" in lines[1] and "100 img/s" in lines[1]
+
+
+def _out_of_gpu_memory(*_args, **_kwargs):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.00 GiB free.")
+
+
+def test_train_out_of_gpu_memory_is_one_line_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch):
+    import alexrepro.train
+
+    out = tmp_path / "run"
+    step = alexrepro.train.train_step
+    # epoch 1 runs and writes its checkpoint; the first step of epoch 2 runs out of memory
+    monkeypatch.setattr(alexrepro.train, "train_step",
+                        lambda run, batch, epoch, sums: (step if epoch == 0 else _out_of_gpu_memory)(run, batch, epoch, sums))  # fmt: skip
+    args = ["train", *map(str, tiny_data), str(out), *TRAIN_FLAGS, "--epochs", "2", "--quiet"]
+    result = runner.invoke(app, args)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.exit_code == 1 and "Traceback" not in result.stderr, result.stderr
+    assert last.startswith("error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB"), last
+    assert f"{out / 'checkpoint-last.pt'} is kept" in last and "--batch-size" in last
+    assert (out / "checkpoint-last.pt").is_file()
+
+
+def test_evaluate_out_of_gpu_memory_is_one_line_and_writes_no_metrics(tmp_path, monkeypatch):
+    from alexrepro.inference import InferenceNetwork
+    from evaluate_helpers import save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
+
+    write_tiny_shards(tmp_path / "shards")
+    checkpoint = save_tiny_checkpoint(tmp_path / "c.pt", tiny_checkpoint(tmp_path / "shards"))
+    monkeypatch.setattr(InferenceNetwork, "ten_crop_probabilities", _out_of_gpu_memory)
+    result = runner.invoke(app, ["evaluate", str(checkpoint), str(tmp_path / "shards"), str(tmp_path / "r"), "--quiet"])
+    assert result.exit_code == 1
+    line = one_line_error(result)
+    assert line.startswith("error: out of GPU memory (CUDA out of memory") and "--batch-size" in line
+    assert not (tmp_path / "r" / "metrics.json").exists()
 
 
 def test_sigint_exits_130_and_resume_says_where_it_continues(tiny_data, tmp_path):

@@ -196,3 +196,20 @@ def test_evaluation_on_cuda_agrees_with_the_cpu(data, tmp_path):
     top2 = cpu.topk(2, dim=1).values
     clear = (top2[:, 0] - top2[:, 1]) > 2 * tolerance
     assert clear.sum() > 0 and torch.equal(gpu.argmax(1)[clear], cpu.argmax(1)[clear])
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_evaluation_computes_as_training_did_without_or_with_tf32(data, tf32):
+    """cuDNN's default is TF32 on: a network trained at tf32 false must be evaluated without it."""
+    from alexrepro.inference import InferenceNetwork
+    from evaluate_helpers import tiny_checkpoint
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not tf32
+        ckpt = tiny_checkpoint(data[0])
+        ckpt["train_config"] = {**ckpt["train_config"], "tf32": tf32}
+        InferenceNetwork(ckpt, ["cuda"])
+        assert torch.backends.cudnn.allow_tf32 is tf32 and torch.backends.cuda.matmul.allow_tf32 is tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
