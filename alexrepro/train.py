@@ -347,10 +347,18 @@ def apply_lr(optimizer: torch.optim.SGD, lr: float, update_rule: str) -> None:
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, writes a checkpoint and stops."""
+    """SIGTERM and SIGINT (a scheduler, Ctrl-C), in two phases.
 
-    def __init__(self):
+    While the run sets up (reading the index, hashing the shards once per run folder, building the model: minutes
+    at the full count) there is nothing new to save: a signal stops it at once, as one line that says what is kept.
+    Once training has begun (`begin_training`), a signal sets a flag; the loop finishes its step, writes a
+    checkpoint and stops.
+    """
+
+    def __init__(self, out: Path):
+        self.out = out
         self.signal: str | None = None
+        self.training = False
         self._previous: dict = {}
 
     def __enter__(self) -> StopRequest:
@@ -363,8 +371,16 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def begin_training(self) -> None:
+        self.training = True
+
     def _handle(self, signum, _frame) -> None:
-        self.signal = signal.Signals(signum).name
+        name = signal.Signals(signum).name
+        if self.training or self.signal is not None:  # training: the loop stops; set-up: already unwinding
+            self.signal = self.signal or name
+            return
+        self.signal = name
+        raise TrainingError(f"stopped by {name} while setting up, before the first step; {kept_checkpoint(self.out)}")
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
@@ -465,16 +481,19 @@ def train(shards: Path, stats: Path, out: Path, config: TrainConfig, resume: boo
     # One run per folder. Rank 0 alone holds the lock (every rank's exclusive lock would exclude its own job, and
     # shared locks would let two jobs in); a refused rank 0 exits and torchrun then stops the job's other ranks.
     paths = RunPaths(Path(shards), Path(stats), Path(out))
-    with output_lock(paths.out, "train") if ranks.rank == 0 else contextlib.nullcontext():
-        return _train_locked(paths, config, resume, progress)
+    with StopRequest(paths.out) as stop:
+        with output_lock(paths.out, "train") if ranks.rank == 0 else contextlib.nullcontext():
+            return _train_locked(paths, config, resume, progress, stop)
 
 
-def _train_locked(paths: RunPaths, config: TrainConfig, resume: bool, progress: Progress) -> TrainResult:
+def _train_locked(
+    paths: RunPaths, config: TrainConfig, resume: bool, progress: Progress, stop: StopRequest
+) -> TrainResult:
     out = paths.out
     with distributed_ranks(config.devices, config.towers) as (ranks, devices):
         try:
             with reported_write_errors(out):
-                return _train(paths, config, resume, ranks, devices, progress)
+                return _train(paths, config, resume, ranks, devices, progress, stop)
         except OutputWriteError as exc:  # a full disk, a read-only folder: say what is left to resume from
             raise OutputWriteError(f"{exc}; {kept_checkpoint(out)}") from None
         except torch.cuda.OutOfMemoryError as exc:  # before RuntimeError, its base class
@@ -507,6 +526,7 @@ def _train(
     ranks: Ranks,
     devices: list[torch.device],
     progress: Progress,
+    stop: StopRequest,
 ) -> TrainResult:
     shards, stats, out = paths.shards, paths.stats, paths.out
     if ranks.is_main:
@@ -528,13 +548,13 @@ def _train(
         check_room(out, checkpoint_bytes(run), missing=sum(not (out / name).exists() for name in (LAST, BEST)))
         # the resolved settings beside the run, as plain YAML (timm's args.yaml); also the first write into OUT
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    with StopRequest() as stop:
-        for epoch in range(position.epoch, config.epochs):
-            sums = train_epoch(run, epoch, position, stop)
-            position.step, position.sums = 0, None
-            row = finish_epoch(run, epoch, sums, position)
-            position.epoch = epoch + 1
-            run.progress.log(epoch_line(row, config.epochs))
+    stop.begin_training()
+    for epoch in range(position.epoch, config.epochs):
+        sums = train_epoch(run, epoch, position, stop)
+        position.step, position.sums = 0, None
+        row = finish_epoch(run, epoch, sums, position)
+        position.epoch = epoch + 1
+        run.progress.log(epoch_line(row, config.epochs))
     history = position.history
     best = min((r["val_top1_error"] for r in history), default=None)
     return TrainResult(out, position.epoch, history, best, out / LAST, out / BEST)

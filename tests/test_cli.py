@@ -302,6 +302,42 @@ def test_evaluate_out_of_gpu_memory_is_one_line_and_writes_no_metrics(tmp_path, 
     assert not (tmp_path / "r" / "metrics.json").exists()
 
 
+# The child signals itself as the run builds its model, after the lock and the shard check, before the first step:
+# no race with the parent's timing.
+SIGTERM_IN_SET_UP = """
+import os, signal, sys
+import alexrepro.train as train
+build_run = train.build_run
+def build_run_after_sigterm(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return build_run(*args, **kwargs)
+train.build_run = build_run_after_sigterm
+from alexrepro.cli import main
+sys.argv = ["alexrepro", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_sigterm_while_setting_up_is_one_line_with_exit_143(tiny_data, tmp_path, resume):
+    out = tmp_path / "run"
+    if resume:
+        assert train_cli(tiny_data, out, "--epochs", "1", "--quiet").returncode == 0
+    args = ["train", *map(str, tiny_data), str(out), *TRAIN_FLAGS, "--epochs", "2", "--quiet"]
+    args += ["--resume"] if resume else []
+    result = subprocess.run([sys.executable, "-c", SIGTERM_IN_SET_UP, *args], capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 143 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: stopped by SIGTERM while setting up, before the first step; ")
+    if resume:
+        assert "checkpoint-last.pt is kept: continue with --resume" in lines[0]
+        assert train_cli(tiny_data, out, "--epochs", "2", "--resume", "--quiet").returncode == 0
+    else:
+        assert "no checkpoint was written: rerun the same command" in lines[0]
+        assert not (out / "checkpoint-last.pt").exists() and not (out / ".alexrepro.lock").exists()
+
+
 def test_sigint_exits_130_and_resume_says_where_it_continues(tiny_data, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "alexrepro", "train", *map(str, tiny_data), str(out), *TRAIN_FLAGS,
