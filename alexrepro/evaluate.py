@@ -53,7 +53,7 @@ from alexrepro.loader import (
     verified_index,
     worker_death,
 )
-from alexrepro.locking import output_lock
+from alexrepro.locking import output_lock, reported_write_errors
 from alexrepro.progress import Progress
 from alexrepro.shards import ShardIndex, ShardReader, sha256_file, verify_shards
 from alexrepro.workers import worker_count
@@ -290,7 +290,8 @@ def evaluate(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, 
     with output_lock(out, "evaluate") if ranks_from_env().rank == 0 else contextlib.nullcontext():
         with _stopped_by_signals(out):
             try:
-                return _evaluate_locked(checkpoint, shards, out, config, progress)
+                with reported_write_errors(out):  # a full disk, a read-only folder: one line naming the path
+                    return _evaluate_locked(checkpoint, shards, out, config, progress)
             except torch.cuda.OutOfMemoryError as exc:  # before RuntimeError, its base class
                 raise DeviceMemoryError(
                     f"out of GPU memory ({exception_text(exc, 200)}); {out / 'metrics.json'} was not written: "

@@ -399,3 +399,16 @@ def test_sample_refuses_to_replace_official_archives(tmp_path):
     result = cli(*args, "--overwrite")
     assert result.returncode == 0, result.stderr
     assert tarfile.is_tarfile(out / TRAIN_TAR)
+
+
+def test_evaluate_on_a_full_disk_is_one_line_and_writes_no_metrics(tmp_path):
+    from evaluate_helpers import save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
+
+    write_tiny_shards(tmp_path / "shards")
+    checkpoint = save_tiny_checkpoint(tmp_path / "c.pt", tiny_checkpoint(tmp_path / "shards"))
+    out = tmp_path / "reports"
+    # in-process reading (--workers 0): the limit would also stop loader workers from making shared memory
+    args = ("evaluate", checkpoint, tmp_path / "shards", out, "--workers", "0", "--quiet")
+    one_line_error(cli(*args, preexec_fn=_file_size_limit(4000)), str(out), "cannot write", "EFBIG", "rerun")
+    assert not (out / "metrics.json").exists()
+    assert not out.exists() or _leftovers(out) == []
