@@ -6,9 +6,11 @@ project's pipeline (`commands()` lists them); `alexrepro claims` reads what `dvc
 experiment's params and metrics) and writes the table. Nothing in the table is typed by hand: an arm whose
 experiments are missing shows as "not measured".
 
-The claims recipe is the demo's (stages/*.yaml) made smaller to cost about 20 s per train + evaluate on two quiet
-CPU cores: fewer, smaller images (76 px, cropped to 67, the smallest input with three 3/2 max-pools), an eighth of
-the channels, batch 32 and 4 epochs. Its departures from the paper are the demo's (He init, input scale 1/64,
+The claims recipe is the demo's (stages/*.yaml) made smaller to cost about a minute per train + evaluate on two
+quiet CPU cores: fewer, smaller images (76 px, cropped to 67, the smallest input with three 3/2 max-pools), an
+eighth of the channels, batch 32 and 15 epochs, enough for the paper's arm to learn the sample (about 30 % top-1
+error against 90 % for chance; with 4 epochs of 60 images per class it stayed near chance, and every arm that
+learns faster at first looked better). Its departures from the paper are the demo's (He init, input scale 1/64,
 lr 0.02 with a fixed step) plus these sizes; CLAIMS_RECIPE lists them all.
 """
 
@@ -31,17 +33,22 @@ SEEDS = (0, 1, 2)
 
 # Overrides of stages/*.yaml shared by every claims experiment (stage file, key, value).
 CLAIMS_RECIPE: tuple[tuple[str, str, Any], ...] = (
-    ("sample", "train_per_class", 60),  # demo: 300 (the real set: 732–1300)
+    ("sample", "train_per_class", 100),  # demo: 300 (the real set: 732–1300)
     ("sample", "val_per_class", 20),  # demo and the real set: 50
     ("prepare", "size", 76),  # paper: 256; 67/76 crops about as much as 227/256
     ("train", "crop", 67),  # paper: 227; the smallest input for conv1 and three 3/2 max-pools
     ("train", "width", 0.125),  # paper: 1.0
-    ("train", "epochs", 4),  # paper: ~90
+    ("train", "epochs", 15),  # paper: ~90
     ("train", "batch_size", 32),  # paper: 128; more steps for the same images
-    ("train", "lr_milestones", [3]),  # paper: ÷10 on plateaus of the validation error
+    ("train", "lr_milestones", [11]),  # paper: ÷10 on plateaus of the validation error
     ("evaluate", "neighbours_max_train", 0),  # Figure 4's neighbours are not a claim: skipped
     ("evaluate", "workers", 1),
 )
+
+
+def recipe_value(stage: str, key: str) -> Any:
+    """The claims recipe's value of `stage`'s `key`."""
+    return next(value for s, k, value in CLAIMS_RECIPE if (s, k) == (stage, key))
 
 
 @dataclass(frozen=True)
@@ -256,7 +263,7 @@ def render(runs: list[Run], source: str) -> str:
         "paper claims. The ReLU row compares the last epoch's training error (the claim is about training speed);",
         "the 10-crop row compares 1-crop with 10-crop error of the paper's arm. The paper's numbers are for the",
         "full net on ILSVRC-2012 after ~90 epochs: this is a ten-class synthetic set, an eighth of the channels and",
-        "4 epochs, so a claim that does not show here is not refuted by it.",
+        f"{recipe_value('train', 'epochs')} epochs, so a claim that does not show here is not refuted by it.",
         "",
         "| Claim | Paper says | Measured top-1 effect | Measured top-5 effect | Seeds | Here | Command |",
         "|---|---|---|---|---|---|---|",
