@@ -390,12 +390,20 @@ def _evaluate_locked(checkpoint: Path, shards: Path, out: Path, config: Evaluate
     results = {k: metrics[k] for k in RESULT_KEYS}
     atomic_write_text(out / "metrics.json", json.dumps(results, indent=2) + "\n")  # last: present means complete
     progress.finish()
-    progress.log(
-        f"{metrics['images']:,} images ({metrics['dataset']}): 10-crop top-1 {metrics['10crop']['top1_error']:.2%}, "
-        f"top-5 {metrics['10crop']['top5_error']:.2%}; 1-crop top-1 {metrics['1crop']['top1_error']:.2%}, "
-        f"top-5 {metrics['1crop']['top5_error']:.2%}"
-    )
+    progress.log(result_line(out))
     return result
+
+
+def result_line(out: Path) -> str:
+    """One line of what an evaluation in `out` found, read from the files it wrote (metrics.json, evaluation.json):
+    printed at the end of `evaluate` and of scripts/demo.sh."""
+    metrics = json.loads((Path(out) / "metrics.json").read_text())
+    provenance = json.loads((Path(out) / "evaluation.json").read_text())
+    return (
+        f"{provenance['images']:,} images ({provenance['dataset']}): 10-crop top-1 "
+        f"{metrics['10crop']['top1_error']:.2%}, top-5 {metrics['10crop']['top5_error']:.2%}; 1-crop top-1 "
+        f"{metrics['1crop']['top1_error']:.2%}, top-5 {metrics['1crop']['top5_error']:.2%}"
+    )
 
 
 def _workers(config: EvaluateConfig) -> int:
