@@ -51,6 +51,11 @@ class WorkerDiedError(AlexReproError):
     """A worker process died without reporting (killed by a signal, typically the out-of-memory killer)."""
 
 
+class SharedMemoryError(AlexReproError):
+    """A loader worker could not get shared memory for a batch: /dev/shm is full or small (a container's default is
+    64 MB), or a file-size limit (`ulimit -f`) forbids it."""
+
+
 class DeviceMemoryError(AlexReproError):
     """The GPU ran out of memory (torch.cuda.OutOfMemoryError): the batch, the model or both are too large for it."""
 

@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from alexrepro.augment import center_offset
-from alexrepro.errors import AlexReproError, FormatError
+from alexrepro.errors import AlexReproError, FormatError, SharedMemoryError, exception_text
 from alexrepro.progress import NullProgress, Progress
 from alexrepro.shards import Manifest, ShardIndex, ShardReader, verify_shards
 
@@ -369,7 +369,7 @@ class SharedSlots:
         nbytes = self.HEADER + int(np.prod(shape))
         free = next((b for b in self.buffers if b[0] == 0 and b.nbytes() >= nbytes), None)
         if free is None and len(self.buffers) < self.size:
-            free = torch.UntypedStorage._new_shared(nbytes)
+            free = new_shared_storage(nbytes)
             self.buffers.append(free)
         if free is None:
             return _shared_empty(shape, torch.uint8), None
@@ -379,12 +379,25 @@ class SharedSlots:
         return torch.empty(0, dtype=torch.uint8).set_(free, self.HEADER, shape), flag  # type: ignore[call-overload]
 
 
+def new_shared_storage(nbytes: int) -> torch.UntypedStorage:
+    """`nbytes` of shared memory for a batch (in /dev/shm); a failure is one line that says what to change, where
+    torch's own error would arrive as the worker's whole traceback."""
+    try:
+        return torch.UntypedStorage._new_shared(nbytes)
+    except (RuntimeError, OSError) as exc:
+        raise SharedMemoryError(
+            f"a loader worker could not get {nbytes / 1e6:,.1f} MB of shared memory for a batch "
+            f"({exception_text(exc, 160)}); give /dev/shm more room (a container's default is 64 MB: e.g. docker "
+            "run --shm-size=8g), raise `ulimit -f`, or read in the main process with --workers 0"
+        ) from None
+
+
 def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An empty tensor in shared memory inside a DataLoader worker (plain memory elsewhere)."""
     if get_worker_info() is None:
         return torch.empty(shape, dtype=dtype)
     numel = int(np.prod(shape))
-    storage = torch.UntypedStorage._new_shared(numel * torch.empty((), dtype=dtype).element_size())
+    storage = new_shared_storage(numel * torch.empty((), dtype=dtype).element_size())
     return torch.empty(0, dtype=dtype).set_(storage).view(shape)
 
 

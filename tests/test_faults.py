@@ -412,3 +412,17 @@ def test_evaluate_on_a_full_disk_is_one_line_and_writes_no_metrics(tmp_path):
     one_line_error(cli(*args, preexec_fn=_file_size_limit(4000)), str(out), "cannot write", "EFBIG", "rerun")
     assert not (out / "metrics.json").exists()
     assert not out.exists() or _leftovers(out) == []
+
+
+def test_a_worker_without_shared_memory_is_one_line_saying_what_to_change(tmp_path):
+    # A file-size limit below one batch stops a loader worker from making its shared memory, as a full or small
+    # /dev/shm (a container's 64 MB default) does.
+    from evaluate_helpers import save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
+
+    write_tiny_shards(tmp_path / "shards")
+    checkpoint = save_tiny_checkpoint(tmp_path / "c.pt", tiny_checkpoint(tmp_path / "shards"))
+    out = tmp_path / "reports"
+    args = ("evaluate", checkpoint, tmp_path / "shards", out, "--workers", "1", "--quiet")
+    result = cli(*args, preexec_fn=_file_size_limit(4000))
+    one_line_error(result, "loader worker could not get", "shared memory", "--shm-size", "--workers 0")
+    assert not (out / "metrics.json").exists()
