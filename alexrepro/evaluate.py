@@ -42,16 +42,16 @@ from torch.utils.data import DataLoader
 from alexrepro import shards as shardlib
 from alexrepro.atomic import atomic_write_text
 from alexrepro.distributed import Ranks, distributed_ranks, ranks_from_env
-from alexrepro.errors import DeviceMemoryError, EvaluationError, WorkerDiedError, exception_text
+from alexrepro.errors import EvaluationError
 from alexrepro.inference import CENTRE_VIEW, InferenceNetwork
 from alexrepro.loader import (
     JpegDecoder,
     LoaderSettings,
     decode_sample,
+    one_line_run_failures,
     ordered_loader,
     split_index,
     verified_index,
-    worker_death,
 )
 from alexrepro.locking import output_lock, reported_write_errors
 from alexrepro.progress import Progress
@@ -288,24 +288,14 @@ def evaluate(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, 
     checkpoint, shards, out = Path(checkpoint), Path(shards), Path(out)
     # One run per report folder; under torchrun rank 0 alone holds the lock (see train()).
     with output_lock(out, "evaluate") if ranks_from_env().rank == 0 else contextlib.nullcontext():
-        with _stopped_by_signals(out):
-            try:
-                with reported_write_errors(out):  # a full disk, a read-only folder: one line naming the path
-                    return _evaluate_locked(checkpoint, shards, out, config, progress)
-            except torch.cuda.OutOfMemoryError as exc:  # before RuntimeError, its base class
-                raise DeviceMemoryError(
-                    f"out of GPU memory ({exception_text(exc, 200)}); {out / 'metrics.json'} was not written: "
-                    "rerun with a smaller --batch-size"
-                ) from None
-            except RuntimeError as exc:
-                died = worker_death(exc)
-                if died is None:
-                    raise
-                raise WorkerDiedError(
-                    f"a loader worker process died ({died}; on Linux most often the out-of-memory killer, see "
-                    f"`dmesg`); {out / 'metrics.json'} was not written: rerun, with fewer --workers or a smaller "
-                    "--batch-size if memory is short"
-                ) from None
+        failures = one_line_run_failures(
+            lambda: f"{out / 'metrics.json'} was not written",
+            memory_fix="rerun with a smaller --batch-size",
+            worker_fix="rerun, with fewer --workers or a smaller --batch-size if memory is short",
+        )
+        # a full disk, a read-only folder: one line naming the path
+        with _stopped_by_signals(out), failures, reported_write_errors(out):
+            return _evaluate_locked(checkpoint, shards, out, config, progress)
 
 
 @contextlib.contextmanager

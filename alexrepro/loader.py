@@ -29,6 +29,7 @@ and sees exactly the data an uninterrupted run would.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import random
 import re
@@ -45,7 +46,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from alexrepro.augment import center_offset
-from alexrepro.errors import AlexReproError, FormatError, SharedMemoryError, exception_text
+from alexrepro.errors import (
+    AlexReproError,
+    DeviceMemoryError,
+    FormatError,
+    SharedMemoryError,
+    WorkerDiedError,
+    exception_text,
+)
 from alexrepro.progress import NullProgress, Progress
 from alexrepro.shards import Manifest, ShardIndex, ShardReader, verify_shards
 
@@ -543,13 +551,31 @@ def _worker_init(_worker_id: int) -> None:
 _WORKER_DIED = re.compile(r"DataLoader worker \(pid")
 
 
-def worker_death(exc: BaseException) -> str | None:
+def _worker_death(exc: BaseException) -> str | None:
     """torch's own message when `exc` says a DataLoader worker died (a signal, the out-of-memory killer), else None.
 
     torch reports it as a plain RuntimeError, raised from its SIGCHLD handler or from the loader's iterator."""
     if isinstance(exc, RuntimeError) and _WORKER_DIED.match(str(exc)):
         return str(exc).strip().splitlines()[0].rstrip(". ")
     return None
+
+
+@contextlib.contextmanager
+def one_line_run_failures(kept: Callable[[], str], memory_fix: str, worker_fix: str) -> Iterator[None]:
+    """The two ways a train or evaluate run fails outside its own code, each turned into one line: the GPU out of
+    memory, and a loader worker that died. `kept()` says, when it happens, what the run leaves to go on from."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:  # before RuntimeError, its base class
+        raise DeviceMemoryError(f"out of GPU memory ({exception_text(exc, 200)}); {kept()}; {memory_fix}") from None
+    except RuntimeError as exc:
+        died = _worker_death(exc)
+        if died is None:
+            raise
+        raise WorkerDiedError(
+            f"a loader worker process died ({died}; on Linux most often the out-of-memory killer, see `dmesg`); "
+            f"{kept()}; {worker_fix}"
+        ) from None
 
 
 def decode_sample(decode: JpegDecoder, data: bytes | memoryview, index: ShardIndex, sample: int) -> torch.Tensor:

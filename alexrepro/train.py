@@ -48,13 +48,10 @@ from alexrepro.distributed import (
 )
 from alexrepro.errors import (
     ConfigError,
-    DeviceMemoryError,
     FormatError,
     OutputExistsError,
     OutputWriteError,
     TrainingError,
-    WorkerDiedError,
-    exception_text,
 )
 from alexrepro.feed import DeviceFeed, device_crops
 from alexrepro.loader import (
@@ -63,10 +60,10 @@ from alexrepro.loader import (
     EpochSpec,
     LoaderSettings,
     ShardIndex,
+    one_line_run_failures,
     ordered_loader,
     train_loader,
     verified_index,
-    worker_death,
 )
 from alexrepro.locking import output_lock, reported_write_errors
 from alexrepro.progress import NullProgress, Progress
@@ -491,24 +488,17 @@ def _train_locked(
 ) -> TrainResult:
     out = paths.out
     with distributed_ranks(config.devices, config.towers) as (ranks, devices):
+        failures = one_line_run_failures(
+            lambda: kept_checkpoint(out),
+            memory_fix="resume with --precision bf16, or train into a new folder with a smaller --batch-size or on "
+            "more GPUs",
+            worker_fix="use fewer --workers or a smaller --batch-size if memory is short",
+        )
         try:
-            with reported_write_errors(out):
+            with failures, reported_write_errors(out):
                 return _train(paths, config, resume, ranks, devices, progress, stop)
         except OutputWriteError as exc:  # a full disk, a read-only folder: say what is left to resume from
             raise OutputWriteError(f"{exc}; {kept_checkpoint(out)}") from None
-        except torch.cuda.OutOfMemoryError as exc:  # before RuntimeError, its base class
-            raise DeviceMemoryError(
-                f"out of GPU memory ({exception_text(exc, 200)}); {kept_checkpoint(out)}; resume with "
-                "--precision bf16, or train into a new folder with a smaller --batch-size or on more GPUs"
-            ) from None
-        except RuntimeError as exc:
-            died = worker_death(exc)
-            if died is None:
-                raise
-            raise WorkerDiedError(
-                f"a loader worker process died ({died}; on Linux most often the out-of-memory killer, see `dmesg`); "
-                f"{kept_checkpoint(out)}; use fewer --workers or a smaller --batch-size if memory is short"
-            ) from None
 
 
 def kept_checkpoint(out: Path) -> str:
