@@ -7,10 +7,10 @@ offset, shuffle buffer, per-rank/worker selection, decode, crop, batching into s
 process that receives the batches) and of the worker side alone. Loader figures are steady state: img/s is timed
 from the first batch to the last, and each per-CPU-second figure is N / (CPU(epoch of 2N) − CPU(epoch of N)), so that
 what a worker pays once per epoch (the fork, its start, reading the index) cancels; that start-up is its own column,
-CPU-seconds per worker per epoch (at ILSVRC scale an epoch is 1.28 M images, at which it vanishes). Then the feed to `device` (alexrepro.feed: pinned copies, uint8
-crops on the device) with `workers` workers, for each `decode_on`: "device" times workers that only read plus a
-batched decode_jpeg on `device` (on the CPU: in the training process, one thread). Also measured: loading the
-member index that prepare persisted, paid once per run.
+CPU-seconds per worker per epoch (at ILSVRC scale an epoch is 1.28 M images, at which it vanishes). Then the feed to
+`device` (alexrepro.feed: pinned copies, uint8 crops on the device) with `workers` workers, for each `decode_on`:
+"device" times workers that only read plus a batched decode_jpeg on `device` (on the CPU: in the training process,
+one thread). Also measured: loading the member index that prepare persisted, paid once per run.
 """
 
 from __future__ import annotations
@@ -80,12 +80,10 @@ def bench_loader(
     rate = {row["name"]: row["img_s"] for row in rows}
     per_cpu = {row["name"]: row["img_per_cpu_s"] for row in rows}
     loader_one = per_cpu[_loader_name(1)]
-    worker_side = {row["name"]: row["img_per_worker_cpu_s"] for row in rows if "img_per_worker_cpu_s" in row}
+    worker_side_one = next(row for row in rows if row["name"] == _loader_name(1))["img_per_worker_cpu_s"]
+    side = "worker side (read + decode + crop, uint8 out), 1 worker, steady state / torchvision decode, per CPU-second"
     ratios = {
-        "worker side (read + decode + crop, uint8 out), 1 worker, steady state / torchvision decode, per CPU-second": worker_side[
-            _loader_name(1)
-        ]
-        / per_cpu["torchvision decode only (1 core)"],
+        side: worker_side_one / per_cpu["torchvision decode only (1 core)"],
         "loader, 1 worker / Pillow decode, per CPU-second": loader_one / per_cpu["Pillow decode only (1 core)"],
         "loader, 1 worker / torchvision decode, per CPU-second": loader_one
         / per_cpu["torchvision decode only (1 core)"],
@@ -213,7 +211,7 @@ def _loader_name(workers: int) -> str:
 
 @dataclass(frozen=True)
 class _Epochs:
-    """The bench shards twice over: `images` images, and 2 × `images` (the same ones first) for steady-state figures."""
+    """The bench shards twice over: `images` images, and twice as many (the same ones first), for the steady state."""
 
     once: Path
     once_manifest: Manifest
