@@ -1,3 +1,3 @@
-from alexrepro.cli import main
+from alexrepro.cli.app import main
 
 main()

@@ -50,7 +50,7 @@ for on in workers device; do
   run_step "train-$on" 100 "$py" - "$out/sample" "$on" "$cores" <<'PY'
 import json, sys
 from pathlib import Path
-from alexrepro.bench_loader import bench_training
+from alexrepro.bench.loader import bench_training
 row = bench_training(Path(sys.argv[1]), images=25_600, workers=int(sys.argv[3]), decode_on=sys.argv[2], device="cuda")
 print(json.dumps({"title": "end to end", "rows": [row], "ratios": {}, "notes": []}))
 PY

@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from alexrepro import workers
-from alexrepro.shards import ClassInfo, Manifest, Sample, SplitInfo, write_manifest, write_shard
+from alexrepro.core import workers
+from alexrepro.data.shards.manifest import ClassInfo, Manifest, Sample, SplitInfo
+from alexrepro.data.shards.writer import write_manifest, write_shard
 
 # The test machine's cores are shared and the suite's tensors are tiny: more threads only contend. Processes the
 # tests start set their own (the loader's worker init; the scripts run by subprocess).
@@ -51,7 +52,7 @@ def write_prepared(
 
 @pytest.fixture
 def pool_start_methods(monkeypatch) -> list[str]:
-    """The start method of every worker pool alexrepro.workers opens during the test (to check none forks)."""
+    """The start method of every worker pool alexrepro.core.workers opens during the test (to check none forks)."""
     methods: list[str] = []
 
     class Recording(workers.ProcessPoolExecutor):

@@ -1,6 +1,6 @@
 """Tiny inputs for the evaluation tests: a few 48×48 images in shards and a checkpoint of a very narrow AlexNet.
 
-The checkpoint is built by hand following the layout of alexrepro.checkpoint (no training run), with a 67-pixel crop
+The checkpoint is built by hand following the layout of alexrepro.model.checkpoint (no training run), with a 67-pixel crop
 (the smallest input for which every layer of the network keeps a positive size).
 """
 
@@ -12,8 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alexrepro.config import config_to_dict
-from alexrepro.shards import ClassInfo, Manifest, Sample, iter_split
+from alexrepro.core.config import config_to_dict
+from alexrepro.data.shards.index import iter_split
+from alexrepro.data.shards.manifest import ClassInfo, Manifest, Sample
+from alexrepro.model.config import ModelConfig
+from alexrepro.train.config import TrainConfig
 from conftest import in_shards, jpeg_bytes, write_prepared
 
 NUM_CLASSES = 6
@@ -64,17 +67,16 @@ def write_tiny_shards(out: Path, classes: tuple[ClassInfo, ...] | None = None, s
 
 def mean_image(shards: Path) -> np.ndarray:
     """The per-pixel mean of the train split, H×W×3 float32 RGB 0–255 (what the stats stage computes)."""
-    from alexrepro.imaging import decode_rgb
+    from alexrepro.data.imaging import decode_rgb
 
     images = [decode_rgb(s.jpeg).astype(np.float64) for s in iter_split(shards, "train")]
     return np.mean(images, axis=0).astype(np.float32)
 
 
 def tiny_checkpoint(shards: Path, classes: tuple[ClassInfo, ...] | None = None, towers: int = 2, seed: int = 0) -> dict:
-    """A checkpoint dict in alexrepro.checkpoint's layout, for an untrained narrow AlexNet (He init, so the
+    """A checkpoint dict in alexrepro.model.checkpoint's layout, for an untrained narrow AlexNet (He init, so the
     outputs differ between images)."""
-    from alexrepro.model import AlexNet, ModelConfig
-    from alexrepro.train import TrainConfig
+    from alexrepro.model.network import AlexNet
 
     classes = classes or tiny_classes()
     model_config = ModelConfig(num_classes=len(classes), crop=CROP, width=0.125, towers=towers, init="he")
@@ -124,7 +126,7 @@ def tiny_checkpoint(shards: Path, classes: tuple[ClassInfo, ...] | None = None, 
 
 
 def save_tiny_checkpoint(path: Path, ckpt: dict) -> Path:
-    from alexrepro.checkpoint import save_checkpoint
+    from alexrepro.model.checkpoint import save_checkpoint
 
     save_checkpoint(path, ckpt)
     return path
@@ -145,8 +147,8 @@ def evaluate_rank(rank: int, world: int, port: int, checkpoint: str, shards: str
     """
     import os
 
-    from alexrepro import evaluate as ev
-    from alexrepro.progress import NullProgress
+    from alexrepro.core.progress import NullProgress
+    from alexrepro.evaluate import stage as ev
 
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alexrepro.augment import (
+from alexrepro.data.augment import (
     center_offset,
     crop_mean,
     flip_where,
@@ -14,7 +14,7 @@ from alexrepro.augment import (
     pca_lighting,
     ten_crop_offsets,
 )
-from alexrepro.loader import Augmentation
+from alexrepro.data.loader import Augmentation
 from train_helpers import make_shards, train_batches
 
 

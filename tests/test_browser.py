@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from alexrepro import report
+from alexrepro.evaluate import report
 from test_report import make_inputs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from alexrepro import claims
-from alexrepro.cli import app
-from alexrepro.report import ReportInputs, claims_section, recipe_rows
+from alexrepro.cli.app import app
+from alexrepro.evaluate import claims
+from alexrepro.evaluate.report import ReportInputs, claims_section, recipe_rows
+from alexrepro.train.config import TrainConfig
 
 PAPER_SWITCHES = {"activation": "relu", "towers": 2, "layer_widths": [1, 1, 1, 1, 1, 1, 1], "lrn": True,
                   "overlap_pool": True, "pca_lighting": True, "dropout": 0.5, "dropout_scaling": "paper",
@@ -129,8 +130,7 @@ def test_write_claims_from_exp_show(shown, tmp_path, monkeypatch):
 
 
 def report_inputs(train_config: dict) -> ReportInputs:
-    from alexrepro.config import config_to_dict
-    from alexrepro.train import TrainConfig
+    from alexrepro.core.config import config_to_dict
 
     config = TrainConfig(**train_config)
     return ReportInputs(

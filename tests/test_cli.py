@@ -14,8 +14,8 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from alexrepro.cli import app
-from alexrepro.progress import LineProgress
+from alexrepro.cli.app import app
+from alexrepro.core.progress import LineProgress
 from train_helpers import make_shards, make_stats
 
 runner = CliRunner()
@@ -118,7 +118,7 @@ def test_help_shows_resolved_defaults_and_lists_every_key_with_its_section():
 
 @pytest.mark.parametrize("command", [["sample"], ["prepare"], ["stats"], ["train"], ["evaluate"]], ids=" ".join)
 def test_every_stage_help_lists_each_of_its_keys(command):
-    from alexrepro.configdoc import stage_keys
+    from alexrepro.cli.configdoc import stage_keys
 
     result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
     for key in stage_keys(command[0]):
@@ -272,12 +272,12 @@ def _out_of_gpu_memory(*_args, **_kwargs):
 
 
 def test_train_out_of_gpu_memory_is_one_line_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch):
-    import alexrepro.train
+    import alexrepro.train.loop
 
     out = tmp_path / "run"
-    step = alexrepro.train.train_step
+    step = alexrepro.train.loop.train_step
     # epoch 1 runs and writes its checkpoint; the first step of epoch 2 runs out of memory
-    monkeypatch.setattr(alexrepro.train, "train_step",
+    monkeypatch.setattr(alexrepro.train.loop, "train_step",
                         lambda run, batch, epoch, sums: (step if epoch == 0 else _out_of_gpu_memory)(run, batch, epoch, sums))  # fmt: skip
     args = ["train", *map(str, tiny_data), str(out), *TRAIN_FLAGS, "--epochs", "2", "--quiet"]
     result = runner.invoke(app, args)
@@ -289,7 +289,7 @@ def test_train_out_of_gpu_memory_is_one_line_and_keeps_the_checkpoint(tiny_data,
 
 
 def test_evaluate_out_of_gpu_memory_is_one_line_and_writes_no_metrics(tmp_path, monkeypatch):
-    from alexrepro.inference import InferenceNetwork
+    from alexrepro.model.inference import InferenceNetwork
     from evaluate_helpers import save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
 
     write_tiny_shards(tmp_path / "shards")
@@ -306,13 +306,13 @@ def test_evaluate_out_of_gpu_memory_is_one_line_and_writes_no_metrics(tmp_path, 
 # no race with the parent's timing.
 SIGTERM_IN_SET_UP = """
 import os, signal, sys
-import alexrepro.train as train
+import alexrepro.train.loop as train
 build_run = train.build_run
 def build_run_after_sigterm(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)
     return build_run(*args, **kwargs)
 train.build_run = build_run_after_sigterm
-from alexrepro.cli import main
+from alexrepro.cli.app import main
 sys.argv = ["alexrepro", *sys.argv[1:]]
 main()
 """

@@ -6,8 +6,8 @@ from typing import Literal
 
 import pytest
 
-from alexrepro.config import config_from_dict, config_to_dict, load_config
-from alexrepro.errors import ConfigError
+from alexrepro.core.config import config_from_dict, config_to_dict, load_config
+from alexrepro.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ CLI_CASES = [
 def test_cli_refuses_non_finite_and_empty_values(tmp_path, monkeypatch, args, message):
     from typer.testing import CliRunner
 
-    from alexrepro.cli import app
+    from alexrepro.cli.app import app
 
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, [*args, "--quiet"])
@@ -122,7 +122,7 @@ def test_cli_refuses_non_finite_and_empty_values(tmp_path, monkeypatch, args, me
 def test_cli_refuses_duplicate_keys_in_a_stage_config(tmp_path, monkeypatch, stage):
     from typer.testing import CliRunner
 
-    from alexrepro.cli import app
+    from alexrepro.cli.app import app
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "stage.yaml").write_text("seed: 1\nworkers: 1\nseed: 2\n")

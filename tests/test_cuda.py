@@ -18,12 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexrepro.checkpoint import load_checkpoint
-from alexrepro.feed import DeviceFeed
-from alexrepro.model import AlexNet, ModelConfig
-from alexrepro.progress import NullProgress
-from alexrepro.shards import read_manifest
-from alexrepro.train import TrainConfig, make_preprocess, normalization_from_stats, train
+from alexrepro.core.progress import NullProgress
+from alexrepro.data.feed import DeviceFeed
+from alexrepro.data.shards.manifest import read_manifest
+from alexrepro.model.checkpoint import load_checkpoint
+from alexrepro.model.config import ModelConfig
+from alexrepro.model.network import AlexNet
+from alexrepro.train.config import TrainConfig
+from alexrepro.train.loop import make_preprocess, normalization_from_stats, train
 from test_model import SMALL, assert_same_run, run
 from train_helpers import make_shards, make_stats, val_batches
 
@@ -152,7 +154,7 @@ def torchrun(nproc: int, shards: Path, stats: Path, out: Path, *extra: str) -> s
 def test_ddp_with_nccl_under_torchrun(data, tmp_path, nproc):
     """torchrun with NCCL: the run completes, validates every image once, and (global batch 8 either way) follows
     the single-process run. Two ranks need two GPUs: NCCL refuses two ranks on one device, and each local rank
-    takes its own GPU (alexrepro.distributed.resolve_devices)."""
+    takes its own GPU (alexrepro.model.distributed.resolve_devices)."""
     result = torchrun(nproc, *data, tmp_path / "ddp")
     assert result.returncode == 0, result.stderr[-3000:]
     single = train(*data, tmp_path / "one", TrainConfig(epochs=2, devices="cuda", precision="fp32", dropout=0.0,
@@ -201,7 +203,7 @@ def test_evaluation_on_cuda_agrees_with_the_cpu(data, tmp_path):
 @pytest.mark.parametrize("tf32", [False, True])
 def test_evaluation_computes_as_training_did_without_or_with_tf32(data, tf32):
     """cuDNN's default is TF32 on: a network trained at tf32 false must be evaluated without it."""
-    from alexrepro.inference import InferenceNetwork
+    from alexrepro.model.inference import InferenceNetwork
     from evaluate_helpers import tiny_checkpoint
 
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32

@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from alexrepro.checkpoint import load_checkpoint
-from alexrepro.distributed import Ranks, rank_batch_size, resolve_devices
-from alexrepro.errors import ConfigError
-from alexrepro.progress import NullProgress
-from alexrepro.train import TrainConfig, train
+from alexrepro.core.errors import ConfigError
+from alexrepro.core.progress import NullProgress
+from alexrepro.model.checkpoint import load_checkpoint
+from alexrepro.model.distributed import Ranks, rank_batch_size, resolve_devices
+from alexrepro.train.config import TrainConfig
+from alexrepro.train.loop import train
 from train_helpers import make_shards, make_stats
 
 # dropout 0: its masks are drawn per rank, so they are the one thing a split run cannot share with a single process.
@@ -37,7 +38,7 @@ def _rank_main(rank: int, world: int, port: int, shards: Path, stats: Path, out:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
-    import alexrepro.train as module
+    import alexrepro.train.loop as module
 
     seen: list = []
     step, finish = module.train_step, module.finish_epoch

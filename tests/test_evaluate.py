@@ -14,12 +14,15 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import TenCrop
 
-from alexrepro import evaluate as ev
-from alexrepro import inference
-from alexrepro.errors import EvaluationError, FormatError
-from alexrepro.loader import LoaderSettings, ordered_loader
-from alexrepro.progress import NullProgress
-from alexrepro.shards import ShardIndex, iter_split, read_manifest, write_manifest
+from alexrepro.core.errors import EvaluationError, FormatError
+from alexrepro.core.progress import NullProgress
+from alexrepro.data.loader import LoaderSettings, ordered_loader
+from alexrepro.data.shards.index import ShardIndex, iter_split
+from alexrepro.data.shards.manifest import Manifest, SplitInfo, read_manifest
+from alexrepro.data.shards.writer import write_manifest
+from alexrepro.evaluate import stage as ev
+from alexrepro.model import inference
+from alexrepro.train.config import TrainConfig
 from evaluate_helpers import (
     CROP,
     NUM_CLASSES,
@@ -79,7 +82,7 @@ def test_mean_is_cut_like_the_image_and_mirrored_with_it(data):
 
 def test_centre_patch_is_what_training_validates_on(data):
     """Evaluation's 1-crop input equals the training loop's validation input, image for image."""
-    from alexrepro.train import TrainConfig, make_preprocess
+    from alexrepro.train.loop import make_preprocess
     from train_helpers import val_batches
 
     _, shards, _, ckpt = data
@@ -238,7 +241,6 @@ def test_submission_uses_class_indices_without_ilsvrc_ids(tmp_path):
 
 
 def read_manifest_like(classes):
-    from alexrepro.shards import Manifest, SplitInfo
 
     return Manifest(settings={}, classes=classes, splits={"val": SplitInfo(2, ())})
 

@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 
 import fixtures as fx
-from alexrepro.locking import LOCK_NAME
-from alexrepro.shards import MANIFEST_NAME
+from alexrepro.core.locking import LOCK_NAME
+from alexrepro.data.shards.manifest import MANIFEST_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
@@ -173,7 +173,7 @@ KILLER = """
     # Test hook: every pool worker (a process with a parent) dies by SIGKILL on its first image, as under the
     # out-of-memory killer. Loaded as sitecustomize, so it patches the module before any worker imports it.
     import multiprocessing, os, signal
-    from alexrepro import imaging
+    from alexrepro.data import imaging
 
     def _dying(real):
         def call(*args, **kwargs):
@@ -222,7 +222,7 @@ def test_stats_fails_when_a_worker_dies(tmp_path, archives, killer):
 
 HOLDER = """
 import sys
-from alexrepro.locking import output_lock
+from alexrepro.core.locking import output_lock
 with output_lock(sys.argv[1], "test"):
     print("held", flush=True)
     sys.stdin.read()

@@ -22,8 +22,9 @@ import pytest
 import torch
 
 import fixtures as fx
-from alexrepro.checkpoint import load_checkpoint
-from alexrepro.shards import ClassInfo, Manifest, Sample, SplitInfo, write_manifest, write_shard
+from alexrepro.data.shards.manifest import ClassInfo, Manifest, Sample, SplitInfo
+from alexrepro.data.shards.writer import write_manifest, write_shard
+from alexrepro.model.checkpoint import load_checkpoint
 from conftest import jpeg_bytes as jpeg
 from train_helpers import make_stats, pattern_image
 
@@ -167,7 +168,7 @@ def hook(folder: Path, code: str) -> Path:
 SLOW_DECODE = """
     import multiprocessing, os, time
     from pathlib import Path
-    from alexrepro import loader
+    from alexrepro.data import loader
 
     def _slow(real):
         def decode(data):
@@ -289,8 +290,8 @@ def test_train_refuses_an_output_that_cannot_take_a_checkpoint_before_the_first_
 
 # Test hook: the start-up check sees room (as when another process fills the disk later, during training).
 NO_START_CHECK = """
-    import alexrepro.train
-    alexrepro.train.check_room = lambda *args, **kwargs: None
+    import alexrepro.train.loop
+    alexrepro.train.loop.check_room = lambda *args, **kwargs: None
 """
 
 
@@ -370,7 +371,7 @@ def test_bad_sample_in_a_shard_names_the_shard_and_the_key(data, trained, tmp_pa
 # Test hook: a loader worker runs out of memory on its first image.
 NO_MEMORY = """
     import multiprocessing
-    from alexrepro import loader
+    from alexrepro.data import loader
 
     def _no_memory(real):
         def decode(data):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from alexrepro.imaging import (
+from alexrepro.data.imaging import (
     MAX_PIXELS,
     UnreadableImage,
     decode_rgb,
@@ -185,7 +185,7 @@ def test_pillow_build_names_the_build():
 
 
 def test_bench_prepare_reports_steady_state_and_whole_run_figures():
-    from alexrepro.bench_data import bench_prepare
+    from alexrepro.bench.data import bench_prepare
 
     report = bench_prepare(images=4, workers=2, size=32, rounds=1)
     names = [row["name"] for row in report.rows]

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from alexrepro.cli import app
-from alexrepro.shards import Sample, read_manifest, write_manifest, write_shard
+from alexrepro.cli.app import app
+from alexrepro.data.shards.manifest import Sample, read_manifest
+from alexrepro.data.shards.writer import write_manifest, write_shard
 from evaluate_helpers import CROP, image_array, jpeg_bytes, save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
 
 runner = CliRunner()

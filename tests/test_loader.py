@@ -8,8 +8,9 @@ from itertools import pairwise
 import pytest
 import torch
 
-from alexrepro.loader import Augmentation, EpochPlan, decode_torchvision
-from alexrepro.shards import iter_split
+from alexrepro.data.loader import Augmentation, EpochPlan, decode_torchvision
+from alexrepro.data.shards.index import iter_split
+from alexrepro.train.config import TrainConfig
 from train_helpers import make_shards, train_batches, val_batches
 
 AUG = Augmentation(crop=64)
@@ -113,8 +114,8 @@ def test_val_is_every_sample_once_in_order(shards):
 def test_shard_that_disagrees_with_the_manifest_is_refused(shards, tmp_path):
     import dataclasses
 
-    from alexrepro.errors import FormatError
-    from alexrepro.loader import split_index
+    from alexrepro.core.errors import FormatError
+    from alexrepro.data.loader import split_index
 
     out, manifest = shards
     train = manifest.split("train")
@@ -130,8 +131,8 @@ def test_shard_that_disagrees_with_the_manifest_is_refused(shards, tmp_path):
 
 
 def test_jpeg_size_reads_the_frame_header(shards):
-    from alexrepro.errors import FormatError
-    from alexrepro.loader import jpeg_size
+    from alexrepro.core.errors import FormatError
+    from alexrepro.data.loader import jpeg_size
 
     out, manifest = shards
     for sample in list(iter_split(out, "train", manifest))[:3]:
@@ -144,7 +145,7 @@ def test_jpeg_size_reads_the_frame_header(shards):
 def test_device_decoding_gives_the_workers_crops(shards, workers):
     """Workers that only read, then one batched decode_jpeg (here on the CPU): the same crops, bit for bit, and the
     same draws, labels and keys as workers that decode — on CPU both are the same libjpeg-turbo."""
-    from alexrepro.feed import device_crops
+    from alexrepro.data.feed import device_crops
 
     out, manifest = shards
     cpu = torch.device("cpu")
@@ -160,7 +161,7 @@ def test_device_decoding_gives_the_workers_crops(shards, workers):
 
 
 def test_device_decoding_of_uncropped_and_centre_cropped_val(shards):
-    from alexrepro.feed import device_crops
+    from alexrepro.data.feed import device_crops
 
     out, manifest = shards
     for crop in (None, 64):
@@ -175,7 +176,7 @@ def test_device_decoding_of_uncropped_and_centre_cropped_val(shards):
 def test_feed_prepares_each_batch_once_and_in_order(shards):
     """DeviceFeed on the CPU: the loader's batches in order, each with `prepare`'s output and its labels attached,
     and batch k+1 prepared before batch k is handed over (one batch ahead)."""
-    from alexrepro.feed import DeviceFeed
+    from alexrepro.data.feed import DeviceFeed
 
     out, manifest = shards
     prepared: list[int] = []
@@ -212,9 +213,9 @@ def test_released_buffers_are_reused_and_unreleased_ones_are_not_overwritten(sha
 def test_training_with_device_decoding_matches_worker_decoding(tmp_path):
     """On the CPU, decode_on: device trains to the very same weights as decode_on: workers: it is a setting of
     speed, not of what is computed."""
-    from alexrepro.checkpoint import load_checkpoint
-    from alexrepro.progress import NullProgress
-    from alexrepro.train import TrainConfig, train
+    from alexrepro.core.progress import NullProgress
+    from alexrepro.model.checkpoint import load_checkpoint
+    from alexrepro.train.loop import train
     from train_helpers import make_stats
 
     make_shards(tmp_path / "shards", classes=3, train_per_class=6, val_per_class=2, size=72, shard_size=10)
@@ -231,7 +232,7 @@ def test_training_with_device_decoding_matches_worker_decoding(tmp_path):
 
 
 def test_bench_loader_reports_the_worker_side_and_the_feed():
-    from alexrepro.bench_loader import bench_loader
+    from alexrepro.bench.loader import bench_loader
 
     report = bench_loader(images=24, workers=2, crop=56, size=64, batch_size=8, rounds=1)
     rows = {row["name"]: row for row in report.rows}
@@ -247,7 +248,7 @@ def test_bench_loader_reports_the_worker_side_and_the_feed():
 
 @pytest.mark.parametrize("decode_on", ["workers", "device"])
 def test_bench_training_reports_img_s_and_data_wait(tmp_path, decode_on):
-    from alexrepro.bench_loader import bench_training
+    from alexrepro.bench.loader import bench_training
 
     row = bench_training(tmp_path, images=24, workers=2, decode_on=decode_on, device="cpu", batch_size=8, width=0.125,
                          crop=67, size=72, distinct=6, classes=4)  # fmt: skip

@@ -9,16 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from alexrepro.errors import ConfigError
-from alexrepro.model import (
-    ONE_GPU_BASELINE_WIDTHS,
-    AlexNet,
-    Dropout,
-    ModelConfig,
-    count_parameters,
-    local_response_norm,
-    min_crop,
-)
+from alexrepro.core.errors import ConfigError
+from alexrepro.model.config import ONE_GPU_BASELINE_WIDTHS, ModelConfig, min_crop
+from alexrepro.model.network import AlexNet, Dropout, count_parameters, local_response_norm
 
 SMALL = dict(num_classes=10, width=0.25, crop=99)  # fast; exact sizes are not the point where this is used
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
@@ -136,7 +129,7 @@ def test_lrn_runs_per_tower_and_switches_off(monkeypatch):
         calls.append((x.shape[1], groups))
         return x
 
-    monkeypatch.setattr("alexrepro.model.local_response_norm", spy)
+    monkeypatch.setattr("alexrepro.model.network.local_response_norm", spy)
     x = torch.randn(2, 3, 99, 99)
     AlexNet(ModelConfig(**SMALL))(x)
     assert calls == [(24, 2), (64, 2)]  # after conv1 and conv2, within each of the two towers
@@ -443,7 +436,7 @@ def test_lrn_runs_in_float32_under_bf16_autocast():
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_both_lrn_window_sums_agree(channels_last):
     """The GPU's matrix product and the CPU's shifted adds compute the same window sums."""
-    from alexrepro.model import _window_sums_by_matmul, _window_sums_by_shifts
+    from alexrepro.model.network import _window_sums_by_matmul, _window_sums_by_shifts
 
     x = torch.rand(3, 12, 5, 4) * 100
     if channels_last:
@@ -520,7 +513,7 @@ def test_cuda_bf16_autocast_keeps_lrn_in_float32():
 
 
 def test_bench_train_runs_and_reports_a_ratio():
-    from alexrepro.bench_model import bench_train
+    from alexrepro.bench.model import bench_train
 
     report = bench_train(batch_size=2, steps=1, warmup=0)
     assert [row["name"] for row in report.rows] == ["paper AlexNet (2 towers, LRN)", "torchvision alexnet"]

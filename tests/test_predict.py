@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from alexrepro.cli import app
-from alexrepro.errors import ConfigError
-from alexrepro.inference import InferenceNetwork
-from alexrepro.predict import Prediction, PredictionError, load_image, predict
+from alexrepro.cli.app import app
+from alexrepro.core.errors import ConfigError
+from alexrepro.evaluate.predict import Prediction, PredictionError, load_image, predict
+from alexrepro.model.inference import InferenceNetwork
 from evaluate_helpers import NUM_CLASSES, image_array, save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
 
 

@@ -15,12 +15,15 @@ import numpy as np
 import pytest
 
 import fixtures as fx
-from alexrepro import imaging
-from alexrepro.errors import FormatError, OutputExistsError, TooManyRejectedError
-from alexrepro.prepare import PrepareConfig, prepare
-from alexrepro.progress import NullProgress
-from alexrepro.shards import iter_shard, read_manifest
-from alexrepro.sources import make_key
+from alexrepro.core.errors import FormatError, OutputExistsError, TooManyRejectedError
+from alexrepro.core.progress import NullProgress
+from alexrepro.data import imaging
+from alexrepro.data.config import PrepareConfig
+from alexrepro.data.prepare import prepare
+from alexrepro.data.shards.index import iter_shard
+from alexrepro.data.shards.manifest import read_manifest
+from alexrepro.data.sources import make_key
+from alexrepro.synth.config import SampleConfig
 
 BROKEN = {"n01000003_90.JPEG": "truncated", "n01000003_91.JPEG": "empty", "notes.txt": "text", "huge.png": "bomb"}
 CONFIG = PrepareConfig(size=32, shard_size=5, workers=1)  # tiny output images: these tests are about bookkeeping
@@ -154,8 +157,8 @@ def test_resume_after_kill_9_ends_byte_identical(tmp_path, archives, reference):
     code = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from alexrepro import imaging\n"
-        "from alexrepro.prepare import PrepareConfig, prepare\n"
+        "from alexrepro.data import imaging\n"
+        "from alexrepro.data.prepare import PrepareConfig, prepare\n"
         "resize = imaging.resize_square_jpeg\n"
         "def slow(*args):\n"
         "    time.sleep(0.05)\n"
@@ -256,7 +259,7 @@ def test_own_classes_imagefolder(tmp_path):
 
 
 def test_prepares_the_built_in_sample(tmp_path):
-    from alexrepro.sample import SampleConfig, write_sample
+    from alexrepro.synth.sample import write_sample
 
     sample = write_sample(tmp_path / "sample", SampleConfig.tiny(), NullProgress())
     result = prepare(tmp_path / "sample", tmp_path / "shards", CONFIG, overwrite=False, progress=NullProgress())
@@ -287,7 +290,7 @@ def test_changed_source_over_existing_output_needs_overwrite(tmp_path):
 
 def _counting_headers(monkeypatch) -> list[str]:
     """Record every tar that `sources` reads the headers of (the listing work that a saved listing spares)."""
-    from alexrepro import sources
+    from alexrepro.data import sources
 
     calls: list[str] = []
     real = sources._tar_members

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexrepro import report
-from alexrepro.evaluate import dataset_name
-from alexrepro.shards import ClassInfo, Manifest, SplitInfo
+from alexrepro.data.config import PrepareConfig
+from alexrepro.data.shards.manifest import ClassInfo, Manifest, SplitInfo
+from alexrepro.evaluate import report
+from alexrepro.evaluate.stage import dataset_name
+from alexrepro.model.config import ModelConfig
+from alexrepro.train.config import TrainConfig
 
 NUM_CLASSES = 6
 IMAGES = 30
@@ -26,9 +29,7 @@ def example(rng, label, top=True, distance=None) -> report.Example:
 
 
 def make_inputs(dataset: str = "own data (6 classes, 30 val images)", submission: str = "class index"):
-    from alexrepro.config import config_to_dict
-    from alexrepro.model import ModelConfig
-    from alexrepro.train import TrainConfig
+    from alexrepro.core.config import config_to_dict
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, NUM_CLASSES, size=IMAGES)
@@ -147,7 +148,6 @@ def test_recipe_marks_what_differs_from_the_paper(written):
 
 @pytest.mark.parametrize("size", [112, 256])
 def test_recipe_shows_the_prepared_image_size_beside_the_papers(tmp_path, size):
-    from alexrepro.prepare import PrepareConfig
 
     inputs = make_inputs()
     inputs.prepare_settings = {
@@ -213,7 +213,7 @@ def manifest(classes: int, val: int, wnids=None) -> Manifest:
 
 
 def test_dataset_name_is_ilsvrc_only_for_ilsvrc_sized_data():
-    from alexrepro.sample import PATTERNS
+    from alexrepro.synth.sample import PATTERNS
 
     assert dataset_name(manifest(1000, 50_000)) == "ILSVRC-2012 val"
     assert dataset_name(manifest(1000, 10_000)) == "own data (1000 classes, 10,000 val images)"

@@ -12,21 +12,12 @@ import pytest
 import scipy.io
 from PIL import Image, JpegImagePlugin
 
-from alexrepro.config import load_config
-from alexrepro.errors import AlexReproError, ConfigError
-from alexrepro.progress import NullProgress
-from alexrepro.sample import (
-    DEVKIT_ARCHIVE,
-    GROUND_TRUTH_MEMBER,
-    META_MEMBER,
-    PATTERNS,
-    TRAIN_ARCHIVE,
-    VAL_ARCHIVE,
-    SampleConfig,
-    plan_sample,
-    render_image,
-    write_sample,
-)
+from alexrepro.core.config import load_config
+from alexrepro.core.errors import AlexReproError, ConfigError
+from alexrepro.core.progress import NullProgress
+from alexrepro.synth.config import SampleConfig
+from alexrepro.synth.ilsvrc import DEVKIT_ARCHIVE, GROUND_TRUTH_MEMBER, META_MEMBER, TRAIN_ARCHIVE, VAL_ARCHIVE
+from alexrepro.synth.sample import PATTERNS, plan_sample, render_image, write_sample
 
 WNID = re.compile(r"^n\d{8}$")
 

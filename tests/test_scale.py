@@ -15,17 +15,19 @@ import pytest
 import scipy.io
 from typer.testing import CliRunner
 
-from alexrepro.cli import app
-from alexrepro.progress import NullProgress
-from alexrepro.sample import DEVKIT_ARCHIVE, GROUND_TRUTH_MEMBER, META_MEMBER, TRAIN_ARCHIVE, VAL_ARCHIVE
-from alexrepro.sample_scale import (
+from alexrepro.cli.app import app
+from alexrepro.core.progress import NullProgress
+from alexrepro.data.shards.manifest import read_manifest
+from alexrepro.synth.config import ScaleConfig
+from alexrepro.synth.ilsvrc import (
+    DEVKIT_ARCHIVE,
+    GROUND_TRUTH_MEMBER,
     ILSVRC_TRAIN_IMAGES,
-    ScaleConfig,
-    ilsvrc_train_counts,
-    scale_classes,
-    write_scaled_sample,
+    META_MEMBER,
+    TRAIN_ARCHIVE,
+    VAL_ARCHIVE,
 )
-from alexrepro.shards import read_manifest
+from alexrepro.synth.scale import ilsvrc_train_counts, scale_classes, write_scaled_sample
 
 CLASSES = 300
 SCALE = "1/512"  # 2–3 train images per class, 1 val image per class
@@ -135,7 +137,7 @@ def test_settings_that_scale_decides_are_refused(tmp_path, extra):
 
 
 def test_bench_runs_a_stage_as_a_subprocess_and_measures_it(tmp_path):
-    from alexrepro.bench_scale import run_stage
+    from alexrepro.bench.scale import run_stage
 
     out = tmp_path / "download"
     args = ["sample", str(out), "--scale", "1/512", "--classes", "3", "--seed", "1"]
@@ -155,7 +157,7 @@ def test_bench_scale_refuses_a_class_count_out_of_range(tmp_path):
 
 def test_prepare_killed_with_signal_9_resumes_to_the_same_bytes_without_starting_over(download, tmp_path):
     """What `alexrepro bench scale --kill-resume` does at 1/64 … 1: the same functions, at a small scale."""
-    from alexrepro.bench_scale import run_stage, same_output
+    from alexrepro.bench.scale import run_stage, same_output
 
     common = ["--size", "32", "--shard-size", "5", "--workers", "1"]
     reference, again = tmp_path / "reference", tmp_path / "again"

@@ -8,23 +8,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from alexrepro.errors import FormatError
-from alexrepro.shards import (
-    ClassInfo,
-    Manifest,
-    RejectedFile,
-    Sample,
-    ShardIndex,
-    ShardReader,
-    SplitInfo,
-    iter_shard,
-    iter_split,
-    read_manifest,
-    scan_members,
-    verify_shards,
-    write_manifest,
-    write_shard,
-)
+from alexrepro.core.errors import FormatError
+from alexrepro.data.shards.index import ShardIndex, ShardReader, iter_shard, iter_split
+from alexrepro.data.shards.manifest import ClassInfo, Manifest, RejectedFile, Sample, SplitInfo, read_manifest
+from alexrepro.data.shards.verify import verify_shards
+from alexrepro.data.shards.writer import scan_members, write_manifest, write_shard
 from conftest import write_prepared
 
 SAMPLES = [Sample(key=f"n0000000{i % 2}_{i}", jpeg=bytes([i]) * (100 + 300 * i), label=i % 2) for i in range(5)]

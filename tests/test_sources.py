@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 import fixtures as fx
-from alexrepro.errors import SourceError
-from alexrepro.sources import find_source, make_key
+from alexrepro.core.errors import SourceError
+from alexrepro.data.sources import find_source, make_key
 
 
 def labelled(source) -> dict[str, dict[str, int]]:

@@ -8,17 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from alexrepro.config import load_config
-from alexrepro.errors import ConfigError, FormatError, OutputExistsError
-from alexrepro.progress import NullProgress
-from alexrepro.shards import (
-    ClassInfo,
-    Sample,
-    read_manifest,
-    sha256_file,
-    write_manifest,
-)
-from alexrepro.stats import StatsConfig, check_stats_source, compute_stats, load_stats
+from alexrepro.core.config import load_config
+from alexrepro.core.errors import ConfigError, FormatError, OutputExistsError
+from alexrepro.core.files import sha256_file
+from alexrepro.core.progress import NullProgress
+from alexrepro.data.config import StatsConfig
+from alexrepro.data.shards.manifest import ClassInfo, Sample, read_manifest
+from alexrepro.data.shards.writer import write_manifest
+from alexrepro.data.stats import check_stats_source, compute_stats, load_stats
 from conftest import jpeg_bytes, write_prepared
 
 SIZE = 16
@@ -49,7 +46,7 @@ def shards(tmp_path_factory):
 
 
 def _train_images(shards_dir, limit=None):
-    from alexrepro.shards import iter_split
+    from alexrepro.data.shards.index import iter_split
 
     images = [np.asarray(Image.open(io.BytesIO(s.jpeg)).convert("RGB")) for s in iter_split(shards_dir, "train")]
     return np.stack(images[:limit]).astype(np.float64)
@@ -163,7 +160,7 @@ def test_shards_written_by_other_tar_tools_are_read_too(shards, tmp_path):
 
 
 def test_bench_stats_reports_steady_state_and_whole_run_figures():
-    from alexrepro.bench_data import bench_stats
+    from alexrepro.bench.data import bench_stats
 
     report = bench_stats(images=4, workers=2, size=32, rounds=1)
     names = [row["name"] for row in report.rows]

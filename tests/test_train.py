@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from alexrepro.checkpoint import load_checkpoint, model_from_checkpoint
-from alexrepro.errors import ConfigError, OutputExistsError, TrainingError
-from alexrepro.progress import NullProgress
-from alexrepro.train import HISTORY_FIELDS, RESULT_FIELDS, TrainConfig, train
+from alexrepro.core.errors import ConfigError, OutputExistsError, TrainingError
+from alexrepro.core.progress import NullProgress
+from alexrepro.model.checkpoint import load_checkpoint, model_from_checkpoint
+from alexrepro.train.config import TrainConfig
+from alexrepro.train.loop import HISTORY_FIELDS, RESULT_FIELDS, train
 from train_helpers import make_shards, make_stats
 
 TINY = dict(
@@ -89,7 +90,7 @@ def test_resume_with_other_settings_is_refused(two_epochs, data):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monkeypatch):
     train(*data, tmp_path, TrainConfig(epochs=1, **TINY), False, NullProgress())
     good = weights(tmp_path / "checkpoint-last.pt")
-    import alexrepro.train as module
+    import alexrepro.train.loop as module
 
     clean = module.Preprocess.__call__
     monkeypatch.setattr(module.Preprocess, "__call__", lambda self, batch, train: clean(self, batch, train) * math.nan)
@@ -102,10 +103,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data, tmp_path, monke
 SCRIPT = """
 import os, signal, sys, torch
 from pathlib import Path
-import alexrepro.train as module
-from alexrepro.errors import AlexReproError
-from alexrepro.progress import NullProgress
-from alexrepro.train import TrainConfig, train
+import alexrepro.train.loop as module
+from alexrepro.core.errors import AlexReproError
+from alexrepro.core.progress import NullProgress
+from alexrepro.train.loop import TrainConfig, train
 torch.set_num_threads(1)
 step = module.train_step
 def step_then_signal(run, batch, epoch, sums):
@@ -146,7 +147,7 @@ def test_sigterm_writes_a_checkpoint_that_resumes_exactly(two_epochs, data, tmp_
 
 def test_paper_update_rule_matches_the_papers_formula_across_an_lr_change():
     """v ← 0.9·v − 0.0005·ε·w − ε·g; w ← w + v (§5), written out by hand, against SGD + apply_lr("paper")."""
-    from alexrepro.train import apply_lr
+    from alexrepro.train.loop import apply_lr
 
     torch.manual_seed(0)
     grads = [torch.randn(4) for _ in range(6)]
@@ -165,7 +166,7 @@ def test_paper_update_rule_matches_the_papers_formula_across_an_lr_change():
 
 
 def test_plateau_schedule_divides_by_ten_and_stops_after_max_drops():
-    from alexrepro.train import LrSchedule
+    from alexrepro.train.loop import LrSchedule
 
     config = TrainConfig(lr=0.01, lr_patience=2, lr_min_improvement=0.01, max_lr_drops=2)
     schedule = LrSchedule(config.lr)
@@ -196,8 +197,8 @@ def test_cuda_run_with_bf16_and_channels_last(data, tmp_path, devices):
 def test_biases_are_untouched_by_weight_decay_after_one_step():
     """§5 decays the weights w; cuda-convnet gives biases a weight cost of 0. With a zero gradient, one SGD step
     moves a weight by −ε·λ·w (hand computation: momentum buffer starts at λ·w) and leaves every bias as it was."""
-    from alexrepro.model import AlexNet
-    from alexrepro.train import make_optimizer
+    from alexrepro.model.network import AlexNet
+    from alexrepro.train.loop import make_optimizer
 
     config = TrainConfig(lr=0.01, weight_decay=5e-4, crop=67, width=0.125)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""The one worker pool (alexrepro.workers): how many workers, results in order, a dead worker reported."""
+"""The one worker pool (alexrepro.core.workers): how many workers, results in order, a dead worker reported."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from alexrepro import workers
-from alexrepro.errors import WorkerDiedError
-from alexrepro.workers import map_ordered, map_unordered, usable_cores, worker_count
+from alexrepro.core import workers
+from alexrepro.core.errors import WorkerDiedError
+from alexrepro.core.workers import map_ordered, map_unordered, usable_cores, worker_count
 
 
 def test_worker_count_defaults_to_the_usable_cores_and_keeps_to_the_limits():
@@ -20,8 +20,8 @@ def test_worker_count_defaults_to_the_usable_cores_and_keeps_to_the_limits():
 
 def test_ordered_results_come_in_task_order_from_a_pool():
     tasks = [-i for i in range(300)]
-    assert list(map_ordered(abs, tasks, 3, preload="alexrepro.workers")) == list(range(300))
-    assert sorted(map_unordered(abs, tasks, 3, preload="alexrepro.workers")) == list(range(300))
+    assert list(map_ordered(abs, tasks, 3, preload="alexrepro.core.workers")) == list(range(300))
+    assert sorted(map_unordered(abs, tasks, 3, preload="alexrepro.core.workers")) == list(range(300))
 
 
 def test_pool_workers_are_fresh_interpreters_not_forks(monkeypatch):
@@ -34,11 +34,11 @@ def test_pool_workers_are_fresh_interpreters_not_forks(monkeypatch):
             super().__init__(max_workers, mp_context=mp_context)
 
     monkeypatch.setattr(workers, "ProcessPoolExecutor", Recording)
-    assert list(map_ordered(abs, [-1, -2, -3], 2, preload="alexrepro.workers")) == [1, 2, 3]
+    assert list(map_ordered(abs, [-1, -2, -3], 2, preload="alexrepro.core.workers")) == [1, 2, 3]
     assert methods and "fork" not in methods
 
 
 @pytest.mark.parametrize("mapper", [map_ordered, map_unordered])
 def test_a_worker_that_dies_is_reported_not_waited_for(mapper):
     with pytest.raises(WorkerDiedError, match="worker process died"):
-        list(mapper(os._exit, [3, 3, 3], 2, preload="alexrepro.workers"))
+        list(mapper(os._exit, [3, 3, 3], 2, preload="alexrepro.core.workers"))

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from alexrepro.loader import Augmentation, EpochSpec, LoaderSettings, ordered_loader, split_index, train_loader
-from alexrepro.shards import ClassInfo, Manifest, Sample
+from alexrepro.data.config import StatsConfig
+from alexrepro.data.loader import Augmentation, EpochSpec, LoaderSettings, ordered_loader, split_index, train_loader
+from alexrepro.data.shards.manifest import ClassInfo, Manifest, Sample
 from conftest import in_shards, jpeg_bytes, write_prepared
 
 
@@ -58,7 +59,7 @@ def normalization_of(shards: Path, manifest: Manifest, input_scale: float) -> di
     """The normalisation entry computed directly from the train shards (mean image, RGB covariance eigenpairs)."""
     import torch
 
-    from alexrepro.shards import iter_split
+    from alexrepro.data.shards.index import iter_split
 
     images = np.stack(
         [np.asarray(Image.open(io.BytesIO(s.jpeg)).convert("RGB")) for s in iter_split(shards, "train", manifest)]
@@ -76,8 +77,8 @@ def normalization_of(shards: Path, manifest: Manifest, input_scale: float) -> di
 
 def make_stats(shards: Path, out: Path) -> Path:
     """A stats folder for `shards`, written by the stats stage."""
-    from alexrepro.progress import NullProgress
-    from alexrepro.stats import StatsConfig, compute_stats
+    from alexrepro.core.progress import NullProgress
+    from alexrepro.data.stats import compute_stats
 
     compute_stats(shards, out, StatsConfig(workers=1), NullProgress())
     return out
@@ -85,12 +86,12 @@ def make_stats(shards: Path, out: Path) -> Path:
 
 def train_batches(shards: Path, manifest: Manifest, augmentation: Augmentation, batch_size: int, seed: int,
                   epoch: int, workers: int = 0, start_step: int = 0, **settings):  # fmt: skip
-    """alexrepro.loader.train_loader over the train split of prepared `shards`; `settings`: LoaderSettings' rest."""
+    """alexrepro.data.loader.train_loader over the train split of prepared `shards`; `settings`: LoaderSettings' rest."""
     order = EpochSpec(seed, epoch, start_step)
     return train_loader(split_index(shards, manifest, "train"), augmentation, order,
                         LoaderSettings(batch_size, workers, **settings))  # fmt: skip
 
 
 def val_batches(shards: Path, manifest: Manifest, crop: int | None, batch_size: int, workers: int = 0, **settings):
-    """alexrepro.loader.ordered_loader over the val split of prepared `shards`, as training validates."""
+    """alexrepro.data.loader.ordered_loader over the val split of prepared `shards`, as training validates."""
     return ordered_loader(split_index(shards, manifest, "val"), crop, LoaderSettings(batch_size, workers, **settings))

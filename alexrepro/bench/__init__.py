@@ -1,0 +1,1 @@
+"""Benchmarks (`alexrepro bench …`): each stage timed beside a baseline in the same run, reported as ratios."""

@@ -1,0 +1,1 @@
+"""The command line: Typer commands that parse flags, call a stage and print. Imported by nothing in the package."""

@@ -1,0 +1,641 @@
+"""Input pipelines over the shards: split by rank and by loader worker, read by offset, batched in the workers.
+
+How an epoch's data is laid out (the same on 1 process or on many):
+
+1. The epoch's *global sequence*, a permutation of the split's samples: for train, the shards in an order shuffled
+   by (seed, epoch), then a shuffle buffer of `shuffle_buffer` samples seeded by (seed, epoch) (webdataset's
+   shard-shuffle + buffer-shuffle recipe, applied to sample numbers); for validation, manifest order.
+2. The global sequence is cut into global batches of `batch_size` (the last one may be smaller); the epoch length
+   comes from the manifest's counts, so every process knows every batch's size without reading anything.
+3. Each global batch is split evenly across ranks (torch.distributed); each rank's share is one *rank batch*;
+   a rank's DataLoader worker w builds the rank batches k with k % workers == w, and DataLoader's in-order
+   round robin hands them to the training loop in step order.
+
+So no sample is duplicated or dropped, and the union of the ranks' batches at step k is exactly the global batch a
+single process sees at step k: a 2-rank run and a 1-rank run with the same global batch train on the same data.
+
+The split is at the sample level, never by shard, so it works whatever the number of shards (the built-in sample has
+a handful) and whatever ranks × workers. What makes that cheap is the `ShardIndex` that prepare persisted: the byte
+offset of every sample's members in the (webdataset-format) tars, one file read per run (alexrepro.data.shards). Each
+worker then reads only its own samples, by offset, through `shards.ShardReader`; a streaming reader would have to
+stream every shard's bytes and throw most away, a cost that grows with ranks × workers (docs/benchmarks.md "Loader").
+
+Randomness is per sample: the crop position, the reflection and the PCA lighting coefficients of the image at
+position i of epoch e come from a generator seeded by (seed, e, i). An epoch's data is therefore the same for any
+number of ranks or workers, and a run resumed mid-epoch skips the batches it already did (without reading them)
+and sees exactly the data an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import random
+import re
+import signal
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from alexrepro.core.errors import (
+    AlexReproError,
+    DeviceMemoryError,
+    FormatError,
+    SharedMemoryError,
+    WorkerDiedError,
+    exception_text,
+)
+from alexrepro.core.progress import NullProgress, Progress
+from alexrepro.data.augment import center_offset
+from alexrepro.data.config import Augmentation
+from alexrepro.data.shards.index import ShardIndex, ShardReader
+from alexrepro.data.shards.manifest import Manifest
+from alexrepro.data.shards.verify import verify_shards
+
+Decoder = Literal["torchvision", "pil"]
+DecodeOn = Literal["workers", "device"]  # where the JPEGs are decoded (alexrepro.data.feed decodes on the device)
+JpegDecoder = Callable[[bytes | memoryview], torch.Tensor]  # JPEG bytes (or a view of a mapped shard) → 3×H×W uint8
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which samples of the global sequence each rank takes at each step: arithmetic on the manifest's count."""
+
+    samples: int  # length of the global sequence (the split's count in the manifest)
+    batch_size: int  # global batch
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def steps(self) -> int:
+        return -(-self.samples // self.batch_size)
+
+    def global_batch(self, step: int) -> tuple[int, int]:
+        """[start, end) of global batch `step` in the sequence."""
+        start = step * self.batch_size
+        return start, min(start + self.batch_size, self.samples)
+
+    def rank_batch(self, step: int) -> tuple[int, int]:
+        """[start, end) of this rank's share of global batch `step` (shares differ by at most one sample)."""
+        start, end = self.global_batch(step)
+        size = end - start
+        return start + self.rank * size // self.world_size, start + (self.rank + 1) * size // self.world_size
+
+
+@dataclass(frozen=True)
+class EpochSpec:
+    """Which pass over a split to read: its order, keyed by (seed, epoch), and the step to start from (a resume)."""
+
+    seed: int
+    epoch: int  # 0-based
+    start_step: int = 0
+    shuffle_buffer: int = 2000  # samples in the shuffle buffer; 0: the shards' stored order
+
+
+STORED_ORDER = EpochSpec(seed=0, epoch=0, shuffle_buffer=0)  # evaluation: every sample once, as stored
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How a run reads its splits, the same in every epoch: the global batch, this rank's share of it, the worker
+    processes, and where the JPEGs are decoded."""
+
+    batch_size: int  # the global batch: all ranks' shares together
+    workers: int = 0  # DataLoader worker processes; 0 reads in the calling process
+    rank: int = 0
+    world_size: int = 1
+    pin_memory: bool = False  # page-locked batches, for non-blocking copies to a CUDA device
+    decoder: Decoder = "torchvision"
+    decode_on: DecodeOn = "workers"  # "device": workers only read; alexrepro.data.feed decodes the batch
+
+
+@dataclass
+class Batch:
+    """One rank batch as the workers hand it over: uint8 crops (or the JPEG bytes) and where they came from.
+
+    The crops are not yet mirrored: `flipped` says which ones the device mirrors (alexrepro.data.augment.flip_where),
+    where it costs nothing; in a worker, mirroring an H×W×3 crop costs about a sixth of the JPEG decode.
+    With `decode_on="device"` the workers only read: `images` is None and `jpegs` holds the batch's JPEG files end
+    to end (one buffer, so one shared-memory segment per batch), cut by `jpeg_sizes`; alexrepro.data.feed decodes and
+    crops them on the device at the same `offsets`.
+    """
+
+    images: torch.Tensor | None  # n×3×crop×crop uint8 (channels-last storage: n×crop×crop×3 in memory)
+    labels: torch.Tensor  # n int64
+    offsets: torch.Tensor  # n×2 int64 (y, x) of each crop in the full image
+    flipped: torch.Tensor  # n bool: this crop is to be mirrored left-right
+    alphas: torch.Tensor  # n×3 float32 PCA lighting coefficients (zeros when lighting is off)
+    keys: list[str]
+    step: int  # index of the global batch in the epoch
+    global_size: int  # images in the whole global batch (all ranks), for averaging the loss
+    crop: int = 0  # side of the crops (the whole image's side when evaluating uncropped)
+    jpegs: torch.Tensor | None = None  # decode_on="device": the n JPEG files concatenated, uint8
+    jpeg_sizes: torch.Tensor | None = None  # n int64: the length of each file in `jpegs`
+    inputs: torch.Tensor | None = None  # set by alexrepro.data.feed: the preprocessed batch on the device
+    targets: torch.Tensor | None = None  # set by alexrepro.data.feed: `labels` on the device
+    slot: torch.Tensor | None = None  # the flag of the worker's shared buffer that `images` lies in (SharedSlots)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def pin_memory(self) -> Batch:
+        if self.images is not None:  # pin the contiguous (channels-last) storage
+            self.images = self.images.permute(0, 2, 3, 1).pin_memory().permute(0, 3, 1, 2)
+            self.release()  # the pixels are copied out: the worker may refill its buffer
+        for name in ("labels", "offsets", "flipped", "alphas", "jpegs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).pin_memory())
+        return self
+
+    def release(self) -> None:
+        """Hand the worker's shared buffer back for a later batch; `images` may be overwritten from now on (so it is
+        dropped here). Whoever has copied the pixels out calls this: alexrepro.data.feed after preprocessing, or
+        pin_memory. Batches never released keep their buffer (see SharedSlots)."""
+        if self.slot is not None:
+            self.images = None if self.images is None or not self.images.is_pinned() else self.images
+            self.slot.zero_()
+            self.slot = None
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """One integer per (seed, epoch) for the shard order and the shuffle buffer."""
+    return random.Random(f"alexrepro/{seed}/{epoch}").getrandbits(63)
+
+
+def global_sequence(index: ShardIndex, seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
+    """The epoch's order of sample numbers: shard shuffle + buffer shuffle, seeded by (seed, epoch); 0 = stored order."""
+    if not shuffle_buffer:
+        return np.arange(len(index))
+    rng = random.Random(epoch_seed(seed, epoch))
+    starts = list(index.shard_starts()) + [len(index)]
+    order = list(range(len(index.paths)))
+    rng.shuffle(order)
+    out: list[int] = []
+    buffer: list[int] = []
+    for shard in order:
+        for sample in range(starts[shard], starts[shard + 1]):
+            if len(buffer) < shuffle_buffer:
+                buffer.append(sample)
+                continue
+            slot = rng.randrange(shuffle_buffer)
+            out.append(buffer[slot])
+            buffer[slot] = sample
+    rng.shuffle(buffer)
+    out.extend(buffer)
+    return np.asarray(out, dtype=np.int64)
+
+
+class ShardBatches(IterableDataset):
+    """The rank batches of one epoch, built in DataLoader workers (or in the main process with 0 workers)."""
+
+    def __init__(
+        self,
+        index: ShardIndex,
+        plan: EpochPlan,
+        augmentation: Augmentation | None,
+        epoch: EpochSpec,
+        decoder: Decoder = "torchvision",
+        crop: int | None = None,
+        decode_on: DecodeOn = "workers",
+    ):
+        self.index = index
+        self.plan = plan
+        self.augmentation = augmentation  # None: evaluation, the centre `crop` (or the whole image if crop is None)
+        self.epoch = epoch
+        self.decoder = decoder
+        self.crop: int | None = augmentation.crop if augmentation else crop
+        if decode_on not in ("workers", "device"):
+            raise ValueError(f"decode_on must be 'workers' or 'device', got {decode_on!r}")
+        self.decode_on = decode_on
+        self._slots = SharedSlots()  # filled in each worker process (each has its own copy of the dataset)
+        if decode_on == "workers":
+            load_decoder(decoder)
+
+    def __iter__(self) -> Iterator[Batch | _Fault]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        sequence = global_sequence(self.index, self.epoch.seed, self.epoch.epoch, self.epoch.shuffle_buffer)
+        decode = _decoders()[self.decoder]
+        with ShardReader(self.index) as files:
+            for step in range(self.epoch.start_step, self.plan.steps):
+                if step % workers != worker:
+                    continue
+                start, end = self.plan.rank_batch(step)
+                try:
+                    if self.decode_on == "device":
+                        batch = self._collate_jpegs(
+                            [self._read(files, int(sequence[i]), i) for i in range(start, end)], step
+                        )
+                    elif self.crop is None:  # whole images: their size is known once decoded
+                        items = [self._load(files, int(sequence[i]), i, decode) for i in range(start, end)]
+                        batch = self._collate(items, step)
+                    else:
+                        batch = self._decode_batch(files, sequence, start, end, step, decode)
+                except (AlexReproError, MemoryError) as exc:
+                    if info is None:
+                        raise
+                    # DataLoader re-raises a worker's exception with the worker's whole traceback in its message;
+                    # handed over as data, it reaches the user as the one line it is (see _BatchLoader).
+                    yield _Fault(exc)
+                    return
+                yield batch
+
+    def _load(self, files: ShardReader, sample: int, position: int, decode: JpegDecoder):
+        label = files.label(sample)  # checked against the manifest's classes
+        image = decode_sample(decode, files.jpeg_view(sample), self.index, sample)  # 3×H×W uint8
+        if min(image.shape[1:]) < (self.crop or 0):
+            raise FormatError(
+                f"{self.index.paths[self.index.shard[sample]]}: sample {self.index.key(sample)} is "
+                f"{image.shape[2]}×{image.shape[1]}, smaller than the {self.crop}-pixel crop; rerun `alexrepro prepare`"
+            )
+        crop, (y, x), flipped, alphas = self._view(position, image.shape[1], image.shape[2])
+        # Crop in the decoder's H×W×3 layout: rows of the crop are contiguous there, so stacking is a plain copy
+        # (cropping the 3×H×W view instead costs 15× more). The reflection is left to the device (see Batch).
+        view = image.permute(1, 2, 0)[y : y + crop, x : x + crop]  # crop×crop×3
+        return view, label, (y, x), flipped, alphas, self.index.key(sample)
+
+    def _read(self, files: ShardReader, sample: int, position: int):
+        """decode_on="device": the JPEG bytes and the same view draws as `_load`, sized from the JPEG's header."""
+        data = files.jpeg_view(sample)  # copied once, into the batch's buffer (_collate_jpegs)
+        height, width = jpeg_size(data)
+        crop, offset, flipped, alphas = self._view(position, height, width)
+        return data, files.label(sample), offset, flipped, alphas, self.index.key(sample)
+
+    def _view(self, position: int, height: int, width: int):
+        """(crop side, (y, x), flipped, α) of the image at `position`: per sample, independent of ranks and workers."""
+        aug = self.augmentation
+        if aug is None:
+            crop = self.crop or height
+            return crop, center_offset(height, crop), False, (0.0, 0.0, 0.0)
+        crop = aug.crop
+        # per sample: independent of ranks and workers
+        rng = random.Random(f"{self.epoch.seed}/{self.epoch.epoch}/{position}")
+        if aug.random_crop:
+            offset = (rng.randrange(height - crop + 1), rng.randrange(width - crop + 1))
+        else:
+            offset = center_offset(height, crop)
+        flipped = aug.flip and rng.random() < 0.5
+        alphas = tuple(rng.gauss(0.0, aug.lighting_std) for _ in range(3)) if aug.lighting_std > 0 else (0.0, 0.0, 0.0)
+        return crop, offset, flipped, alphas
+
+    def _decode_batch(self, files: ShardReader, sequence: np.ndarray, start: int, end: int, step: int, decode) -> Batch:
+        crop = self.crop
+        assert crop is not None, "whole images go through _collate"
+        images, slot = self._buffer((end - start, crop, crop, 3))  # n×crop×crop×3
+        rows = images.numpy()  # numpy copies a strided crop 5× faster than Tensor.copy_ (4 vs 24 µs for 227²)
+        items = []
+        for row, position in enumerate(range(start, end)):
+            view, *meta = self._load(files, int(sequence[position]), position, decode)
+            # Copied at once, so each decoded image is freed before the next one is decoded and the allocator
+            # hands the same, cache-warm memory back (holding a batch of them costs fresh pages, which page faults
+            # make dear: docs/benchmarks.md "Loader").
+            rows[row] = view.numpy()
+            items.append((None, *meta))
+        batch = self._batch(items, step, crop, images=images.permute(0, 3, 1, 2))  # n×3×crop×crop, channels-last
+        batch.slot = slot
+        return batch
+
+    def _collate(self, items: list, step: int) -> Batch:
+        crop = items[0][0].shape[0] if items else 0
+        images, slot = self._buffer((len(items), crop, crop, 3))  # n×crop×crop×3
+        if items:
+            torch.stack([item[0] for item in items], out=images)
+        batch = self._batch(items, step, crop, images=images.permute(0, 3, 1, 2))  # n×3×crop×crop, channels-last
+        batch.slot = slot
+        return batch
+
+    def _buffer(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Where a batch's pixels go. In a worker: shared memory (as DataLoader's default_collate does), one of the
+        worker's reusable buffers when one is free (SharedSlots), so that the batch crosses to the training process
+        without another copy and without the page faults of a fresh segment."""
+        if get_worker_info() is None:
+            return torch.empty(shape, dtype=torch.uint8), None
+        return self._slots.take(shape)
+
+    def _collate_jpegs(self, items: list, step: int) -> Batch:
+        sizes = [len(item[0]) for item in items]
+        jpegs = _shared_empty((sum(sizes),), torch.uint8)
+        if items:
+            jpegs.numpy()[:] = np.frombuffer(b"".join(item[0] for item in items), dtype=np.uint8)
+        batch = self._batch(items, step, self.crop or 0, images=None)
+        batch.jpegs, batch.jpeg_sizes = jpegs, torch.tensor(sizes, dtype=torch.int64)
+        return batch
+
+    def _batch(self, items: list, step: int, crop: int, images: torch.Tensor | None) -> Batch:
+        start, end = self.plan.global_batch(step)
+        return Batch(
+            images=images,
+            labels=torch.tensor([item[1] for item in items], dtype=torch.int64),
+            offsets=torch.tensor([item[2] for item in items], dtype=torch.int64).reshape(-1, 2),
+            flipped=torch.tensor([item[3] for item in items], dtype=torch.bool),
+            alphas=torch.tensor([item[4] for item in items], dtype=torch.float32).reshape(-1, 3),
+            keys=[item[5] for item in items],
+            step=step,
+            global_size=end - start,
+            crop=crop,
+        )
+
+
+class SharedSlots:
+    """A loader worker's few shared-memory buffers for its batches' pixels, reused once the training process is done
+    with them.
+
+    Why: a fresh shared-memory segment per batch (what DataLoader does) is paid in page faults: measured ~100 µs per
+    227² crop in the worker alone, a fifth of the JPEG decode (docs/benchmarks.md "Loader"). Each buffer starts with a
+    flag byte: the worker sets it when it fills the buffer; the training process clears it (`Batch.release`) once it
+    has copied the pixels out. A consumer that never releases loses nothing: with every buffer taken, the worker
+    falls back to a fresh segment per batch. `size` covers the batches in flight: DataLoader's prefetch (4 per
+    worker), the batch being pinned and the feed's one batch ahead.
+    """
+
+    HEADER = 64  # bytes before the pixels: the flag, and alignment
+
+    def __init__(self, size: int = 7):
+        self.size = size
+        self.buffers: list[torch.UntypedStorage] = []
+
+    def __getstate__(self) -> dict:
+        return {"size": self.size, "buffers": []}  # each worker keeps its own buffers
+
+    def take(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """An uninitialised uint8 tensor of `shape` in shared memory, and its buffer's flag (None: not pooled)."""
+        nbytes = self.HEADER + int(np.prod(shape))
+        free = next((b for b in self.buffers if b[0] == 0 and b.nbytes() >= nbytes), None)
+        if free is None and len(self.buffers) < self.size:
+            free = new_shared_storage(nbytes)
+            self.buffers.append(free)
+        if free is None:
+            return _shared_empty(shape, torch.uint8), None
+        free[0] = 1
+        # torch accepts set_(storage, offset, size) (strides: contiguous); its stubs list only the 4-argument form.
+        flag = torch.empty(0, dtype=torch.uint8).set_(free, 0, (1,))  # type: ignore[call-overload]
+        return torch.empty(0, dtype=torch.uint8).set_(free, self.HEADER, shape), flag  # type: ignore[call-overload]
+
+
+def new_shared_storage(nbytes: int) -> torch.UntypedStorage:
+    """`nbytes` of shared memory for a batch (in /dev/shm); a failure is one line that says what to change, where
+    torch's own error would arrive as the worker's whole traceback."""
+    try:
+        return torch.UntypedStorage._new_shared(nbytes)
+    except (RuntimeError, OSError) as exc:
+        raise SharedMemoryError(
+            f"a loader worker could not get {nbytes / 1e6:,.1f} MB of shared memory for a batch "
+            f"({exception_text(exc, 160)}); give /dev/shm more room (a container's default is 64 MB: e.g. docker "
+            "run --shm-size=8g), raise `ulimit -f`, or read in the main process with --workers 0"
+        ) from None
+
+
+def _shared_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor in shared memory inside a DataLoader worker (plain memory elsewhere)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = int(np.prod(shape))
+    storage = new_shared_storage(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
+def jpeg_size(data: bytes | memoryview) -> tuple[int, int]:
+    """(height, width) from a JPEG's start-of-frame header, without decoding (ITU-T T.81 §B.2.2)."""
+    at = 2  # after the SOI marker
+    while at + 9 <= len(data):
+        if data[at] != 0xFF:
+            break
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        length = int.from_bytes(data[at + 2 : at + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn: baseline, progressive, …
+            return int.from_bytes(data[at + 5 : at + 7], "big"), int.from_bytes(data[at + 7 : at + 9], "big")
+        at += 2 + length
+    raise FormatError("a shard member is not a JPEG with a frame header; rerun `alexrepro prepare`")
+
+
+def split_index(shards: Path, manifest: Manifest, split: str) -> ShardIndex:
+    """The ShardIndex of one split, as prepare persisted it (load it once per run, pass it to every epoch's loader)."""
+    return ShardIndex.load(shards, manifest, split)
+
+
+def verified_index(
+    shards: Path,
+    manifest: Manifest,
+    split: str,
+    stamp_dir: Path,
+    workers: int,
+    part: tuple[int, int] = (0, 1),
+    progress: Progress = NullProgress(),
+) -> ShardIndex:
+    """split_index, with the split's shards checked against the manifest's sha256 once per `stamp_dir` (the
+    consumer's output folder; alexrepro.data.shards.verify_shards); `part=(rank, world)` shares the hashing."""
+    index = split_index(shards, manifest, split)
+    verify_shards(index, stamp_dir, max(1, workers), part, progress)
+    return index
+
+
+def train_loader(
+    index: ShardIndex, augmentation: Augmentation, epoch: EpochSpec, settings: LoaderSettings
+) -> DataLoader:
+    """This rank's batches of training epoch `epoch`, from its `start_step` on (`index`: the train split's, see
+    split_index). With `decode_on="device"` the batches hold JPEG bytes, for alexrepro.data.feed to decode on the device."""
+    plan = EpochPlan(len(index), settings.batch_size, settings.rank, settings.world_size)
+    dataset = ShardBatches(index, plan, augmentation, epoch, settings.decoder, decode_on=settings.decode_on)
+    return _loader(dataset, settings)
+
+
+def ordered_loader(index: ShardIndex, crop: int | None, settings: LoaderSettings) -> DataLoader:
+    """Every sample of `index` exactly once across ranks, in stored order, centre-cropped to `crop` (None: whole):
+    validation in training, and evaluation."""
+    plan = EpochPlan(len(index), settings.batch_size, settings.rank, settings.world_size)
+    dataset = ShardBatches(index, plan, None, STORED_ORDER, settings.decoder, crop, settings.decode_on)
+    return _loader(dataset, settings)
+
+
+def _loader(dataset: ShardBatches, settings: LoaderSettings) -> DataLoader:
+    # batch_size=None: the workers already batch; each yields whole rank batches, which DataLoader passes through
+    # in worker round-robin order, i.e. in step order.
+    return _BatchLoader(
+        dataset,
+        batch_size=None,
+        num_workers=settings.workers,
+        pin_memory=settings.pin_memory,
+        collate_fn=_identity,
+        prefetch_factor=4 if settings.workers else None,
+        persistent_workers=False,
+        worker_init_fn=_worker_init,
+    )
+
+
+def _identity(batch: Any) -> Any:  # DataLoader's stubs ask for a list (true only when it batches itself)
+    return batch
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@dataclass
+class _Fault:
+    """An error met in a worker (a corrupt sample, no memory), passed to the main process in place of a batch."""
+
+    error: BaseException
+
+
+class _BatchLoader(DataLoader):
+    """DataLoader whose workers ignore the signals that stop a run, and whose worker errors stay one line.
+
+    A scheduler (SLURM, Kubernetes) or Ctrl-C signals the whole process group. Workers that die of it make the main
+    process raise from its SIGCHLD handler, wherever it is (even half-way through writing a checkpoint); so workers
+    ignore SIGINT and SIGTERM and the main process alone decides how to stop. The signals stay blocked while the
+    workers are forked, so that none arrives before a worker has set them aside (`_worker_init`).
+    """
+
+    def __iter__(self):
+        can_block = hasattr(signal, "pthread_sigmask")
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if can_block else None
+        try:
+            batches = super().__iter__()
+        finally:
+            if previous is not None:  # can_block
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if self.num_workers:
+            _running.add(batches)
+            # Exit handlers run last-registered first: this one must run before multiprocessing's (registered when
+            # the first worker started), which would stop the workers with SIGTERM, which they ignore.
+            atexit.unregister(_stop_workers_at_exit)
+            atexit.register(_stop_workers_at_exit)
+        return _raise_faults(batches)
+
+
+# The iterators whose workers may still run. A run that stops on an error can exit with its iterator still held by
+# the error's traceback; multiprocessing's exit handler would then wait for the workers forever.
+_running: weakref.WeakSet = weakref.WeakSet()
+
+
+def _stop_workers_at_exit() -> None:
+    for batches in list(_running):
+        batches._shutdown_workers()  # unregisters them from torch's SIGCHLD check, asks them to stop, joins them
+        for worker in getattr(batches, "_workers", ()):
+            if worker.is_alive():  # one that did not answer in time
+                worker.kill()
+
+
+def _raise_faults(batches: Iterator) -> Iterator[Batch]:
+    for batch in batches:
+        if isinstance(batch, _Fault):
+            raise batch.error
+        yield batch
+
+
+def _worker_init(_worker_id: int) -> None:
+    for sig in _STOP_SIGNALS:  # the main process stops the run; see _BatchLoader
+        signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    torch.set_num_threads(1)  # a worker decodes one image at a time; extra threads only contend for cores
+
+
+_WORKER_DIED = re.compile(r"DataLoader worker \(pid")
+
+
+def _worker_death(exc: BaseException) -> str | None:
+    """torch's own message when `exc` says a DataLoader worker died (a signal, the out-of-memory killer), else None.
+
+    torch reports it as a plain RuntimeError, raised from its SIGCHLD handler or from the loader's iterator."""
+    if isinstance(exc, RuntimeError) and _WORKER_DIED.match(str(exc)):
+        return str(exc).strip().splitlines()[0].rstrip(". ")
+    return None
+
+
+@contextlib.contextmanager
+def one_line_run_failures(kept: Callable[[], str], memory_fix: str, worker_fix: str) -> Iterator[None]:
+    """The two ways a train or evaluate run fails outside its own code, each turned into one line: the GPU out of
+    memory, and a loader worker that died. `kept()` says, when it happens, what the run leaves to go on from."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:  # before RuntimeError, its base class
+        raise DeviceMemoryError(f"out of GPU memory ({exception_text(exc, 200)}); {kept()}; {memory_fix}") from None
+    except RuntimeError as exc:
+        died = _worker_death(exc)
+        if died is None:
+            raise
+        raise WorkerDiedError(
+            f"a loader worker process died ({died}; on Linux most often the out-of-memory killer, see `dmesg`); "
+            f"{kept()}; {worker_fix}"
+        ) from None
+
+
+def decode_sample(decode: JpegDecoder, data: bytes | memoryview, index: ShardIndex, sample: int) -> torch.Tensor:
+    """`decode(data)` for sample `sample` of `index`; a JPEG the decoder refuses is a FormatError naming the shard and
+    the key (torchvision raises RuntimeError, Pillow OSError or ValueError)."""
+    try:
+        return decode(data)
+    except (RuntimeError, OSError, ValueError, SyntaxError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = re.sub(r"^\w+, \S+:\d+, ", "", reason)  # torchvision's "decode_jpeg, <source file>:171, …"
+        raise FormatError(
+            f"{index.paths[index.shard[sample]]}: sample {index.key(sample)} is not a decodable JPEG ({reason}); "
+            "rerun `alexrepro prepare` to rewrite the shards"
+        ) from None
+
+
+def _decoders() -> dict[str, JpegDecoder]:
+    return {"torchvision": decode_torchvision, "pil": decode_pil}
+
+
+def load_decoder(decoder: Decoder) -> None:
+    """Import the decoder's library in this process, before the loader forks its workers.
+
+    A worker that imports torchvision (or Pillow) itself pays for it in every worker of every epoch: on two cores
+    about 0.1 CPU-second per worker per epoch, measured (docs/benchmarks.md "Loader"). Forked workers inherit it.
+    """
+    if decoder == "torchvision":
+        _jpeg_op()
+    else:
+        from PIL import Image  # noqa: F401  (imported for its side effect: loaded once, before the fork)
+
+
+def decode_torchvision(data: bytes | memoryview) -> torch.Tensor:
+    """libjpeg-turbo via torchvision: JPEG bytes → 3×H×W uint8 RGB (faster than PIL here; see bench_loader).
+    A writable view (ShardReader.jpeg_view) is decoded in place; bytes are copied, as torch wraps only writable
+    buffers without a warning."""
+    buffer = data if isinstance(data, memoryview) and not data.readonly else bytearray(data)
+    return _jpeg_op()(torch.frombuffer(buffer, dtype=torch.uint8))
+
+
+@functools.cache
+def _jpeg_op() -> Callable[[torch.Tensor], torch.Tensor]:
+    """torchvision's JPEG decoding op (`torch.ops.image.decode_jpeg`, what `torchvision.io.decode_jpeg` calls on the
+    CPU), called directly: per image, the Python wrapper's API-usage log and the deprecation warning that
+    torchvision 0.29 raises on every call (silenced with `warnings.catch_warnings`) cost 10–15 % of the decode
+    itself on 256² JPEGs (docs/benchmarks.md "Loader"). Falls back to the wrapper where the op is missing."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    rgb = ImageReadMode.RGB
+    op = getattr(torch.ops.image, "decode_jpeg", None)
+    if op is not None:
+        return lambda tensor: op(tensor, rgb.value, False)  # (data, mode, apply_exif_orientation)
+
+    def wrapped(tensor: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # deprecated in favour of TorchCodec; still works
+            return decode_jpeg(tensor, mode=rgb)
+
+    return wrapped
+
+
+def decode_pil(data: bytes | memoryview) -> torch.Tensor:
+    """Pillow (or Pillow-SIMD): JPEG bytes → 3×H×W uint8 RGB."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        array = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)

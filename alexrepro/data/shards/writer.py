@@ -1,0 +1,128 @@
+"""Writing a shard: USTAR members with fixed metadata (byte-identical for the same input), each member's offset
+noted as it is written, and the member index built from those offsets."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from alexrepro.core.atomic import atomic_open, atomic_write_bytes, atomic_write_text
+from alexrepro.core.errors import FormatError
+from alexrepro.data.shards.manifest import MANIFEST_NAME, IndexInfo, Manifest, Sample, ShardInfo, index_name
+
+TAR_BLOCK = 512
+
+
+def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info, io.BytesIO(data)
+
+
+def _blocks(size: int) -> int:
+    return -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+def write_shard(path: Path, samples: Iterable[Sample]) -> ShardInfo:
+    """Write `samples` as a webdataset tar at `path` (atomically); return its name, count, size, sha256 and members."""
+    digest = hashlib.sha256()
+    written = 0
+    members = []
+
+    class _Hashing(io.RawIOBase):
+        def __init__(self, inner):
+            self.inner = inner
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            nonlocal written
+            digest.update(b)
+            written += len(b)
+            return self.inner.write(b)
+
+    position = 0  # where the next member's header goes: USTAR headers are one block each
+    with atomic_open(path) as handle:
+        with tarfile.open(fileobj=_Hashing(handle), mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                if "." in sample.key or "/" in sample.key or len(sample.key.encode()) > 95:
+                    raise ValueError(f"shard key {sample.key!r} must not contain '.' or '/' (nor exceed 95 bytes)")
+                label = str(sample.label).encode("ascii")
+                tar.addfile(*_member(f"{sample.key}.jpg", sample.jpeg))
+                tar.addfile(*_member(f"{sample.key}.cls", label))
+                jpg_at = position + TAR_BLOCK
+                cls_at = jpg_at + _blocks(len(sample.jpeg)) + TAR_BLOCK
+                members.append((sample.key, jpg_at, len(sample.jpeg), cls_at, len(label)))
+                position = cls_at + _blocks(len(label))
+    return ShardInfo(Path(path).name, len(members), digest.hexdigest(), written, tuple(members))
+
+
+def scan_members(path: Path) -> tuple:
+    """The index rows of a shard that has no recorded members, from its tar headers (write_manifest only)."""
+    pairs: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:  # seekable mode: headers are read, data skipped
+            for member in tar:
+                if member.isfile():
+                    key, _, ext = member.name.partition(".")
+                    pairs.setdefault(key, {})[ext] = member
+    except (tarfile.TarError, OSError) as exc:
+        raise FormatError(f"{path}: unreadable shard ({exc}); rerun `alexrepro prepare` to rewrite it") from None
+    incomplete = [k for k, p in pairs.items() if "jpg" not in p or "cls" not in p]
+    if incomplete:
+        raise FormatError(f"{path}: samples {incomplete[:3]} lack a .jpg or .cls member; rerun `alexrepro prepare`")
+    return tuple(
+        (key, p["jpg"].offset_data, p["jpg"].size, p["cls"].offset_data, p["cls"].size) for key, p in pairs.items()
+    )
+
+
+def index_bytes(shards: Sequence[Sequence[tuple]]) -> bytes:
+    """One split's index as .npy bytes: a structured array, one row per sample in stored order (deterministic)."""
+    rows = [(number, *member[1:], member[0].encode()) for number, members in enumerate(shards) for member in members]
+    width = max((len(row[-1]) for row in rows), default=1)
+    table = np.array(rows, dtype=index_dtype(width)) if rows else np.zeros(0, index_dtype(width))
+    buffer = io.BytesIO()
+    np.save(buffer, table, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def index_dtype(key_width: int) -> np.dtype:
+    return np.dtype(
+        [
+            ("shard", "<i4"),
+            ("jpg_offset", "<i8"),
+            ("jpg_size", "<i8"),
+            ("cls_offset", "<i8"),
+            ("cls_size", "<i8"),
+            ("key", f"S{key_width}"),
+        ]
+    )
+
+
+def write_manifest(shards_dir: Path, manifest: Manifest) -> Manifest:
+    """Write each split's index file, then manifest.json (naming the index files and their sha256); return it.
+
+    The index rows come from the ShardInfo's `members` (what write_shard recorded); a shard without them (an info
+    read back from a manifest, an older prepare's shard) has its tar headers read once, here.
+    """
+    shards_dir = Path(shards_dir)
+    splits = {}
+    for split, info in manifest.splits.items():
+        members = [s.members if s.members is not None else scan_members(shards_dir / s.name) for s in info.shards]
+        data = index_bytes(members)
+        atomic_write_bytes(shards_dir / index_name(split), data)
+        splits[split] = replace(info, index=IndexInfo(index_name(split), hashlib.sha256(data).hexdigest()))
+    manifest = replace(manifest, splits=splits)
+    atomic_write_text(shards_dir / MANIFEST_NAME, manifest.to_json())
+    return manifest

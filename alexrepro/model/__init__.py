@@ -1,0 +1,1 @@
+"""The paper's network, where it runs (devices and torch.distributed ranks), its checkpoints and inference."""
