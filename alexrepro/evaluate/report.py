@@ -24,7 +24,7 @@ import html
 import io
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,14 +209,8 @@ def write_report(out: Path, inputs: ReportInputs) -> tuple[Path, Path]:
             f"(manifest sha256 {metrics['data']['manifest_sha256'][:12]}…)."
         )
     )
-    blocks += results_section(inputs)
-    blocks += recipe_section(inputs)
-    blocks += claims_section(inputs)
-    blocks += curves_section(inputs)
-    blocks += conv1_section(inputs)
-    blocks += examples_section(inputs)
-    blocks += neighbours_section(inputs)
-    blocks += per_class_section(inputs)
+    for section in SECTIONS:
+        blocks += section(inputs)
 
     for block in blocks:
         if isinstance(block, Figure):
@@ -701,3 +695,17 @@ def per_class_section(inputs: ReportInputs, shown: int = 10) -> list[Block]:
     else:
         blocks.append(Paragraph("No image's top-1 guess was wrong."))
     return blocks
+
+
+# The report, top to bottom. A new section or figure is one function `(ReportInputs) -> list[Block]` added here
+# (a figure also names its size in FIGURE_INCHES).
+SECTIONS: tuple[Callable[[ReportInputs], list[Block]], ...] = (
+    results_section,
+    recipe_section,
+    claims_section,
+    curves_section,
+    conv1_section,
+    examples_section,
+    neighbours_section,
+    per_class_section,
+)
