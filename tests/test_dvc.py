@@ -76,6 +76,7 @@ TINY = {
         "lr_schedule": "step",
         "lr_milestones": [],
         "lrn": True,
+        "overlap_pool": True,
     },
     "evaluate": {"batch_size": 8, "devices": "cpu", "workers": 0, "neighbours_max_train": None},
 }
@@ -152,27 +153,66 @@ def test_dvc_repro_then_experiment_on_a_tiny_sample(tiny_repo):
     ):
         assert rendered["data"].get(plot_id), (plot_id, list(rendered["data"]))
 
-    # An ablation is one experiment: no LRN.
+    # Two ablations, queued and run exactly as the README's recipe says.
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline results"], repo, env)
-    run(["dvc", "exp", "run", "-n", "no-lrn", "-S", "stages/train.yaml:lrn=false"], repo, env)
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
-    experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]
-    named = [exp for exp in experiments if exp.get("name") == "no-lrn"]
-    assert named, json.dumps(shown)[:2000]
-    # The experiment's own metrics are recorded (DVC reads them from the experiment's commit).
-    assert '"10crop"' in json.dumps(named[0]), json.dumps(named[0])[:2000]
-    ablated = load_config(config_class("train"), repo / "stages" / "train.yaml")
-    assert ablated.lrn is False  # dvc exp run applies the experiment's params to the workspace
-    provenance = json.loads((repo / "reports" / "evaluation.json").read_text())
-    assert provenance["switches"]["lrn"] is False
-    # The ablation's table fits a 120-column terminal: changed params and the results, nothing else.
-    table = subprocess.run(["dvc", "exp", "show", "--only-changed", "--no-pager"], cwd=repo, capture_output=True,
-                           text=True, timeout=600, env={**env, "COLUMNS": "120"})  # fmt: skip
+    recipe = readme_ablation_commands()
+    arms = {"no-lrn": ("lrn", False), "no-overlap": ("overlap_pool", False)}
+    for name in arms:
+        run(recipe[name], repo, env)
+    run(recipe["run-all"], repo, env)
+    baseline = yaml.safe_load((repo / "stages" / "train.yaml").read_text())
+    params = experiment_params(json.loads(run(["dvc", "exp", "show", "--json"], repo, env)))
+    for name, (key, value) in arms.items():
+        changed = {k: v for k, v in params[name]["params"].items() if baseline.get(k) != v}
+        assert changed == {key: value}, (name, changed)  # its own key only: the arms did not mix
+        assert "10crop" in params[name]["metrics"], params[name]  # the arm's own results were recorded
+    # The workspace keeps the baseline: parameters, outputs and the checkpoint that `predict` reads.
+    assert load_config(config_class("train"), repo / "stages" / "train.yaml").lrn is True
+    assert json.loads((repo / "reports" / "evaluation.json").read_text())["switches"]["lrn"] is True
+    # The README's comparison shows each arm's errors side by side in a 120-column terminal.
+    table = subprocess.run(recipe["show"], cwd=repo, capture_output=True, text=True, timeout=600,
+                           env={**env, "COLUMNS": "120"})  # fmt: skip
     assert table.returncode == 0, table.stderr
-    assert max(len(line) for line in table.stdout.splitlines()) <= 120, table.stdout
-    columns = run(["dvc", "exp", "show", "--only-changed", "--csv"], repo, env).splitlines()[0].split(",")
-    assert len(columns) <= 16, columns
+    lines = table.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 120, table.stdout
+    header = next(line for line in lines if "Experiment" in line)
+    assert all(column in header for column in ("1crop.top1_error", "10crop.top1_error")), header
+    assert all(any(f"[{name}]" in line for line in lines) for name in arms), table.stdout
+
+
+def readme_ablation_commands() -> dict[str, list[str]]:
+    """The README's ablation recipe: each queued arm's command by name, and its run-all and show commands."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## Ablations") :]
+    block = block[block.index("```bash") : block.index("```", block.index("```bash") + 3)].replace("\\\n", " ")
+    commands = {}
+    for line in block.splitlines():
+        words = shlex.split(line.split(" #")[0])
+        if words[:4] == ["dvc", "exp", "run", "--queue"]:
+            commands[words[words.index("-n") + 1]] = words
+        elif words[:4] == ["dvc", "exp", "run", "--run-all"]:
+            commands["run-all"] = words
+        elif words[:3] == ["dvc", "exp", "show"]:
+            commands["show"] = words
+    assert {"run-all", "show"} <= set(commands) and re.search("--queue", block), commands
+    return commands
+
+
+def experiment_params(shown: list) -> dict[str, dict]:
+    """Each named experiment's stages/train.yaml params and reports/metrics.json from `dvc exp show --json`."""
+    found = {}
+    for commit in shown:
+        for experiment in commit.get("experiments") or []:
+            data = experiment["revs"][0]["data"]
+            found[experiment.get("name")] = {
+                "params": data["params"]["stages/train.yaml"]["data"],
+                "metrics": data.get("metrics", {}).get("reports/metrics.json", {}).get("data", {}),
+            }
+    return found
 
 
 def import_closure(module: str) -> set[str]:

@@ -24,22 +24,13 @@ import typer
 import typer.core
 import yaml
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    Progress,
-    ProgressColumn,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
-from rich.text import Text
 
 from alexrepro import __version__
 from alexrepro.cli.configdoc import show_value, stage_keys
+from alexrepro.cli.progress import RichProgress
 from alexrepro.core.errors import AlexReproError, ConfigError
-from alexrepro.core.progress import LineProgress, format_fields
+from alexrepro.core.progress import LineProgress
 from alexrepro.data.config import PrepareConfig, StatsConfig
 from alexrepro.evaluate.config import EvaluateConfig
 from alexrepro.synth.config import SampleConfig, ScaleConfig, parse_scale
@@ -147,66 +138,6 @@ def default_help(stage: str, key: str, text: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Terminal progress and error reporting
-
-
-class _RateColumn(ProgressColumn):
-    """One rate: the stage's own images/s when it reports one (training counts steps), else units counted per s."""
-
-    def render(self, task) -> Text:
-        if task.fields.get("img_s") is not None:
-            return Text(f"{task.fields['img_s']:,.0f} img/s", style="cyan")
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.0f} {task.fields.get('unit', 'img')}/s" if speed else "", style="cyan")
-
-
-class _CountColumn(ProgressColumn):
-    def render(self, task) -> Text:
-        total = f"{task.total:,.0f}" if task.total is not None else "?"
-        return Text(f"{task.completed:,.0f}/{total} {task.fields.get('unit', 'img')}")
-
-
-class RichProgress:
-    """The terminal implementation of alexrepro.core.progress.Progress: a live Rich bar on stderr."""
-
-    def __init__(self, console: Console):
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            _CountColumn(),
-            _RateColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        )
-        self._task: TaskID | None = None
-
-    def __enter__(self):
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._progress.stop()
-
-    def start(self, description: str, total: int | None, unit: str = "img") -> None:
-        self.finish()
-        self._task = self._progress.add_task(description, total=total, info="", unit=unit, img_s=None)
-
-    def advance(self, units: int = 1, **fields: object) -> None:
-        if self._task is None:
-            return
-        shown = {k: v for k, v in fields.items() if k != "img_s"}  # the rate column shows img_s
-        self._progress.update(self._task, advance=units, info=format_fields(shown), img_s=fields.get("img_s"))
-
-    def log(self, line: str) -> None:
-        self._progress.console.print(line, highlight=False, markup=False)
-
-    def finish(self) -> None:
-        if self._task is not None:
-            self._progress.stop_task(self._task)
-            self._task = None
 
 
 def _fmt(value: object) -> str:

@@ -680,7 +680,7 @@ def write_sample(out: Path, config: SampleConfig, progress: Progress, overwrite:
             _write_val_archive(handle, plan, workers, progress, odd_files)
         progress.finish()
 
-        progress.start("sample: devkit", 1)
+        progress.start("sample: devkit", 1, unit="file")
         with atomic_open(paths["devkit"]) as handle:
             _write_devkit_archive(handle, plan, config)
         progress.advance(1)

@@ -247,7 +247,7 @@ def write_scaled_sample(out: Path, config: ScaleConfig, progress: Progress) -> S
                     progress.advance(len(rendered))
         progress.finish()
 
-        progress.start("sample: devkit", 1)
+        progress.start("sample: devkit", 1, unit="file")
         with atomic_open(paths["devkit"]) as handle:
             _write_devkit(handle, classes, val_ids, config)
         progress.advance(1)

@@ -50,7 +50,7 @@ def verify_shards(
         if entry != {"sha256": info.sha256, "file": _identity(Path(path))}:
             todo.append(path)
     if todo:
-        progress.start("checking shards against the manifest (once per output folder)", len(todo))
+        progress.start("checking shards", len(todo), unit="shard")
     for path, digest in map_unordered(_hash_task, todo, max(1, min(workers, len(todo))), preload=__name__):
         if digest != expected[path]:
             raise FormatError(changed_since_verified(Path(path)))
