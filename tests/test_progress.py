@@ -40,7 +40,9 @@ def test_bars_fit_the_terminal_and_finished_phases_are_one_line_each(width):
         assert "…" not in line.split("step")[0], line
         assert re.search(r"\d+/1,250 step", line) and "12,345 img/s" in line, line
         assert re.search(r"\d:\d\d:\d\d", line), line
-    summaries = [line for line in lines if re.fullmatch(r"epoch \d+/30: 1,250 step in \d:\d\d:\d\d  12,345 img/s", line)]
+    summaries = [
+        line for line in lines if re.fullmatch(r"epoch \d+/30: 1,250 step in \d:\d\d:\d\d  12,345 img/s", line)
+    ]
     assert len(summaries) == 30, summaries[:3]
     assert any(line.startswith("checking shards: 12 shard in ") for line in lines)
 
