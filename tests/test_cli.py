@@ -103,7 +103,7 @@ def test_evaluate_of_missing_checkpoint_is_one_line(tmp_path):
 def test_help_shows_resolved_defaults_and_lists_every_key_with_its_section():
     result = runner.invoke(app, ["train", "-h"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    assert "(default: 90)" in result.output and "(default: 227)" in result.output  # flags show the paper's values
+    assert "[default: 90]" in result.output and "[default: 227]" in result.output  # flags show the paper's values
     for key, default, section in (
         ("lrn", "true", "§3.3"),
         ("overlap_pool", "true", "§3.4"),
@@ -131,6 +131,23 @@ def test_usage_names_arguments_in_capitals_and_flags_have_no_bool_metavar():
     for flag in ("--resume", "--quiet", "--verbose", "--show-config"):
         line = next(line for line in result.output.splitlines() if flag in line)
         assert "<bool>" not in line, line
+
+
+@pytest.mark.parametrize("command", [[], *COMMANDS], ids=lambda c: " ".join(c) or "alexrepro")
+def test_help_reads_as_people_write_it(command):
+    """No `<bool>` after a flag (-h, --install-completion), no `<list[Path]>`, one style of default, and nothing
+    cited that a user of the package does not have."""
+    output = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200"}).output
+    assert "<bool>" not in output and "list[" not in output and "......" not in output, output
+    assert "(default:" not in output, output
+    for private in ("REFERENCE.md", "DESIGN.md", "STYLE.md"):
+        assert private not in output, (private, output)
+
+
+def test_sample_scale_says_its_default():
+    output = runner.invoke(app, ["sample", "--help"], env={"COLUMNS": "300"}).output
+    line = next(line for line in output.splitlines() if "--scale" in line)
+    assert "[default: none: the built-in sample]" in line, line
 
 
 def test_version_and_completion():

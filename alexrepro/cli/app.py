@@ -56,6 +56,22 @@ def _usage_name(self) -> str:
 
 
 typer.core.TyperArgument._usage_display_name = _usage_name  # type: ignore[method-assign]
+_typer_display_type = typer.core._TyperParameter.display_type_rich
+
+
+def _display_type(self, ctx) -> str | None:
+    """The value's type in help as a person writes it: nothing after a flag (-h, --install-completion) and
+    `<path>...` for several paths, where Typer 0.29 writes `<bool>` and `<list[Path]>`."""
+    if getattr(self, "is_flag", False):
+        return None
+    shown = _typer_display_type(self, ctx)
+    if shown and shown.startswith("<list[") and shown.endswith("]>"):
+        return f"<{shown[6:-2].lower()}>..."
+    return shown
+
+
+typer.core._TyperParameter.display_type_rich = _display_type  # type: ignore[method-assign]
+typer.core.TyperOption.display_type_rich = _display_type  # type: ignore[method-assign]
 
 
 def _version(value: bool) -> None:
@@ -133,7 +149,7 @@ def default_help(stage: str, key: str, text: str) -> dict:
     """typer.Option keywords that show the key's default (the paper's value) although the flag itself defaults to
     None: a flag that is not given leaves the value to --config and --set."""
     defaults = {k.name: k.default_text for k in stage_keys(stage)}
-    return {"help": f"{text} (default: {_escape(defaults[key])})", "show_default": False}
+    return {"help": f"{text} " + _escape(f"[default: {defaults[key]}]"), "show_default": False}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,7 +351,9 @@ def sample(
     scale: str | None = typer.Option(
         None,
         help="Write ILSVRC-2012's shape instead: 1000 classes at this fraction of the real counts "
-        "(1/64, 1/8, 1 = 1,281,167 train + 50,000 val), tiny images. --classes takes the first N classes.",
+        "(1/64, 1/8, 1 = 1,281,167 train + 50,000 val), tiny images. --classes takes the first N classes. "
+        r"\[default: none: the built-in sample]",
+        show_default=False,
     ),
     config: Path | None = config_option("sample"),
     set_: list[str] | None = SetOption,
@@ -639,7 +657,7 @@ def evaluate(
 def predict(
     checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="A checkpoint written by `alexrepro train`."),
     images: list[Path] = typer.Argument(
-        ..., metavar="IMAGE...", help="Image files of any size and format Pillow reads."
+        ..., metavar="IMAGE", help="Image files of any size and format Pillow reads."
     ),
     crops: int = typer.Option(10, help="10 = the paper's ten-patch average (§4.1); 1 = the centre crop."),
     devices: str = typer.Option("auto", help="auto, cpu or cuda."),

@@ -18,7 +18,7 @@ class PrepareConfig:
     # The paper does not say. The ILSVRC source JPEGs are mostly saved at quality 75–95 already; at 256 px q90
     # keeps re-encoding error well below what the crop, flip and lighting augmentations change (§4.1), makes
     # files ~40% smaller and faster to decode than q95 (decoding is the training loader's floor), and is the
-    # quality of the fast path measured in REFERENCE.md §6.
+    # quality of the fast path measured in docs/benchmarks.md.
     quality: int = 90
     shard_size: int = 1000  # images per shard: ~25 MB at 256 px q90, 1282 train shards for ILSVRC-2012
     workers: int | None = None  # worker processes; None = one per usable core, 0 = in this process (every stage)

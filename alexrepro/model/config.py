@@ -20,7 +20,7 @@ ONE_GPU_BASELINE_WIDTHS = (0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 1.0)
 @dataclass(frozen=True)
 class ModelConfig:
     num_classes: int = 1000  # ILSVRC-2012 (§2)
-    crop: int = 227  # input side; the paper says 224, its arithmetic (55×55 after conv1) needs 227 (REFERENCE.md §1)
+    crop: int = 227  # input side; the paper says 224, its arithmetic (55×55 after conv1) needs 227, as Caffe uses
     width: float = 1.0  # channel multiplier for conv1…fc7: 1.0 = 96-256-384-384-256 and 4096 (§3.5)
     towers: int = 2  # 2 = the paper's two GPU towers (§3.2); 1 = one tower (no grouping) of the widths below
     # Per-layer multipliers (conv1…conv5, fc6, fc7) on top of `width`. All 1 = the paper's net. §3.2's one-GPU

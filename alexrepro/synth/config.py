@@ -25,7 +25,7 @@ class SampleConfig:
 
     classes: int = 10  # number of synthetic classes, at most PATTERN_COUNT
     train_per_class: int = 300
-    val_per_class: int = 50  # as in the real validation set (REFERENCE.md §5)
+    val_per_class: int = 50  # as in the real validation set (50 per class)
     seed: int = 0
     image_scale: float = 1.0  # multiplies every image's width and height; tests use small values for speed
     workers: int | None = (

@@ -47,7 +47,7 @@ class TrainConfig:
         80,
     )  # "step": ÷10 after these epochs (not in the paper: a fixed stand-in for plateaus)
     # The network (§3); see alexrepro.model.network.ModelConfig
-    crop: int = 227  # §4.1 says 224; 227 makes conv1's arithmetic give 55×55 (REFERENCE.md §1)
+    crop: int = 227  # §4.1 says 224; 227 makes conv1's arithmetic give 55×55, as in Caffe
     width: float = 1.0
     towers: int = 2  # §3.2
     layer_widths: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)  # §3.2's baseline: towers 1, [.5 ×4, 1 ×3]
