@@ -85,6 +85,7 @@ def test_prepare_of_unknown_layout_is_one_line(tmp_path):
 
 
 def test_stats_without_manifest_says_what_to_run(tmp_path):
+    (tmp_path / "nothing").mkdir()
     result = runner.invoke(app, ["stats", str(tmp_path / "nothing"), str(tmp_path / "out"), "--quiet"])
     assert result.exit_code == 1
     assert "alexrepro prepare" in one_line_error(result)
@@ -92,8 +93,43 @@ def test_stats_without_manifest_says_what_to_run(tmp_path):
 
 def test_evaluate_of_missing_checkpoint_is_one_line(tmp_path):
     result = runner.invoke(app, ["evaluate", str(tmp_path / "none.pt"), str(tmp_path), str(tmp_path / "r"), "--quiet"])
-    assert result.exit_code == 1
-    assert "none.pt" in one_line_error(result)
+    assert result.exit_code == 2
+    assert "none.pt does not exist" in one_line_error(result)
+
+
+def test_evaluate_of_a_file_that_is_no_checkpoint_is_one_short_line(tmp_path):
+    (tmp_path / "README.md").write_text("# a project\n")
+    args = ["evaluate", str(tmp_path / "README.md"), str(tmp_path), str(tmp_path / "r"), "--quiet"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    line = one_line_error(result)
+    assert "README.md is not a checkpoint" in line and len(line) < 200 and "weights_only" not in line, line
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "stage", [["stats", "{missing}", "{out}"], ["train", "{missing}", "{missing}", "{out}"],
+              ["evaluate", "{file}", "{missing}", "{out}"], ["prepare", "{missing}", "{out}"]],
+    ids=lambda s: s[0],
+)  # fmt: skip
+def test_a_mistyped_input_path_is_exit_2_at_once_and_creates_nothing(tmp_path, stage):
+    checkpoint = tmp_path / "c.pt"
+    checkpoint.write_bytes(b"PK\x03\x04" + bytes(60))  # looks like a checkpoint: the folder check must come first
+    names = {"missing": str(tmp_path / "mistyped"), "out": str(tmp_path / "out"), "file": str(checkpoint)}
+    result = runner.invoke(app, [word.format(**names) for word in stage] + ["--quiet"])
+    assert result.exit_code == 2, result.stderr
+    assert "mistyped does not exist" in one_line_error(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_into_a_folder_without_a_run_is_exit_2_at_once(tmp_path):
+    for name in ("shards", "stats"):
+        (tmp_path / name).mkdir()
+    out = tmp_path / "new-run"
+    result = runner.invoke(app, ["train", str(tmp_path / "shards"), str(tmp_path / "stats"), str(out), "--resume"])
+    assert result.exit_code == 2
+    assert "holds no checkpoint-last.pt" in one_line_error(result)
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

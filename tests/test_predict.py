@@ -68,15 +68,13 @@ def test_good_images_are_answered_and_bad_ones_named(setup):
 def test_json_output_of_the_command_line(setup):
     """`alexrepro predict --json`: one object per file, in the order given, the failures included."""
     root, checkpoint, _ = setup
-    paths = [root / "wide.png", root / "missing.jpg"]
+    paths = [root / "wide.png", root / "broken.jpg"]
     result = CliRunner().invoke(app, ["predict", str(checkpoint), *map(str, paths), "--json", "--devices", "cpu"])
     assert result.exit_code == 1  # a file could not be predicted
     printed = json.loads(result.stdout)
     expected = [r.to_dict() for r in predict(checkpoint, paths, crops=10, device="cpu")]
-    assert [p["path"] for p in printed] == list(map(str, paths)) and printed[1] == {
-        "path": str(paths[1]),
-        "error": "no such file",
-    }
+    assert [p["path"] for p in printed] == list(map(str, paths)) and printed[1] == expected[1]
+    assert set(printed[1]) == {"path", "error"}
     assert printed[0]["crops"] == 10 and [t["class"] for t in printed[0]["top"]] == [
         t["class"] for t in expected[0]["top"]
     ]
@@ -109,3 +107,14 @@ def test_cli_refuses_other_crops_once_with_the_usage_exit_code(setup):
     root, checkpoint, _ = setup
     result = CliRunner().invoke(app, ["predict", str(checkpoint), str(root / "wide.png"), "--crops", "5"])
     assert result.exit_code == 2 and result.output.count("--crops must be 1") == 1
+
+
+def test_a_missing_image_or_checkpoint_is_a_bad_argument(setup, tmp_path):
+    """A mistyped path is exit 2 at once, before the checkpoint is loaded (the README's exit codes)."""
+    root, checkpoint, _ = setup
+    result = CliRunner().invoke(app, ["predict", str(checkpoint), str(root / "wide.png"), str(root / "missing.jpg")])
+    assert result.exit_code == 2 and "missing.jpg does not exist" in result.stderr, result.stderr
+    (tmp_path / "notes.md").write_text("# not a checkpoint\n")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "notes.md"), str(root / "wide.png")])
+    assert result.exit_code == 2 and "is not a checkpoint" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and len(result.stderr) < 200, result.stderr

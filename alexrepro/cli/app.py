@@ -305,8 +305,31 @@ def _folder_out(out: Path, what: str) -> None:
 
 
 def _folder_in(path: Path, name: str, made_by: str) -> None:
-    if path.exists() and not path.is_dir():
+    """An input folder must exist: a mistyped path is a bad argument (exit 2) found before any work."""
+    if not path.exists():
+        raise _error(f"{name} {path} does not exist; give the folder written by `{made_by}`", 2)
+    if not path.is_dir():
         raise _error(f"{name} {path} is a file; give the folder written by `{made_by}`", 2)
+
+
+# torch.save writes a zip archive; anything else cannot be a checkpoint of this toolkit.
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _checkpoint_in(path: Path) -> None:
+    """CHECKPOINT must be a file torch.save wrote, checked by its first bytes before torch is imported."""
+    if not path.exists():
+        raise _error(f"CHECKPOINT {path} does not exist; give a .pt file written by `alexrepro train`", 2)
+    if path.is_dir():
+        raise _error(f"CHECKPOINT {path} is a folder; give a .pt file written by `alexrepro train`", 2)
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(len(_ZIP_MAGIC))
+    except OSError as exc:
+        raise _error(f"CHECKPOINT {path}: cannot read it ({exc.strerror}); check its permissions", 1) from None
+    if magic != _ZIP_MAGIC:
+        raise _error(f"CHECKPOINT {path} is not a checkpoint (not a file written by torch.save); give a .pt file "
+                     "written by `alexrepro train`", 2)  # fmt: skip
 
 
 def _table(title: str, rows: list[tuple[str, str]]) -> Table:
@@ -453,7 +476,9 @@ def prepare(
     flags = dict(size=size, quality=quality, shard_size=shard_size, workers=workers, max_rejected=max_rejected)
     cfg = _config("prepare", PrepareConfig, config, set_, flags, show_config, verbose, quiet)
     source, out = _require(source=source, out=out)
-    if source.exists() and not source.is_dir():
+    if not source.exists():
+        raise _error(f"SOURCE {source} does not exist; give the folder that holds the download or your images", 2)
+    if not source.is_dir():
         raise _error(
             f"SOURCE {source} is a file; give the folder that holds it (the three ILSVRC-2012 archives, an extracted "
             "tree or an ImageFolder)", 2,
@@ -580,6 +605,10 @@ def train(
     _folder_in(shards, "SHARDS", "alexrepro prepare")
     _folder_in(stats, "STATS", "alexrepro stats")
     _folder_out(out, "train")
+    if resume and not (out / "checkpoint-last.pt").is_file():
+        raise _error(
+            f"--resume: {out} holds no checkpoint-last.pt to continue from; drop --resume to start a new run", 2
+        )
     _announce("train", cfg, verbose, quiet)
     from alexrepro.train.loop import train as run_train  # torch, once the flags and paths are known good
 
@@ -628,8 +657,7 @@ def evaluate(
     flags = dict(batch_size=batch_size, devices=devices, workers=workers)
     cfg = _config("evaluate", EvaluateConfig, config, set_, flags, show_config, verbose, quiet)
     checkpoint, shards, out = _require(checkpoint=checkpoint, shards=shards, out=out)
-    if checkpoint.is_dir():
-        raise _error(f"CHECKPOINT {checkpoint} is a folder; give a .pt file written by `alexrepro train`", 2)
+    _checkpoint_in(checkpoint)
     _folder_in(shards, "SHARDS", "alexrepro prepare")
     _folder_out(out, "evaluate")
     _announce("evaluate", cfg, verbose, quiet)
@@ -656,9 +684,7 @@ def evaluate(
 @app.command()
 def predict(
     checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="A checkpoint written by `alexrepro train`."),
-    images: list[Path] = typer.Argument(
-        ..., metavar="IMAGE", help="Image files of any size and format Pillow reads."
-    ),
+    images: list[Path] = typer.Argument(..., metavar="IMAGE", help="Image files of any size and format Pillow reads."),
     crops: int = typer.Option(10, help="10 = the paper's ten-patch average (§4.1); 1 = the centre crop."),
     devices: str = typer.Option("auto", help="auto, cpu or cuda."),
     as_json: bool = typer.Option(False, "--json", metavar="", help="Print JSON on stdout instead of a table."),
@@ -667,6 +693,11 @@ def predict(
 
     Example: alexrepro predict runs/train/checkpoint-best.pt cat.jpg dog.png --crops 1
     """
+    _checkpoint_in(checkpoint)
+    for image in images:
+        if not image.is_file():
+            reason = "is a folder" if image.is_dir() else "does not exist"
+            raise _error(f"IMAGE {image} {reason}; give image files", 2)
     with _stage(quiet=True):  # predict() checks --crops: a ConfigError, exit 2
         from alexrepro.evaluate.predict import PredictionError
         from alexrepro.evaluate.predict import predict as run_predict
