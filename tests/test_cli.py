@@ -408,3 +408,20 @@ def test_sigint_exits_130_and_resume_says_where_it_continues(tiny_data, tmp_path
     assert stderr.strip().splitlines()[-1].startswith("error: stopped by SIGINT") and "Traceback" not in stderr
     result = train_cli(tiny_data, out, "--epochs", "1", "--resume", "--quiet")
     assert "resuming " in result.stderr and "continuing with epoch" in result.stderr, result.stderr
+
+
+def test_a_conflict_between_a_flag_and_the_config_file_names_both(tmp_path):
+    """`--epochs 1` against the demo's config: the error names the flag and the file's key, not the file alone."""
+    config = tmp_path / "train.yaml"
+    config.write_text("lr_schedule: step\nlr_milestones: [14, 18]\n")
+    result = runner.invoke(app, ["train", "a", "b", "c", "--epochs", "1", "--config", str(config)])
+    assert result.exit_code == 2
+    line = one_line_error(result)
+    assert "lr_milestones" in line and "--epochs" in line and "at least 18" in line, line
+
+
+def test_a_bad_flag_blames_only_its_own_key():
+    result = runner.invoke(app, ["train", "a", "b", "c", "--workers", "-3"])
+    assert result.exit_code == 2
+    line = one_line_error(result)
+    assert "--workers" in line and "shuffle_buffer" not in line, line

@@ -206,13 +206,17 @@ def _stage(quiet: bool, flags: dict[str, str] | None = None, interval: int | Non
 
 
 def _name_flag(message: str, flags: dict[str, str]) -> str:
-    """'command line: key 'crop' must be …' → '--crop must be …' when a flag or --set gave the key."""
-    found = re.search(r"key '(\w+)'", message)
-    if not found or found.group(1) not in flags:
+    """'command line: key 'crop' must be …' → '--crop must be …': every key a flag or --set gave is named by it."""
+    keys = list(dict.fromkeys(re.findall(r"key '(\w+)'", message)))
+    if not keys:
         return message
-    flag = flags[found.group(1)]
-    message = re.sub(r"^[^:]*(?<!key): (?=(unknown )?key ')", "", message)  # drop the 'command line: ' source
-    return message.replace(f"key '{found.group(1)}'", flag, 1)
+    if keys[0] in flags:
+        message = re.sub(r"^[^:]*(?<!key): (?=(unknown )?key ')", "", message)  # drop the 'command line: ' source
+    for key in keys:
+        if key in flags:
+            message = message.replace(f"key '{key}' (from command line)", flags[key], 1)
+            message = message.replace(f"key '{key}'", flags[key], 1)
+    return message
 
 
 def _overrides(sets: list[str] | None, flags: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -40,10 +41,31 @@ def load_config(cls: type[C], path: Path | None = None, overrides: dict[str, Any
     for key, value in (overrides or {}).items():
         if value is not None:
             checked[key] = _check_field(cls, fields, hints, key, value, "command line")
+    given = {key for key, value in (overrides or {}).items() if value is not None}
     try:
         return cls(**checked)
     except (ValueError, TypeError) as exc:  # __post_init__ range checks raise ValueError naming the key
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(_attributed(str(exc), source, path, set(values) - given, given)) from None
+
+
+def _attributed(message: str, source: str, path: Path | None, file_keys: set[str], given: set[str]) -> str:
+    """`message` prefixed with where its first key was set; a later key set elsewhere says where, so that a
+    conflict between a flag and the config file names both (`… goes beyond key 'epochs' (from the command line)`)."""
+
+    def origin(key: str) -> str:
+        if key in given:
+            return "command line"
+        return str(path) if key in file_keys and path is not None else "default"
+
+    keys = list(dict.fromkeys(re.findall(r"key '(\w+)'", message)))
+    if not keys:
+        return f"{source}: {message}"
+    first = origin(keys[0])
+    for key in keys[1:]:
+        if origin(key) != first:
+            where = "the default" if origin(key) == "default" else origin(key)
+            message = message.replace(f"key '{key}'", f"key '{key}' (from {where})", 1)
+    return f"{first}: {message}"
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

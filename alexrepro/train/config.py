@@ -97,14 +97,15 @@ class TrainConfig:
                 raise ValueError(f"key '{key}' must be 0 or more, got {getattr(self, key)}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"key 'momentum' must be in [0, 1), got {self.momentum}")
-        if self.workers < 0 or self.shuffle_buffer < 0:
-            raise ValueError("keys 'workers' and 'shuffle_buffer' must be 0 or more")
+        for key in ("workers", "shuffle_buffer"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"key '{key}' must be 0 or more, got {getattr(self, key)}")
         if list(self.lr_milestones) != sorted(set(self.lr_milestones)) or any(m < 1 for m in self.lr_milestones):
             raise ValueError(f"key 'lr_milestones' must be increasing positive epochs, got {list(self.lr_milestones)}")
         if self.lr_schedule == "step" and any(m > self.epochs for m in self.lr_milestones):
             raise ValueError(
-                f"key 'lr_milestones' {list(self.lr_milestones)} goes beyond epochs ({self.epochs}); "
-                "give milestones at most epochs, or more epochs"
+                f"key 'lr_milestones' {list(self.lr_milestones)} goes beyond key 'epochs' ({self.epochs}): give "
+                f"epochs of at least {max(self.lr_milestones)}, or milestones at most epochs"
             )
         self.model_config(num_classes=1)  # the network's keys (width, towers, crop, dropout…), before any data is read
 
