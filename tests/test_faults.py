@@ -426,3 +426,17 @@ def test_a_worker_without_shared_memory_is_one_line_saying_what_to_change(tmp_pa
     result = cli(*args, preexec_fn=_file_size_limit(4000))
     one_line_error(result, "loader worker could not get", "shared memory", "--shm-size", "--workers 0")
     assert not (out / "metrics.json").exists()
+
+
+def test_rejected_files_are_named_on_the_console_with_where_the_list_is(tmp_path):
+    """`1 rejected` alone sends the user looking: the console names the file, says it is cut short (not Pillow's
+    "45 bytes not processed") and points at the manifest's full list."""
+    source = fx.write_own_classes(tmp_path / "src")
+    whole = _jpeg(3)
+    (source / "train" / "apple" / "half.jpg").write_bytes(whole[: len(whole) // 2])  # no EOI: cut mid-scan
+    result = cli("prepare", source, tmp_path / "shards", *TINY)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "rejected" in line]
+    named = next(line for line in lines if "train/apple/half.jpg" in line)
+    assert "cut short" in named and "bytes not processed" not in named, named
+    assert any(str(tmp_path / "shards" / "manifest.json") in line for line in lines), lines

@@ -500,6 +500,22 @@ def prepare(
         rows.append((split, f"{count:,} images in {shards} shards, {rejected} rejected"))
     rows.append(("output", str(out)))
     out_console.print(_table("prepare", rows))
+    _name_rejected(result.rejected, out)
+
+
+REJECTED_SHOWN = 5  # rejected files named on the console; manifest.json lists them all
+
+
+def _name_rejected(rejected: list, out: Path) -> None:
+    """The first few rejected files with their reasons, and where the whole list is."""
+    if not rejected:
+        return
+    for entry in rejected[:REJECTED_SHOWN]:
+        err_console.print(f"rejected ({entry.split}): {entry.path}: {entry.reason}", highlight=False, markup=False,
+                          soft_wrap=True)  # fmt: skip
+    more = f"{len(rejected) - REJECTED_SHOWN:,} more; " if len(rejected) > REJECTED_SHOWN else ""
+    err_console.print(f"{more}all {len(rejected):,} rejected files and why: {out / 'manifest.json'} (\"rejected\")",
+                      highlight=False, markup=False, soft_wrap=True)  # fmt: skip
 
 
 @app.command(epilog=keys_epilog("stats"))
