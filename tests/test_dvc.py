@@ -120,7 +120,7 @@ def test_dvc_repro_then_experiment_on_a_tiny_sample(tiny_repo):
     run(["dvc", "repro", "--quiet"], repo, env)
     assert json.loads((repo / "reports" / "evaluation.json").read_text())["images"] == 3 * 2
     # what scripts/demo.sh prints at the end, from the files the pipeline wrote
-    assert result_line(repo / "reports").startswith("6 images (built-in sample (3 classes)): 10-crop top-1 ")
+    assert result_line(repo / "reports").startswith("6 images (built-in sample, 3 classes): 10-crop top-1 ")
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert 0.0 <= metrics["10crop"]["top1_error"] <= 1.0
     assert (repo / "reports" / "report.html").stat().st_size > 10_000

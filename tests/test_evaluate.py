@@ -182,7 +182,7 @@ def test_metrics_match_brute_force_over_every_image(evaluated, data):
     assert metrics["images"] == VAL_IMAGES
     assert metrics["checkpoint"]["epoch"] == 3 and len(metrics["checkpoint"]["sha256"]) == 64
     assert metrics["switches"] == json.loads(json.dumps(ckpt["switches"]))
-    assert metrics["dataset"] == f"own data ({NUM_CLASSES} classes, {VAL_IMAGES} val images)"
+    assert metrics["dataset"] == f"own data, {NUM_CLASSES} classes"
     assert metrics["data"]["size"] == SIZE and len(metrics["data"]["manifest_sha256"]) == 64
 
     rows = read_predictions(out)
@@ -394,3 +394,14 @@ def test_cuda_matches_cpu(data, tmp_path, precision):
     agreement(read_predictions(tmp_path / "cpu"), read_predictions(tmp_path / "gpu"), 0.02)
     assert on_gpu.metrics["1crop"]["top1_error"] == on_cpu.metrics["1crop"]["top1_error"]
     assert on_gpu.metrics["10crop"]["top1_error"] == on_cpu.metrics["10crop"]["top1_error"]
+
+
+def test_examples_show_misclassified_images_first_one_per_class():
+    """The examples figure (the paper's Figure 4, left) shows where the network fails, not the first classes."""
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4, 4])
+    top1 = np.array([0, 0, 1, 1, 2, 9, 3, 9, 4, 9])  # wrong: indices 5 (class 2), 7 (class 3), 9 (class 4)
+    chosen = ev.pick_examples(labels, top1, 4)
+    assert chosen[:2] == [5, 7]  # misclassified first, up to half
+    assert chosen[2:] == [0, 2]  # then correct ones of classes not shown yet
+    assert len(set(labels[chosen])) == 4
+    assert sorted(ev.pick_examples(labels, top1, 20)) == list(range(10))  # too few images: every one, once

@@ -28,7 +28,7 @@ def example(rng, label, top=True, distance=None) -> report.Example:
     return report.Example(f"val_{label}", image, label, [label, 1, 2, 3, 4], [0.5, 0.2, 0.1, 0.1, 0.05])
 
 
-def make_inputs(dataset: str = "own data (6 classes, 30 val images)", submission: str = "class index"):
+def make_inputs(dataset: str = "own data, 6 classes", submission: str = "class index"):
     from alexrepro.core.config import config_to_dict
 
     rng = np.random.default_rng(0)
@@ -120,7 +120,7 @@ def test_results_table_names_the_dataset_on_every_row(written):
     rows = table_rows(md, "system")
     assert len(rows) == 2 + len(report.REFERENCE_RESULTS)
     assert all(row[1] for row in rows)
-    assert rows[0][:3] == ["this run (3 epochs)", "own data (6 classes, 30 val images)", "1-crop (centre)"]
+    assert rows[0][:3] == ["this run (3 epochs)", "own data, 6 classes", "1-crop (centre)"]
     assert rows[1][2:] == ["10-crop", "50.00", "10.00"]
     assert ["paper, 1 CNN", "ILSVRC-2012 val", "10-crop", "40.70", "18.20"] in rows
     assert "not comparable" in md
@@ -216,9 +216,9 @@ def test_dataset_name_is_ilsvrc_only_for_ilsvrc_sized_data():
     from alexrepro.synth.sample import PATTERNS
 
     assert dataset_name(manifest(1000, 50_000)) == "ILSVRC-2012 val"
-    assert dataset_name(manifest(1000, 10_000)) == "own data (1000 classes, 10,000 val images)"
+    assert dataset_name(manifest(1000, 10_000)) == "own data, 1000 classes"
     sample = manifest(4, 40, [p.wnid for p in PATTERNS[:4]])
-    assert dataset_name(sample) == "built-in sample (4 classes)"
+    assert dataset_name(sample) == "built-in sample, 4 classes"
 
 
 def test_best_and_worst_classes_are_each_at_most_half_the_classes(written):
@@ -242,3 +242,13 @@ def test_conv1_figure_is_mostly_kernels_not_whitespace(tmp_path, kernels, towers
     report.write_report(tmp_path, inputs)
     pixels = np.asarray(Image.open(tmp_path / "figures" / "conv1.png").convert("RGB"))
     assert (pixels.min(axis=2) < 250).mean() > 0.5  # a fixed 16 columns left ~60% of it blank
+
+
+def test_worst_classes_never_lists_a_class_without_errors(tmp_path):
+    """On data the network gets right, "worst classes" says so instead of listing classes at 0% error."""
+    inputs = make_inputs()
+    top10 = inputs.top10.copy()
+    top10[:, 0] = inputs.labels  # every top guess right
+    md_path, _ = report.write_report(tmp_path, dataclasses.replace(inputs, top10=top10))
+    worst = md_path.read_text().split("### Worst classes")[1].split("###")[0]
+    assert "No class has a top-1 error." in worst and "| " not in worst, worst

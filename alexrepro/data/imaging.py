@@ -156,7 +156,9 @@ def _load(image: Image.Image, data: bytes | memoryview, draft: tuple[int, int] |
         # Pillow's "image file is truncated (45 bytes not processed)" counts bytes of its last read, not what is
         # missing: the reason a person needs is that the file is cut short.
         if "image file is truncated" in str(exc):
-            raise UnreadableImage("the file is cut short (truncated): its image data ends before the image does") from None
+            raise UnreadableImage(
+                "the file is cut short (truncated): its image data ends before the image does"
+            ) from None
         raise UnreadableImage(_reason("corrupt or truncated image data", exc)) from None
     if image.format == "JPEG" and _jpeg_ran_out(image, data, draft):
         raise UnreadableImage("corrupt or truncated image data: JPEG data ends before the last row (premature end)")

@@ -641,7 +641,7 @@ def per_class_section(inputs: ReportInputs, shown: int = 10) -> list[Block]:
     # Best and worst are each at most half the classes, so that neither lists every class and they never overlap.
     n = min(shown, len(order) // 2)
     best = order[:n]
-    worst = order[::-1][:n]
+    worst = [c for c in order[::-1][:n] if err1[c] > 0]  # a class without a top-1 error is not among the worst
 
     fig = _figure("per_class")
     ax = fig.subplots()
@@ -672,7 +672,11 @@ def per_class_section(inputs: ReportInputs, shown: int = 10) -> list[Block]:
     ]
     if best:
         blocks += [Heading("Best classes", 3), Table(header, [row(c) for c in best])]
-        blocks += [Heading("Worst classes", 3), Table(header, [row(c) for c in worst])]
+        blocks.append(Heading("Worst classes", 3))
+        if worst:
+            blocks.append(Table(header, [row(c) for c in worst]))
+        else:
+            blocks.append(Paragraph("No class has a top-1 error."))
     else:  # a single class
         blocks += [Heading("Every class", 3), Table(header, [row(c) for c in order])]
     pairs = confused_pairs(inputs.top10, labels)

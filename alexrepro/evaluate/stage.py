@@ -160,12 +160,12 @@ def check_classes(checkpoint_classes: list[dict], manifest: Manifest, checkpoint
 def dataset_name(manifest: Manifest) -> str:
     """How the report names the data: ILSVRC-2012 only when it has ILSVRC-2012's 1000 classes and 50,000 val images."""
     classes = manifest.num_classes
-    val = manifest.split("val").count
-    if classes == 1000 and val == 50_000:
+    if classes == 1000 and manifest.split("val").count == 50_000:
         return "ILSVRC-2012 val"
+    # No count of images here: the report and the result line give it once, beside the name.
     if _is_builtin_sample(manifest):
-        return f"built-in sample ({classes} classes)"
-    return f"own data ({classes} classes, {val:,} val images)"
+        return f"built-in sample, {classes} classes"
+    return f"own data, {classes} classes"
 
 
 def _is_builtin_sample(manifest: Manifest) -> bool:
@@ -247,18 +247,29 @@ def fetch_images(index: ShardIndex, keys: Sequence[str], decode: JpegDecoder) ->
                 if index.key(i) in wanted}  # fmt: skip
 
 
-def pick_spread(labels: np.ndarray, n: int) -> list[int]:
-    """Indices of the first `n` images (file-name order) with distinct true classes, then others in order if too few."""
+def pick_examples(labels: np.ndarray, top1: np.ndarray, n: int) -> list[int]:
+    """Indices of `n` images for the examples figure, as the paper's Figure 4 shows them: the misclassified first
+    (up to half, so that the figure shows where the network fails), then correctly classified ones; each group in
+    file-name order, one image per true class while classes last, then any."""
+    wrong = [i for i in range(len(labels)) if top1[i] != labels[i]]
+    right = [i for i in range(len(labels)) if top1[i] == labels[i]]
     chosen: list[int] = []
     seen: set[int] = set()
-    for i, label in enumerate(labels.tolist()):
-        if label not in seen:
+
+    def take(candidates: list[int], limit: int, distinct: bool) -> None:
+        for i in candidates:
+            if len(chosen) >= limit:
+                return
+            if i in chosen or (distinct and int(labels[i]) in seen):
+                continue
             chosen.append(i)
-            seen.add(label)
-            if len(chosen) == n:
-                return chosen
-    taken = set(chosen)
-    return chosen + [i for i in range(len(labels)) if i not in taken][: n - len(chosen)]
+            seen.add(int(labels[i]))
+
+    take(wrong, n // 2, distinct=True)
+    take(right, n, distinct=True)
+    take(wrong, n, distinct=True)
+    take(wrong + right, n, distinct=False)
+    return chosen
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -327,7 +338,8 @@ def _evaluate_locked(checkpoint: Path, shards: Path, out: Path, config: Evaluate
         predictions = Predictions.merge(_all_gather(mine, ranks))
         _check_count(predictions, manifest.split("val").count, manifest.num_classes, shards)
 
-        examples = [predictions.keys[i] for i in pick_spread(predictions.labels, EXAMPLE_IMAGES)]
+        guesses = predictions.top10[:, 0]  # 10-crop top guess
+        examples = [predictions.keys[i] for i in pick_examples(predictions.labels, guesses, EXAMPLE_IMAGES)]
         images = fetch_images(val_index, examples, network.decode)
         query_keys = examples[:NEIGHBOUR_QUERIES]
         neighbours: list[list[Neighbour]] = []
