@@ -473,7 +473,8 @@ def prepare(
     quiet: bool = QuietOption,
     verbose: bool = VerboseOption,
 ) -> None:
-    """Resize to 256, centre-crop and pack into webdataset shards, reading archives in place.
+    """Resize each image's shorter side to --size (256, the paper's), keep the centre square and pack the images
+    into webdataset shards; archives are read in place.
 
     Example: alexrepro prepare /datasets/ILSVRC2012 data/shards --workers 16
     """
