@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,3 +253,26 @@ def test_worst_classes_never_lists_a_class_without_errors(tmp_path):
     md_path, _ = report.write_report(tmp_path, dataclasses.replace(inputs, top10=top10))
     worst = md_path.read_text().split("### Worst classes")[1].split("###")[0]
     assert "No class has a top-1 error." in worst and "| " not in worst, worst
+
+
+def test_the_claims_table_shows_what_docs_claims_md_measured(tmp_path):
+    from alexrepro.evaluate.claims import read_measured
+
+    measured = read_measured(Path(__file__).resolve().parents[1] / "docs" / "claims.md")
+    assert set(measured) >= {"activation", "towers", "lrn", "overlap_pool", "pca_lighting", "dropout"}, measured
+    assert all("points top-1" in text or text == "not measured" for text in measured.values()), measured
+    md_path, _ = report.write_report(tmp_path, dataclasses.replace(make_inputs(), measured_claims=measured))
+    claims = md_path.read_text().split("## The paper's claims")[1].split("\n## ")[0]
+    lrn_row = next(line for line in claims.splitlines() if "| lrn |" in line)
+    assert measured["lrn"] in lrn_row, lrn_row
+    assert read_measured(tmp_path / "no-such-file.md") == {}
+
+
+def test_conv1_caption_says_what_a_short_run_cannot_show(tmp_path):
+    short = make_inputs()
+    assert len(short.history) < report.PAPER_EPOCHS_FOR_FILTERS
+    (caption,) = [b.caption for b in report.conv1_section(short) if isinstance(b, report.Figure)]
+    assert "look like noise" in caption and "Figure 3" in caption
+    long_run = dataclasses.replace(short, history=[short.history[-1]] * 90)
+    (caption,) = [b.caption for b in report.conv1_section(long_run) if isinstance(b, report.Figure)]
+    assert "look like noise" not in caption

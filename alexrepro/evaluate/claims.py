@@ -357,3 +357,21 @@ def write_claims(repo: Path, output: Path) -> str:
     text = render(runs_from_exp_show(exp_show(repo)), "`dvc exp show --json`")
     output.write_text(text)
     return text
+
+
+def read_measured(path: Path) -> dict[str, str]:
+    """What docs/claims.md measured, by the first switch of each claim's arm (`lrn` → "-3.3 ± 10.9 points top-1: does
+    not show on this sample"); {} when the file is missing. Read by the report, which shows it beside the paper's."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    by_name = {f"{c.section} {c.name}": c for c in CLAIMS}
+    measured = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        claim = by_name.get(cells[0]) if len(cells) >= 6 else None
+        if claim is None or not claim.arm:
+            continue
+        top1, here = cells[2], cells[5]
+        measured[claim.arm[0][0]] = f"{top1} points top-1: {here}" if top1 != "not measured" else top1
+    return measured

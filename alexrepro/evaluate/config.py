@@ -14,6 +14,9 @@ class EvaluateConfig:
     # subset since prepare shuffles the train shards (the paper searched all 1.2 M; fc7 of every training image costs
     # a full inference pass over the train set, an hour or more on a CPU). null = all, 0 = skip the figure.
     neighbours_max_train: int | None = 50000
+    # The measured effects the report shows beside each claim of the paper (`alexrepro claims` writes the file);
+    # a path relative to where evaluate runs, null = none.
+    claims_table: str | None = "docs/claims.md"
 
     def __post_init__(self):
         if self.batch_size < 1:

@@ -52,6 +52,9 @@ FIGURE_INCHES = {
 }
 ILSVRC_2012_VAL = "ILSVRC-2012 val"
 MAX_NAMED_CLASSES = 40  # up to this many classes, the per-class figure names each one
+# Points for class names in the figures: the report shows a 1600-pixel figure in about 1150 pixels, so 12 pt reads as
+# about 9 pt on screen (8 pt read as under 6).
+LABEL_FONT = 12
 
 # REFERENCE.md §4: published error rates (%), lower is better. (system, data, protocol, top-1, top-5)
 REFERENCE_RESULTS: tuple[tuple[str, str, str, float | None, float | None], ...] = (
@@ -103,6 +106,7 @@ class ReportInputs:
     neighbours_scanned: str = "all"  # how many training images the neighbour search looked at ("all 1,281,167")
     checkpoint_manifest_sha256: str | None = None
     prepare_settings: dict[str, Any] = field(default_factory=dict)  # the val manifest's settings (size, quality…)
+    measured_claims: dict[str, str] = field(default_factory=dict)  # switch → effect measured in docs/claims.md
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -406,16 +410,19 @@ def claims_section(inputs: ReportInputs) -> list[Block]:
     for section, key, claim in CLAIM_SWITCHES:
         value = recorded.get(key)
         shown = "not recorded" if value is None else _fmt(value)
-        mark = "" if value is None or _same(value, defaults[key]) else "ablated"
-        rows.append([section, key, shown, _fmt(defaults[key]), claim, mark])
+        if value is not None and not _same(value, defaults[key]):
+            shown += " (ablated)"
+        measured = inputs.measured_claims.get(key, "part of the row above" if key == "layer_widths" else "not measured")
+        rows.append([section, key, shown, _fmt(defaults[key]), claim, measured])
     return [
         Heading("The paper's claims"),
         Paragraph(
-            "Each claim of the paper that has a switch, and this run's setting of it. 10-crop against 1-crop (§4.1) "
-            "is in the results above. The effects are measured, over three seeds each, by `dvc exp run` experiments "
-            "that `alexrepro claims` turns into docs/claims.md."
+            "Each claim of the paper that has a switch, this run's setting of it, and the effect measured on the "
+            "built-in sample over three seeds (docs/claims.md, written by `alexrepro claims` from `dvc exp run` "
+            "experiments; the sample is small, so a claim that does not show there is not refuted). 10-crop "
+            "against 1-crop (§4.1) is in the results above."
         ),
-        Table(["section", "setting", "this run", "the paper's", "the paper says", ""], rows),
+        Table(["section", "setting", "this run", "the paper's", "the paper says", "measured on the sample"], rows),
     ]
 
 
@@ -505,6 +512,9 @@ def kernel_mosaic(kernels: np.ndarray, columns: int) -> np.ndarray:
     return mosaic
 
 
+PAPER_EPOCHS_FOR_FILTERS = 30  # below this many epochs the caption says what the kernels cannot show yet
+
+
 def conv1_section(inputs: ReportInputs) -> list[Block]:
     kernels = inputs.conv1
     towers = max(1, inputs.towers)
@@ -530,6 +540,13 @@ def conv1_section(inputs: ReportInputs) -> list[Block]:
     caption = f"The {k[0]} conv1 kernels ({k[2]}×{k[3]}×{k[1]}), each scaled to the full colour range on its own, " + (
         "one block per tower (the paper's Figure 3)." if towers > 1 else "one tower (the paper's Figure 3)."
     )
+    if len(inputs.history) < PAPER_EPOCHS_FOR_FILTERS:
+        caption += (
+            f" After {len(inputs.history)} epochs the kernels are still close to their random start and look like "
+            "noise, each scaled on its own; the paper's oriented edges and colour blobs (and the towers' split into "
+            "colour-agnostic and colour-specific kernels) come from about 90 epochs on ImageNet. On the built-in "
+            "sample's few shapes, even a long run learns few such filters."
+        )
     return [Heading("First-layer kernels"), Figure("conv1", caption, _png(fig))]
 
 
@@ -549,17 +566,17 @@ def examples_section(inputs: ReportInputs) -> list[Block]:
         g, c = divmod(i, columns)
         ax_img = fig.add_subplot(grid[2 * g, c])
         ax_img.imshow(ex.image)
-        ax_img.set_title(f"true: {_short(_class_name(inputs, ex.label), 30)}", fontsize=9)
+        ax_img.set_title(f"true: {_short(_class_name(inputs, ex.label), 30)}", fontsize=LABEL_FONT + 1)
         ax_img.axis("off")
         ax_bar = fig.add_subplot(grid[2 * g + 1, c])
         names = [_short(_class_name(inputs, t)) for t in ex.top]
         colours = ["tab:red" if t == ex.label else "tab:blue" for t in ex.top]
         positions = np.arange(len(ex.top))
         ax_bar.barh(positions, ex.probs, color=colours)
-        ax_bar.set_yticks(positions, names, fontsize=8)
+        ax_bar.set_yticks(positions, names, fontsize=LABEL_FONT)
         ax_bar.invert_yaxis()
         ax_bar.set_xlim(0, 1)
-        ax_bar.tick_params(axis="x", labelsize=7)
+        ax_bar.tick_params(axis="x", labelsize=LABEL_FONT - 2)
     fig.tight_layout()
     caption = (
         f"{len(examples)} validation images with the network's 10-crop top-{inputs.top10.shape[1]} "
@@ -591,7 +608,7 @@ def neighbours_section(inputs: ReportInputs) -> list[Block]:
             else:
                 label = f"{name}  d={ex.distance:.3g}"
                 colour = "tab:green" if ex.label == row.query.label else "tab:red"
-            ax.text(x + size / 2, y - 1, label, ha="center", va="bottom", fontsize=7, color=colour)
+            ax.text(x + size / 2, y - 1, label, ha="center", va="bottom", fontsize=LABEL_FONT - 1, color=colour)
     ax.imshow(mosaic)
     ax.axvline(pitch - gap / 4, color="grey", linewidth=1)
     ax.axis("off")

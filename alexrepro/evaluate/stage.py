@@ -536,6 +536,7 @@ def write_per_class_csv(path: Path, predictions: Predictions, manifest: Manifest
 
 def _write_report(out, predictions, metrics, ckpt, manifest, images, examples, query_keys, neighbours, id_kind, config):
     from alexrepro.evaluate import report
+    from alexrepro.evaluate.claims import read_measured
 
     def as_hwc(image: torch.Tensor) -> np.ndarray:
         return image.permute(1, 2, 0).numpy()
@@ -583,5 +584,6 @@ def _write_report(out, predictions, metrics, ckpt, manifest, images, examples, q
         neighbours_scanned=scanned,
         checkpoint_manifest_sha256=(ckpt.get("data") or {}).get("manifest_sha256"),
         prepare_settings=dict(manifest.settings),
+        measured_claims=read_measured(Path(config.claims_table)) if config.claims_table else {},
     )
     report.write_report(out, inputs)
