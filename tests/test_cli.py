@@ -31,6 +31,7 @@ COMMANDS = [
     ["bench", "stats"],
     ["bench", "train"],
     ["bench", "loader"],
+    ["bench", "startup"],
 ]
 
 

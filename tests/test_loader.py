@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from itertools import pairwise
 
+import numpy as np
 import pytest
 import torch
 
@@ -256,3 +257,56 @@ def test_bench_training_reports_img_s_and_data_wait(tmp_path, decode_on):
     again = bench_training(tmp_path, images=24, workers=0, decode_on=decode_on, device="cpu", batch_size=8,
                            width=0.125, crop=67, size=72, distinct=6, classes=4)  # fmt: skip
     assert again["img_s"] > 0  # the sample is reused and the scratch run replaced
+
+
+def _step_by_step_sequence(index, seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
+    """The shuffle buffer one sample at a time, as it is defined (the reference for the vectorised version)."""
+    import random
+
+    from alexrepro.data.loader import epoch_seed
+
+    rng = random.Random(epoch_seed(seed, epoch))
+    starts = [*index.shard_starts().tolist(), len(index)]
+    order = list(range(len(index.paths)))
+    rng.shuffle(order)
+    out: list[int] = []
+    buffer: list[int] = []
+    for shard in order:
+        for sample in range(starts[shard], starts[shard + 1]):
+            if len(buffer) < shuffle_buffer:
+                buffer.append(sample)
+                continue
+            slot = rng.randrange(shuffle_buffer)
+            out.append(buffer[slot])
+            buffer[slot] = sample
+    rng.shuffle(buffer)
+    return np.asarray(out + buffer, dtype=np.int64)
+
+
+@pytest.mark.parametrize(
+    "counts, buffer",
+    [([5, 7, 3], 4), ([100] * 30, 64), ([10], 50), ([960] * 40, 2000), ([3, 0, 4], 2), ([1000] * 20, 1000),
+     ([7] * 9, 1), ([40] * 50, 33)],
+)  # fmt: skip
+def test_the_epoch_order_is_the_shuffle_buffer_step_by_step(counts, buffer):
+    """global_sequence computes the buffer's replacements in bulk; it must equal the one-sample-at-a-time
+    definition draw for draw (resume and every recorded run depend on the order)."""
+    from types import SimpleNamespace
+
+    from alexrepro.data.loader import global_sequence
+
+    class Index:
+        def __init__(self):
+            self.infos = [SimpleNamespace(count=c) for c in counts]
+            self.paths = [str(i) for i in range(len(counts))]
+
+        def __len__(self):
+            return sum(counts)
+
+        def shard_starts(self):
+            return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+    for seed, epoch in ((0, 0), (1, 3), (7, 89)):
+        expected = _step_by_step_sequence(Index(), seed, epoch, buffer)
+        assert np.array_equal(global_sequence(Index(), seed, epoch, buffer), expected), (seed, epoch)
+        assert sorted(expected.tolist()) == list(range(sum(counts)))

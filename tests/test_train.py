@@ -233,7 +233,7 @@ def test_biases_are_untouched_by_weight_decay_after_one_step():
         ({"dropout_scaling": "scaled"}, "key 'dropout_scaling'"),
         ({"activation": "sigmoid"}, "key 'activation'"),
         ({"layer_widths": (0.5, 0.5)}, "key 'layer_widths'"),
-        ({"epochs": 10, "lr_schedule": "step", "lr_milestones": (5, 12)}, "key 'lr_milestones'.*beyond epochs"),
+        ({"epochs": 10, "lr_schedule": "step", "lr_milestones": (5, 12)}, "key 'lr_milestones'.*beyond key 'epochs'"),
     ],
 )
 def test_train_config_rejects_bad_values_naming_the_key(values, message):

@@ -852,6 +852,22 @@ def bench_loader(
     _print_bench(report, as_json)
 
 
+@bench_app.command("startup")
+def bench_startup(
+    samples: int = typer.Option(1_281_167, help="Train samples of the folder measured (ILSVRC-2012's by default)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Seconds and memory from nothing to the first training batch, at a dataset's full count.
+
+    Example: alexrepro bench startup --samples 1281167
+    """
+    with _stage(quiet=True):
+        from alexrepro.bench.startup import bench_startup as run
+
+        report = run(samples=samples)
+    _print_bench(report, as_json)
+
+
 @bench_app.command("scale")
 def bench_scale(
     scales: str = typer.Option("1/64,1/8", help="Comma-separated fractions of ILSVRC-2012's counts (1 = full)."),

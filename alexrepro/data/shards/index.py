@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import mmap
 import os
 from collections.abc import Iterator
@@ -11,8 +10,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import numpy.lib.recfunctions
 
 from alexrepro.core.errors import FormatError
+from alexrepro.core.files import sha256_file
 from alexrepro.data.shards.manifest import MANIFEST_NAME, Manifest, Sample, ShardInfo, read_manifest
 
 
@@ -40,49 +41,54 @@ class ShardIndex:
         if info.index is None:
             raise FormatError(f"{where}: split '{split}' has no member index; rerun `alexrepro prepare`")
         path = shards_dir / info.index.name
+        # The index is memory-mapped, never read whole: at ILSVRC-2012's 1.28 M samples a copy costs ~170 MB in the
+        # training process and in every loader worker forked from it, and the loader touches only the rows of the
+        # samples it reads. Its sha256 is checked streaming (the page cache, not this process, holds the bytes).
         try:
-            data = path.read_bytes()
+            digest = sha256_file(path)
+            table = np.load(path, mmap_mode="r", allow_pickle=False)
         except OSError as exc:
             raise FormatError(
                 f"{path}: cannot read the member index ({exc.strerror or exc}); rerun `alexrepro prepare`"
             ) from None
-        if hashlib.sha256(data).hexdigest() != info.index.sha256:
-            raise FormatError(f"{path}: sha256 differs from {where}; the index was changed: rerun `alexrepro prepare`")
-        try:
-            table = np.load(io.BytesIO(data), allow_pickle=False)
-            columns = [table[name] for name in ("shard", "jpg_offset", "jpg_size", "cls_offset", "cls_size", "key")]
-        except (ValueError, KeyError, IndexError, OSError) as exc:
+        except ValueError as exc:
             raise FormatError(f"{path}: not a member index ({exc}); rerun `alexrepro prepare`") from None
-        shard, jpg_offset, jpg_size, cls_offset, cls_size, keys = columns
-        counts = [s.count for s in info.shards]
-        if (
-            len(table) != info.count
-            or sum(counts) != info.count
-            or (len(table) and (shard.min() < 0 or shard.max() >= len(counts)))
-            or np.bincount(shard, minlength=len(counts)).tolist() != counts
+        # Rows are read one at a time, in random order (the shuffled epoch): the kernel's read-ahead around each
+        # would pull the whole file into this process's resident set.
+        mapped = getattr(table, "_mmap", None)
+        if mapped is not None and hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+            mapped.madvise(mmap.MADV_RANDOM)
+        if digest != info.index.sha256:
+            raise FormatError(f"{path}: sha256 differs from {where}; the index was changed: rerun `alexrepro prepare`")
+        names = table.dtype.names or ()
+        if table.ndim != 1 or any(
+            n not in names for n in ("shard", "jpg_offset", "jpg_size", "cls_offset", "cls_size", "key")
         ):
+            raise FormatError(f"{path}: not a member index (columns {list(names)}); rerun `alexrepro prepare`")
+        counts = [s.count for s in info.shards]
+        if len(table) != info.count or sum(counts) != info.count:
             raise FormatError(
                 f"{path}: {len(table)} samples do not match the counts in {where} ({info.count}); rerun `alexrepro prepare`"
             )
-        if np.any(np.diff(shard) < 0):
-            raise FormatError(f"{path}: samples are not in shard order; rerun `alexrepro prepare`")
+        # Nothing else of the table is read here: its sha256 is the one prepare recorded, so its rows are prepare's
+        # (in shard order, within each shard's bytes). Touching a row per shard would fault in, read-ahead and
+        # fault-around included, the whole file. Each shard's size is checked against the manifest (a stat).
         paths = tuple(str(shards_dir / s.name) for s in info.shards)
-        starts = np.searchsorted(shard, np.arange(len(counts)))
-        ends = np.maximum(jpg_offset + jpg_size, cls_offset + cls_size)
-        for number, (p, s) in enumerate(zip(paths, info.shards, strict=True)):
+        for p, s in zip(paths, info.shards, strict=True):
             size = _file_size(Path(p))
-            if size != s.size or (s.count and ends[starts[number] : starts[number] + s.count].max() > size):
+            if size != s.size:
                 raise FormatError(
                     f"{p}: {size:,} bytes but {where} lists {s.size:,}; the shard was changed or replaced: rerun "
                     "`alexrepro prepare`"
                 )
+        pairs = np.lib.recfunctions.structured_to_unstructured  # views of the mapped file (the fields are adjacent)
         return cls(
             paths,
             info.shards,
-            shard.astype(np.int32),
-            np.stack([jpg_offset, jpg_size], axis=1).astype(np.int64),
-            np.stack([cls_offset, cls_size], axis=1).astype(np.int64),
-            keys,
+            table["shard"],
+            pairs(table[["jpg_offset", "jpg_size"]], copy=False),
+            pairs(table[["cls_offset", "cls_size"]], copy=False),
+            table["key"],
             manifest.num_classes,
         )
 
@@ -90,12 +96,14 @@ class ShardIndex:
         return self.keys[sample].decode()
 
     def shard_starts(self) -> np.ndarray:
-        """Number of the first sample of each shard."""
-        return np.searchsorted(self.shard, np.arange(len(self.paths)))
+        """Number of the first sample of each shard (from the manifest's counts: no row of the index is read)."""
+        counts = np.array([info.count for info in self.infos], np.int64)
+        return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
     def only(self, shard: int) -> ShardIndex:
         """The samples of one shard, as an index of that shard alone (what one worker needs to be sent)."""
-        rows = slice(*np.searchsorted(self.shard, [shard, shard + 1]))
+        start = int(self.shard_starts()[shard])
+        rows = slice(start, min(start + self.infos[shard].count, len(self)))  # a head() may end inside the shard
         return replace(
             self,
             paths=(self.paths[shard],),
