@@ -15,7 +15,8 @@ from alexrepro.core.errors import ConfigError, OutputExistsError, TrainingError
 from alexrepro.core.progress import NullProgress
 from alexrepro.model.checkpoint import load_checkpoint, model_from_checkpoint
 from alexrepro.train.config import TrainConfig
-from alexrepro.train.loop import HISTORY_FIELDS, RESULT_FIELDS, train
+from alexrepro.train.history import HISTORY_FIELDS, RESULT_FIELDS
+from alexrepro.train.loop import train
 from train_helpers import make_shards, make_stats
 
 TINY = dict(
@@ -279,3 +280,43 @@ def test_a_checkpoint_from_before_the_switch_evaluates_with_inverted_dropout(two
     assert model.dropout.scaling == "inverted"
     x = torch.ones(2, 8)
     assert torch.equal(model.dropout(x), x)  # identity at test time, as nn.Dropout was
+
+
+def test_identical_runs_leave_every_tracked_file_identical(data, tmp_path):
+    """What DVC tracks (the checkpoints included) is the same bytes for the same results; the timings, which differ
+    from run to run, go to timings.csv, which dvc.yaml does not declare."""
+    config = TrainConfig(epochs=2, **TINY)
+    first, second = tmp_path / "a", tmp_path / "b"
+    results = [train(*data, out, config, False, NullProgress()) for out in (first, second)]
+    tracked = ["checkpoint-last.pt", "checkpoint-best.pt", "history.json", "history.csv", "last_epoch.json",
+               "config.yaml"]  # fmt: skip
+    live = sorted(p.relative_to(first) for p in (first / "dvclive").rglob("*") if p.is_file())
+    for name in [*tracked, *map(str, live)]:
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    for out, result in zip((first, second), results, strict=True):
+        timings = (out / "timings.csv").read_text().splitlines()
+        assert timings[0] == "epoch,images_per_s,seconds,data_wait_fraction" and len(timings) == 3
+        assert [row["epoch"] for row in result.timings] == [1, 2] and result.timings[-1]["images_per_s"] > 0
+        assert "images_per_s" not in json.loads((out / "history.json").read_text())[0]
+
+
+def test_live_metrics_are_logged_each_epoch(data, tmp_path):
+    """DVCLive (the default where installed) and TensorBoard each get one step per epoch with the results."""
+    pytest.importorskip("dvclive")
+    result = train(
+        *data, tmp_path / "dvclive-run", TrainConfig(epochs=2, live="dvclive", **TINY), False, NullProgress()
+    )
+    folder = tmp_path / "dvclive-run" / "dvclive"
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["val_top1_error"] == result.history[-1]["val_top1_error"] and metrics["step"] == 1
+    rows = (folder / "plots" / "metrics" / "val_loss.tsv").read_text().splitlines()
+    assert rows[0] == "step\tval_loss" and len(rows) == 3
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(*data, tmp_path / "tb-run", TrainConfig(epochs=2, live="tensorboard", **TINY), False, NullProgress())
+    events = EventAccumulator(str(tmp_path / "tb-run" / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("val_top1_error")
+    assert [s.step for s in scalars] == [1, 2]
+    assert scalars[-1].value == pytest.approx(result.history[-1]["val_top1_error"], rel=1e-6)

@@ -332,9 +332,9 @@ def bench_training(
     shutil.rmtree(out, ignore_errors=True)  # a scratch run of this benchmark's own, from an earlier call
     config = TrainConfig(epochs=1, batch_size=batch_size, width=width, crop=crop, devices=device, workers=workers,
                          decode_on=decode_on, log_every=50)  # fmt: skip
-    history = train(shards, stats, out, config, False, NullProgress()).history[-1]
-    return {"name": f"training, decode on {decode_on}, {workers} workers, {device}", "img_s": history["images_per_s"],
-            "data_wait_fraction": history["data_wait_fraction"], "workers": workers}  # fmt: skip
+    timing = train(shards, stats, out, config, False, NullProgress()).timings[-1]
+    return {"name": f"training, decode on {decode_on}, {workers} workers, {device}", "img_s": timing["images_per_s"],
+            "data_wait_fraction": timing["data_wait_fraction"], "workers": workers}  # fmt: skip
 
 
 def write_sample_shards(folder: Path, images: int, size: int, distinct: int, classes: int, per_shard: int = 1000):

@@ -635,7 +635,7 @@ def train(
 
     with _stage(quiet, _overrides(set_, flags)[1], interval=cfg.log_every) as progress:
         result = run_train(shards, stats, out, cfg, resume, progress)
-    last = result.history[-1] if result.history else {}
+    last = {**result.history[-1], **result.timings[-1]} if result.history and result.timings else {}
     rows = [(k, _percent(v) if k.endswith("_error") else _fmt(v)) for k, v in last.items()]
     rows.append(("output", str(out)))
     out_console.print(_table("train: last epoch", rows))

@@ -72,7 +72,9 @@ def stage_keys(stage: str) -> list[Key]:
         if above and re.search(r"§|\(", above[0]) and len(above) == 1:
             heading = above[0]
         previous_end = node.end_lineno or node.lineno
-        comment = comments.get(node.end_lineno or node.lineno, "")
+        # The comment beside the field, wherever the formatter put it when it wrapped a long default.
+        lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
+        comment = " ".join(comments[n] for n in lines if n in comments)
         if "§" not in comment and "§" in heading:
             comment = f"{comment} [{heading}]".strip() if comment else heading
         keys.append(Key(node.target.id, ast.unparse(node.annotation), ast.literal_eval(node.value), comment))

@@ -20,6 +20,7 @@ RESUMABLE_CHANGES = (
     "log_every",
     "decoder",
     "decode_on",
+    "live",
 )
 
 
@@ -83,6 +84,7 @@ class TrainConfig:
     decode_on: Literal["workers", "device"] = (
         "workers"  # device: workers read bytes, the GPU decodes (alexrepro.data.feed)
     )
+    live: Literal["auto", "dvclive", "tensorboard", "none"] = "auto"  # metrics per epoch, live (auto: dvclive)
 
     def __post_init__(self):
         positive = ("epochs", "batch_size", "log_every", "max_lr_drops", "lr_patience")

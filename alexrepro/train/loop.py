@@ -14,10 +14,7 @@ ends with the same weights as an uninterrupted one (on CPU; GPU kernels may not 
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
-import io
-import json
 import math
 import random
 import resource
@@ -70,23 +67,19 @@ from alexrepro.model.distributed import (
     wrap_model,
 )
 from alexrepro.train.config import RESUMABLE_CHANGES, TrainConfig
+from alexrepro.train.history import epoch_line, read_timings, results_only, write_history, write_timings
+from alexrepro.train.live import EpochLog, NullLog, open_epoch_log
 
 LAST = "checkpoint-last.pt"
 BEST = "checkpoint-best.pt"
-HISTORY_FIELDS = (
-    "epoch", "train_loss", "train_top1_error", "train_top5_error", "val_loss", "val_top1_error", "val_top5_error",
-    "lr", "images_per_s", "seconds", "data_wait_fraction",
-)  # fmt: skip
-
-# What last_epoch.json (the stage's DVC metrics) holds: results only.
-RESULT_FIELDS = ("train_loss", "train_top1_error", "train_top5_error", "val_loss", "val_top1_error", "val_top5_error")
 
 
 @dataclass
 class TrainResult:
     out: Path
     epochs: int  # completed epochs
-    history: list[dict]
+    history: list[dict]  # results per epoch (alexrepro.train.history)
+    timings: list[dict]  # images/s, seconds, data wait per epoch
     best_val_top1_error: float | None
     checkpoint_last: Path
     checkpoint_best: Path
@@ -201,7 +194,8 @@ class Position:
     epoch: int = 0  # epochs completed
     step: int = 0  # steps of the next epoch already done
     sums: dict | None = None  # Sums.to_state() of those steps
-    history: list[dict] = dataclasses.field(default_factory=list)
+    history: list[dict] = dataclasses.field(default_factory=list)  # results, as the checkpoint embeds them
+    timings: list[dict] = dataclasses.field(default_factory=list)  # not in the checkpoint: they differ per run
 
 
 def apply_lr(optimizer: torch.optim.SGD, lr: float, update_rule: str) -> None:
@@ -347,6 +341,7 @@ class Run:
     bf16: bool  # forward passes under bf16 autocast (LRN and the loss stay fp32)
     base_state: dict  # the checkpoint entries that never change during the run
     progress: Progress
+    live: EpochLog = dataclasses.field(default_factory=NullLog)  # DVCLive or TensorBoard (rank 0), see config.live
 
     def autocast(self) -> torch.autocast:
         """The forward pass's autocast context: bf16 when the run says so, else disabled (fp32)."""
@@ -423,15 +418,19 @@ def _train(
         # the resolved settings beside the run, as plain YAML (timm's args.yaml); also the first write into OUT
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
     stop.begin_training()
-    for epoch in range(position.epoch, config.epochs):
-        sums = train_epoch(run, epoch, position, stop)
-        position.step, position.sums = 0, None
-        row = finish_epoch(run, epoch, sums, position)
-        position.epoch = epoch + 1
-        run.progress.log(epoch_line(row, config.epochs))
+    run.live = open_epoch_log(config.live, out, resume, ranks.rank)
+    try:
+        for epoch in range(position.epoch, config.epochs):
+            sums = train_epoch(run, epoch, position, stop)
+            position.step, position.sums = 0, None
+            row, timing = finish_epoch(run, epoch, sums, position)
+            position.epoch = epoch + 1
+            run.progress.log(epoch_line(row, timing, config.epochs))
+    finally:
+        run.live.close()
     history = position.history
     best = min((r["val_top1_error"] for r in history), default=None)
-    return TrainResult(out, position.epoch, history, best, out / LAST, out / BEST)
+    return TrainResult(out, position.epoch, history, position.timings, best, out / LAST, out / BEST)
 
 
 def check_sizes(manifest: Manifest, normalization: dict, crop: int, stats: Path) -> None:
@@ -565,12 +564,14 @@ def start_position(run: Run, resume: bool) -> Position:
         run.optimizer.load_state_dict(ckpt["optimizer"])
         schedule = LrSchedule(**ckpt["scheduler"])
         partial = ckpt.get("position") or {}
+        epoch = int(ckpt["epoch"])
         return Position(
             schedule,
-            epoch=int(ckpt["epoch"]),
+            epoch=epoch,
             step=int(partial.get("step", 0)),
             sums=partial.get("sums"),
-            history=list(ckpt["history"]),
+            history=[results_only(row) for row in ckpt["history"]],
+            timings=read_timings(run.out, epoch),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise FormatError(
@@ -672,8 +673,8 @@ def interrupt(run: Run, epoch: int, step: int, sums: Sums, position: Position, s
     )
 
 
-def finish_epoch(run: Run, epoch: int, sums: Sums, position: Position) -> dict:
-    """Validate, step the schedule, write checkpoints and history (rank 0); return the history row."""
+def finish_epoch(run: Run, epoch: int, sums: Sums, position: Position) -> tuple[dict, dict]:
+    """Validate, step the schedule, write checkpoints and history (rank 0); return the epoch's results and timings."""
     train_loss, train_top1, train_top5, _ = sums.reduced(run.ranks)
     started = time.perf_counter()
     val_loss, val_top1, val_top5 = validate(run)
@@ -681,10 +682,14 @@ def finish_epoch(run: Run, epoch: int, sums: Sums, position: Position) -> dict:
     row = {
         "epoch": epoch + 1, "train_loss": train_loss, "train_top1_error": train_top1, "train_top5_error": train_top5,
         "val_loss": val_loss, "val_top1_error": val_top1, "val_top5_error": val_top5, "lr": lr,
+    }  # fmt: skip
+    timing = {
+        "epoch": epoch + 1,
         "images_per_s": sums.images * run.ranks.world_size / max(sums.seconds, 1e-9),
         "seconds": sums.seconds + time.perf_counter() - started,  # training (also before a resume) + validation
         "data_wait_fraction": sums.wait / max(sums.seconds, 1e-9),
-    }  # fmt: skip
+    }
+    position.timings.append(timing)
     history = position.history
     best_before = min((r["val_top1_error"] for r in history), default=math.inf)
     history.append(row)
@@ -695,7 +700,9 @@ def finish_epoch(run: Run, epoch: int, sums: Sums, position: Position) -> dict:
         if val_top1 < best_before:
             save_checkpoint(run.out / BEST, state)
         write_history(run.out, history)
-    return row
+        write_timings(run.out, position.timings)
+        run.live.epoch(row)
+    return row, timing
 
 
 @torch.no_grad()
@@ -745,26 +752,3 @@ def _to_cpu(value):
     if isinstance(value, (list, tuple)):
         return type(value)(_to_cpu(v) for v in value)
     return value
-
-
-def write_history(out: Path, history: list[dict]) -> None:
-    """history.json (a list of rows) and history.csv, rewritten whole (DVC plots read either), and
-    last_epoch.json: the latest epoch's results only (losses and errors), so that `dvc metrics show` and
-    `dvc exp show` list results, not settings or timings (lr is a param; throughput stays in the history)."""
-    atomic_write_text(out / "history.json", json.dumps(history, indent=2) + "\n")
-    results = {k: history[-1][k] for k in RESULT_FIELDS}
-    atomic_write_text(out / "last_epoch.json", json.dumps(results, indent=2) + "\n")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({k: row[k] for k in HISTORY_FIELDS} for row in history)
-    atomic_write_text(out / "history.csv", buffer.getvalue())
-
-
-def epoch_line(row: dict, epochs: int) -> str:
-    """One plain line per epoch (errors as percentages, as every line for people; files hold fractions)."""
-    return (
-        f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.3f}, top-1 err {row['train_top1_error']:.1%} · "
-        f"val loss {row['val_loss']:.3f}, top-1 err {row['val_top1_error']:.1%}, top-5 err {row['val_top5_error']:.1%}"
-        f" · lr {row['lr']:g} · {row['images_per_s']:.0f} img/s · data wait {row['data_wait_fraction']:.0%}"
-    )
