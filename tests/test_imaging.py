@@ -193,6 +193,23 @@ def test_bench_prepare_reports_steady_state_and_whole_run_figures():
     assert {"prepare, 1 worker, whole run of 4", "prepare, 1 worker, whole run of 8"} <= set(names)
     assert "prepare (1 worker) / plain decode, per core, steady state" in report.ratios
     assert all(value > 0 for name, value in report.ratios.items() if name.startswith("whole run"))
+    # webdataset's own ShardWriter fed by a process pool, timed beside prepare in the same run
+    pytest.importorskip("webdataset")
+    assert {"webdataset ShardWriter + pool, 1 worker, steady state", "webdataset ShardWriter + pool, 2 workers, "
+            "whole run of 8"} <= set(names)  # fmt: skip
+    assert "whole run of 4: prepare / webdataset ShardWriter + pool, 2 workers (wall clock)" in report.ratios
+
+
+def test_the_peer_writer_writes_readable_webdataset_shards(tmp_path):
+    """The peer row measures a real writer: its shards hold every image, resized like prepare's."""
+    webdataset = pytest.importorskip("webdataset")
+
+    from alexrepro.bench.data import photo_like_jpegs, webdataset_writer, write_image_folder
+
+    write_image_folder(tmp_path / "src", photo_like_jpegs(6, 0))
+    assert webdataset_writer(tmp_path / "src", tmp_path / "out", 2, 4, 32, 90) == 6
+    samples = list(webdataset.WebDataset(sorted(map(str, (tmp_path / "out").glob("*.tar"))), shardshuffle=False))
+    assert len(samples) == 6 and all(decode_rgb(s["jpg"]).shape == (32, 32, 3) for s in samples)
 
 
 def _cut_with_eoi(data):

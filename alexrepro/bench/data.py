@@ -19,6 +19,8 @@ round of each counts: the ratios then compare each pipeline at its least disturb
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import io
 import itertools
 import math
@@ -148,7 +150,16 @@ def bench_prepare(
             ),
         }
         whole = _whole_runs("prepare", _worker_counts(workers), images, run_prepare)
-        seconds = _best_of({**baselines, **whole}, rounds, progress)
+        peers = {}
+        if importlib.util.find_spec("webdataset") is not None:
+
+            def run_peer(n: int, count: int) -> Callable[[], object]:
+                shard_size = _shard_size(images, n)
+                return lambda: webdataset_writer(tmp / f"source-{count}", tmp / f"peer-{next(runs)}", n, shard_size,
+                                                 size, quality)  # fmt: skip
+
+            peers = _whole_runs(PEER, _worker_counts(workers), images, run_peer)
+        seconds = _best_of({**baselines, **whole, **peers}, rounds, progress)
 
     rows, core = _rates(baselines, seconds)
     steady_rows, steady = _steady_state("prepare", _worker_counts(workers), images, seconds)
@@ -166,6 +177,17 @@ def bench_prepare(
         f"whole run of {images}: prepare {many} / 1 worker (wall clock)": seconds[whole_one]["wall"]
         / seconds[whole_many]["wall"],
     }
+    if peers:
+        peer_rows, peer_steady = _steady_state(PEER, _worker_counts(workers), images, seconds)
+        steady_rows += peer_rows
+        whole_rows += _rates(peers, seconds)[0]
+        for name in (one, many):
+            ratios[f"prepare / {PEER}, {name} (wall clock), steady state"] = (
+                steady[name]["wall"] / peer_steady[name]["wall"]
+            )
+            peer_whole = seconds[_whole_name(PEER, 1 if name == one else workers, images)]["wall"]
+            mine = seconds[_whole_name("prepare", 1 if name == one else workers, images)]["wall"]
+            ratios[f"whole run of {images}: prepare / {PEER}, {name} (wall clock)"] = peer_whole / mine
     notes = [
         f"machine: {machine_description()}",
         f"Pillow build: {imaging.pillow_build()}",
@@ -239,6 +261,36 @@ def bench_stats(
 def _each(items: list[bytes], work: Callable[[bytes], object]) -> None:
     for item in items:
         work(item)
+
+
+PEER = "webdataset ShardWriter + pool"
+
+
+def webdataset_writer(source: Path, out: Path, workers: int, shard_size: int, size: int, quality: int) -> int:
+    """The peer: webdataset's own `ShardWriter` fed by a `multiprocessing` pool running the same resize function
+    (`imaging.resize_square_jpeg`) over the same ImageFolder, in file order, as a user of webdataset would write
+    it. No manifest, no member index, no resume, no rejected list: what prepare adds on top is in its own rows."""
+    import multiprocessing
+
+    import webdataset
+
+    files = sorted(p for p in source.rglob("*.JPEG"))
+    classes = {name: i for i, name in enumerate(sorted({p.parent.name for p in files}))}
+    out.mkdir(parents=True, exist_ok=True)
+    resize = functools.partial(_resized_file, size=size, quality=quality)
+    written = 0
+    with (
+        multiprocessing.get_context("fork").Pool(workers) as pool,
+        webdataset.ShardWriter(str(out / "train-%06d.tar"), maxcount=shard_size, verbose=0) as sink,
+    ):
+        for path, jpeg in pool.imap(resize, files, chunksize=4):
+            sink.write({"__key__": path.stem, "jpg": jpeg, "cls": classes[path.parent.name]})
+            written += 1
+    return written
+
+
+def _resized_file(path: Path, size: int, quality: int) -> tuple[Path, bytes]:
+    return path, imaging.resize_square_jpeg(path.read_bytes(), size, quality)
 
 
 def _worker_counts(workers: int) -> list[int]:
