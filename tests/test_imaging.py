@@ -195,8 +195,8 @@ def test_bench_prepare_reports_steady_state_and_whole_run_figures():
     assert all(value > 0 for name, value in report.ratios.items() if name.startswith("whole run"))
     # webdataset's own ShardWriter fed by a process pool, timed beside prepare in the same run
     pytest.importorskip("webdataset")
-    assert {"webdataset ShardWriter + pool, 1 worker, steady state", "webdataset ShardWriter + pool, 2 workers, "
-            "whole run of 8"} <= set(names)  # fmt: skip
+    peer = "webdataset ShardWriter + pool"
+    assert {f"{peer}, 1 worker, steady state", f"{peer}, 2 workers, whole run of 8"} <= set(names)
     assert "whole run of 4: prepare / webdataset ShardWriter + pool, 2 workers (wall clock)" in report.ratios
 
 
