@@ -56,9 +56,9 @@ def pool_start_methods(monkeypatch) -> list[str]:
     methods: list[str] = []
 
     class Recording(workers.ProcessPoolExecutor):
-        def __init__(self, max_workers, mp_context):
+        def __init__(self, max_workers, mp_context, **options):
             methods.append(mp_context.get_start_method())
-            super().__init__(max_workers, mp_context=mp_context)
+            super().__init__(max_workers, mp_context=mp_context, **options)
 
     monkeypatch.setattr(workers, "ProcessPoolExecutor", Recording)
     return methods

@@ -267,6 +267,9 @@ def test_every_stage_refuses_a_busy_output_folder(tmp_path, stage):
         "train": ["train", tmp_path / "shards", tmp_path / "stats", out],
         "evaluate": ["evaluate", tmp_path / "ckpt.pt", tmp_path / "shards", out],
     }[stage]
+    for name in ("shards", "stats"):  # the inputs exist (a missing one is refused before any lock, exit 2)
+        (tmp_path / name).mkdir()
+    (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04" + bytes(60))
     holder = _Holder(out)
     try:
         one_line_error(cli(*args, "--quiet"), str(out), "another run")

@@ -223,7 +223,7 @@ def test_progress_counts_every_input_image(tmp_path, archives, tiny):
         def __init__(self):
             self.total, self.done = None, 0
 
-        def start(self, description, total):
+        def start(self, description, total, unit="img"):
             self.total = total
 
         def advance(self, units=1, **fields):

@@ -196,7 +196,7 @@ def test_progress_counts_every_image(tmp_path):
         def __init__(self):
             self.phases = []
 
-        def start(self, description, total):
+        def start(self, description, total, unit="img"):
             self.phases.append([description, total, 0])
 
         def advance(self, units=1, **fields):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -25,13 +27,15 @@ def test_ordered_results_come_in_task_order_from_a_pool():
 
 
 def test_pool_workers_are_fresh_interpreters_not_forks(monkeypatch):
-    """Forking a process that has imported torch can deadlock; the pool must never use the fork start method."""
+    """Forking a process that has imported torch can deadlock: there (as in this test process), the pool must never
+    use the fork start method."""
+    assert "torch" in sys.modules
     methods = []
 
     class Recording(workers.ProcessPoolExecutor):
-        def __init__(self, max_workers, mp_context):
+        def __init__(self, max_workers, mp_context, **options):
             methods.append(mp_context.get_start_method())
-            super().__init__(max_workers, mp_context=mp_context)
+            super().__init__(max_workers, mp_context=mp_context, **options)
 
     monkeypatch.setattr(workers, "ProcessPoolExecutor", Recording)
     assert list(map_ordered(abs, [-1, -2, -3], 2, preload="alexrepro.core.workers")) == [1, 2, 3]
@@ -42,3 +46,25 @@ def test_pool_workers_are_fresh_interpreters_not_forks(monkeypatch):
 def test_a_worker_that_dies_is_reported_not_waited_for(mapper):
     with pytest.raises(WorkerDiedError, match="worker process died"):
         list(mapper(os._exit, [3, 3, 3], 2, preload="alexrepro.core.workers"))
+
+
+def test_a_process_without_torch_forks_its_workers_with_default_stop_signals():
+    """prepare, stats and sample import no torch: their pool forks (no interpreter to start) and each worker ends
+    on SIGTERM by default, leaving the message and exit code to the main process."""
+    code = (
+        "import signal, sys\n"
+        "from alexrepro.core import workers\n"
+        "methods = []\n"
+        "class Recording(workers.ProcessPoolExecutor):\n"
+        "    def __init__(self, max_workers, mp_context, **options):\n"
+        "        methods.append(mp_context.get_start_method())\n"
+        "        super().__init__(max_workers, mp_context=mp_context, **options)\n"
+        "workers.ProcessPoolExecutor = Recording\n"
+        "def handler(sig):\n"
+        "    return signal.getsignal(sig) == signal.SIG_DFL\n"
+        "signal.signal(signal.SIGTERM, lambda *a: None)\n"
+        "result = list(workers.map_ordered(handler, [signal.SIGTERM, signal.SIGINT], 2, preload='alexrepro.core.workers'))\n"
+        "assert 'torch' not in sys.modules and methods == ['fork'] and result == [True, True], (methods, result)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -6,6 +6,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -39,9 +40,10 @@ def worker_count(requested: int | None, tasks: int | None = None, most: int | No
 def map_unordered(function: Callable[[T], R], tasks: Iterable[T], workers: int, preload: str) -> Iterator[R]:
     """`function` over `tasks`, results in completion order: in this process for one worker, else in a pool.
 
-    The pool's processes are fresh interpreters, never forks: forking a parent that has imported torch (the CLI's
-    other stages, the tests) can deadlock. Where the fork server is available, it imports `preload` (the module
-    that holds `function`) once, so each worker starts with it and its imports (numpy, Pillow) already loaded.
+    The pool forks this process where that is safe (see `_fork_is_safe`); otherwise its processes are fresh
+    interpreters, since forking a parent that has imported torch (the CLI's other stages, the tests) can deadlock.
+    Where the fork server is available, it imports `preload` (the module that holds `function`) once, so each
+    worker starts with it and its imports (numpy, Pillow) already loaded.
 
     A worker that dies (the out-of-memory killer's SIGKILL) raises WorkerDiedError. This is why the pool is
     concurrent.futures' and not multiprocessing.Pool: Pool quietly replaces a dead worker and waits forever for
@@ -75,11 +77,26 @@ def map_ordered(function: Callable[[T], R], tasks: Iterable[T], workers: int, pr
             yield window.popleft().result()
 
 
+def _fork_is_safe() -> bool:
+    """Whether the pool may fork this process: the cheapest start (the workers share its imports; a fork server
+    costs an interpreter and the imports again, about 0.2 s of a 2-worker prepare of a few hundred images, where
+    webdataset's writers fork). Safe where torch is not imported (its threads and CUDA state do not survive a fork)
+    and no other thread runs: the prepare, stats and sample commands. The tests and the stages that import torch
+    get fresh interpreters from the fork server."""
+    return (
+        "fork" in multiprocessing.get_all_start_methods()
+        and "torch" not in sys.modules
+        and threading.active_count() == 1
+    )
+
+
 @contextlib.contextmanager
 def _pool(workers: int, preload: str) -> Iterator[ProcessPoolExecutor]:
     """A pool of fresh interpreters (see `map_unordered`); a dead worker becomes WorkerDiedError."""
     context: multiprocessing.context.BaseContext
-    if "forkserver" in multiprocessing.get_all_start_methods():
+    if _fork_is_safe():
+        context = multiprocessing.get_context("fork")
+    elif "forkserver" in multiprocessing.get_all_start_methods():
         forkserver = multiprocessing.get_context("forkserver")
         forkserver.set_forkserver_preload([preload])
         context = forkserver
@@ -88,7 +105,7 @@ def _pool(workers: int, preload: str) -> Iterator[ProcessPoolExecutor]:
     # A scheduler's SIGTERM (or Ctrl-C's SIGINT) reaches the whole process group. The main process stops by an
     # exception, so that the pool is shut down in order: killed at once, it leaves the pool's semaphores to the
     # resource tracker, which warns of them as "leaked".
-    pool = ProcessPoolExecutor(workers, mp_context=context)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_default_stop_signals)
     stopped: list[str] = []
     previous = _stop_by_exception(stopped)
     try:
@@ -121,6 +138,13 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 def _stopped(name: str) -> AlexReproError:
     return AlexReproError(f"stopped by {name}; rerun the same command to go on")
+
+
+def _default_stop_signals() -> None:
+    """In a worker: SIGINT and SIGTERM end it (the default), whatever handler a forked worker inherited; the main
+    process alone turns them into a message and an exit code."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
 
 
 def _stop_by_exception(stopped: list[str]) -> dict:
