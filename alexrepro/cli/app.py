@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +30,7 @@ from alexrepro.cli.configdoc import show_value, stage_keys
 from alexrepro.cli.progress import RichProgress
 from alexrepro.core.errors import AlexReproError, ConfigError
 from alexrepro.core.progress import LineProgress
+from alexrepro.core.signals import Stopped
 from alexrepro.data.config import PrepareConfig, StatsConfig
 from alexrepro.evaluate.config import EvaluateConfig
 from alexrepro.synth.config import SampleConfig, ScaleConfig, parse_scale
@@ -187,16 +187,14 @@ def _stage(quiet: bool, flags: dict[str, str] | None = None, interval: int | Non
         if os.environ.get("ALEXREPRO_TRACEBACK"):
             raise
         raise _error(_name_flag(str(exc), flags or {}), 2) from None
+    except Stopped as exc:  # a stop signal: exit 128 + its number (130 for Ctrl-C), as a shell reports it
+        if os.environ.get("ALEXREPRO_TRACEBACK"):
+            raise
+        raise _error(str(exc), exc.exit_code) from None
     except AlexReproError as exc:
         if os.environ.get("ALEXREPRO_TRACEBACK"):
             raise
-        stopped = re.match(r"stopped by (SIG[A-Z]+)", str(exc))
-        code = (
-            128 + signal.Signals[stopped.group(1)].value
-            if stopped and stopped.group(1) in signal.Signals.__members__
-            else 1
-        )
-        raise _error(str(exc), code) from None
+        raise _error(str(exc), 1) from None
     except KeyboardInterrupt:
         raise _error("interrupted", 130) from None
     except MemoryError:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import signal
 import sys
 import threading
 from collections import deque
@@ -14,7 +13,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
 
-from alexrepro.core.errors import AlexReproError, WorkerDiedError
+from alexrepro.core.errors import WorkerDiedError
+from alexrepro.core.signals import Stopped, default_stop_signals, signal_name, stop_at_once
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -103,64 +103,37 @@ def _pool(workers: int, preload: str) -> Iterator[ProcessPoolExecutor]:
     else:
         context = multiprocessing.get_context("spawn")
     # A scheduler's SIGTERM (or Ctrl-C's SIGINT) reaches the whole process group. The main process stops by an
-    # exception, so that the pool is shut down in order: killed at once, it leaves the pool's semaphores to the
-    # resource tracker, which warns of them as "leaked".
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_default_stop_signals)
-    stopped: list[str] = []
-    previous = _stop_by_exception(stopped)
-    try:
+    # exception (Stopped), so that the pool is shut down in order: killed at once, it leaves the pool's semaphores to
+    # the resource tracker, which warns of them as "leaked". The workers end by the signal's default action.
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=default_stop_signals)
+    stopped: list[int] = []  # the signal that stopped the main process, if one did
+    with stop_at_once(_go_on, stopped):  # also while the pool shuts down: a second signal must not interrupt it
         try:
-            yield pool
-        except OSError:
-            # A task submitted while the pool is breaking can meet the pool's wake-up pipe already closed and raise
-            # OSError("handle is closed") instead of BrokenProcessPool (a race inside concurrent.futures; seen on
-            # Python 3.11). The same death, so the same message; any other OSError is the task's own.
-            if not getattr(pool, "_broken", False):
-                raise
-            raise BrokenProcessPool from None
-    except BrokenProcessPool:
-        _kill_leftovers(pool)
-        if stopped:  # the workers died of the same signal
-            raise _stopped(stopped[0]) from None
-        raise WorkerDiedError(
-            f"a {preload.rsplit('.', 1)[-1]} worker process died without a word (killed by a signal; on Linux most "
-            "often the out-of-memory killer, see `dmesg`); rerun the same command to go on where it stopped, with "
-            "fewer --workers if memory is short"
-        ) from None
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            try:
+                yield pool
+            except OSError:
+                # A task submitted while the pool is breaking can meet the pool's wake-up pipe already closed and
+                # raise OSError("handle is closed") instead of BrokenProcessPool (a race inside concurrent.futures;
+                # seen on Python 3.11). The same death, so the same message; any other OSError is the task's own.
+                if not getattr(pool, "_broken", False):
+                    raise
+                raise BrokenProcessPool from None
+        except BrokenProcessPool:
+            _kill_leftovers(pool)
+            if stopped:  # the workers died of the same signal
+                name = signal_name(stopped[0])
+                raise Stopped(stopped[0], f"stopped by {name}; {_go_on(name)}") from None
+            raise WorkerDiedError(
+                f"a {preload.rsplit('.', 1)[-1]} worker process died without a word (killed by a signal; on Linux "
+                "most often the out-of-memory killer, see `dmesg`); rerun the same command to go on where it stopped, "
+                "with fewer --workers if memory is short"
+            ) from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def _stopped(name: str) -> AlexReproError:
-    return AlexReproError(f"stopped by {name}; rerun the same command to go on")
-
-
-def _default_stop_signals() -> None:
-    """In a worker: SIGINT and SIGTERM end it (the default), whatever handler a forked worker inherited; the main
-    process alone turns them into a message and an exit code."""
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
-
-
-def _stop_by_exception(stopped: list[str]) -> dict:
-    """Make SIGINT and SIGTERM raise "stopped by SIG…" (the command line exits 128+N), once, noting the signal in
-    `stopped`; return the old handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def stop(signum, _frame):
-        name = signal.Signals(signum).name
-        if stopped:  # already unwinding
-            return
-        stopped.append(name)
-        raise _stopped(name)
-
-    return {sig: signal.signal(sig, stop) for sig in _STOP_SIGNALS}
+def _go_on(_signal: str) -> str:
+    return "rerun the same command to go on"
 
 
 def _kill_leftovers(pool: ProcessPoolExecutor) -> None:

@@ -54,6 +54,7 @@ from alexrepro.core.errors import (
     exception_text,
 )
 from alexrepro.core.progress import NullProgress, Progress
+from alexrepro.core.signals import STOP_SIGNALS, ignore_stop_signals
 from alexrepro.data.augment import center_offset
 from alexrepro.data.config import Augmentation
 from alexrepro.data.shards.index import ShardIndex, ShardReader
@@ -540,9 +541,6 @@ def _identity(batch: Any) -> Any:  # DataLoader's stubs ask for a list (true onl
     return batch
 
 
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
 @dataclass
 class _Fault:
     """An error met in a worker (a corrupt sample, no memory), passed to the main process in place of a batch."""
@@ -561,7 +559,7 @@ class _BatchLoader(DataLoader):
 
     def __iter__(self):
         can_block = hasattr(signal, "pthread_sigmask")
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if can_block else None
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if can_block else None
         try:
             batches = super().__iter__()
         finally:
@@ -597,10 +595,9 @@ def _raise_faults(batches: Iterator) -> Iterator[Batch]:
 
 
 def _worker_init(_worker_id: int) -> None:
-    for sig in _STOP_SIGNALS:  # the main process stops the run; see _BatchLoader
-        signal.signal(sig, signal.SIG_IGN)
+    ignore_stop_signals()  # the main process stops the run; see _BatchLoader
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     torch.set_num_threads(1)  # a worker decodes one image at a time; extra threads only contend for cores
 
 

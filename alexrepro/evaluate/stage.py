@@ -28,9 +28,7 @@ import dataclasses
 import io
 import json
 import math
-import signal
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from alexrepro.core.errors import EvaluationError
 from alexrepro.core.files import sha256_file
 from alexrepro.core.locking import output_lock, reported_write_errors
 from alexrepro.core.progress import Progress
+from alexrepro.core.signals import stop_at_once
 from alexrepro.core.workers import worker_count
 from alexrepro.data.loader import (
     JpegDecoder,
@@ -287,32 +286,11 @@ def evaluate(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, 
             worker_fix="rerun, with fewer --workers or a smaller --batch-size if memory is short",
         )
         # a full disk, a read-only folder: one line naming the path
-        with _stopped_by_signals(out), failures, reported_write_errors(out):
+        # SIGTERM (a scheduler) or SIGINT (Ctrl-C) stop evaluate at once; nothing is left that looks complete:
+        # metrics.json, written last, is not there. The loader's workers ignore both (alexrepro.data.loader).
+        not_written = lambda name: f"{out / 'metrics.json'} was not written: rerun the same command"  # noqa: E731
+        with stop_at_once(not_written), failures, reported_write_errors(out):
             return _evaluate_locked(checkpoint, shards, out, config, progress)
-
-
-@contextlib.contextmanager
-def _stopped_by_signals(out: Path) -> Iterator[None]:
-    """SIGTERM (a scheduler) or SIGINT (Ctrl-C) stop evaluate at once, as one line that the command line turns into
-    exit code 128+N. Nothing is left that looks complete: metrics.json, written last, is not there. The loader's
-    workers ignore both signals (alexrepro.data.loader), so none dies of one and clouds the report."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, _frame):
-        for sig in previous:  # once is enough: a second signal must not interrupt the unwinding
-            signal.signal(sig, signal.SIG_IGN)
-        raise EvaluationError(
-            f"stopped by {signal.Signals(signum).name}; {out / 'metrics.json'} was not written: rerun the same command"
-        )
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _evaluate_locked(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, progress: Progress):

@@ -19,8 +19,6 @@ import math
 import random
 import resource
 import shutil
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +40,7 @@ from alexrepro.core.errors import (
 from alexrepro.core.files import sha256_file
 from alexrepro.core.locking import output_lock, reported_write_errors
 from alexrepro.core.progress import NullProgress, Progress
+from alexrepro.core.signals import StopRequest
 from alexrepro.data.augment import crop_mean, flip_where, normalize, pca_lighting
 from alexrepro.data.feed import DeviceFeed, device_crops
 from alexrepro.data.loader import (
@@ -221,43 +220,6 @@ def apply_lr(optimizer: torch.optim.SGD, lr: float, update_rule: str) -> None:
 # ------------------------------------------------------------------------------------------------- interruption
 
 
-class StopRequest:
-    """SIGTERM and SIGINT (a scheduler, Ctrl-C), in two phases.
-
-    While the run sets up (reading the index, hashing the shards once per run folder, building the model: minutes
-    at the full count) there is nothing new to save: a signal stops it at once, as one line that says what is kept.
-    Once training has begun (`begin_training`), a signal sets a flag; the loop finishes its step, writes a
-    checkpoint and stops.
-    """
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.signal: str | None = None
-        self.training = False
-        self._previous: dict = {}
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def begin_training(self) -> None:
-        self.training = True
-
-    def _handle(self, signum, _frame) -> None:
-        name = signal.Signals(signum).name
-        if self.training or self.signal is not None:  # training: the loop stops; set-up: already unwinding
-            self.signal = self.signal or name
-            return
-        self.signal = name
-        raise TrainingError(f"stopped by {name} while setting up, before the first step; {kept_checkpoint(self.out)}")
-
-
 # ------------------------------------------------------------------------------------------------------ metrics
 
 
@@ -357,7 +319,8 @@ def train(shards: Path, stats: Path, out: Path, config: TrainConfig, resume: boo
     # One run per folder. Rank 0 alone holds the lock (every rank's exclusive lock would exclude its own job, and
     # shared locks would let two jobs in); a refused rank 0 exits and torchrun then stops the job's other ranks.
     paths = RunPaths(Path(shards), Path(stats), Path(out))
-    with StopRequest(paths.out) as stop:
+    setting_up = lambda name: f"while setting up, before the first step; {kept_checkpoint(paths.out)}"  # noqa: E731
+    with StopRequest(setting_up) as stop:
         with output_lock(paths.out, "train") if ranks.rank == 0 else contextlib.nullcontext():
             return _train_locked(paths, config, resume, progress, stop)
 
@@ -417,7 +380,7 @@ def _train(
         check_room(out, checkpoint_bytes(run), missing=sum(not (out / name).exists() for name in (LAST, BEST)))
         # the resolved settings beside the run, as plain YAML (timm's args.yaml); also the first write into OUT
         atomic_write_text(out / "config.yaml", yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    stop.begin_training()
+    stop.begin()
     run.live = open_epoch_log(config.live, out, resume, ranks.rank)
     try:
         for epoch in range(position.epoch, config.epochs):
@@ -617,7 +580,7 @@ def train_epoch(run: Run, epoch: int, position: Position, stop: StopRequest) -> 
         tick = time.perf_counter()
     run.progress.finish()
     if stopping:
-        interrupt(run, epoch, batch.step + 1, sums, position, stop.signal or "a signal on another rank")
+        interrupt(run, epoch, batch.step + 1, sums, position, stop)
     return sums
 
 
@@ -661,16 +624,13 @@ def read_loss(window: torch.Tensor, batch: Batch, run: Run, epoch: int) -> float
     return total
 
 
-def interrupt(run: Run, epoch: int, step: int, sums: Sums, position: Position, signal_name: str) -> None:
+def interrupt(run: Run, epoch: int, step: int, sums: Sums, position: Position, stop: StopRequest) -> None:
     """Write a mid-epoch checkpoint that --resume continues exactly, then stop."""
     path = run.out / LAST
     if run.ranks.is_main:
         partial = {"step": step, "sums": sums.to_state()}
         save_checkpoint(path, checkpoint_state(run, epoch, position, partial))
-    raise TrainingError(
-        f"stopped by {signal_name} in epoch {epoch + 1} after step {step}; checkpoint written to {path}; "
-        "continue with --resume"
-    )
+    raise stop.stopped(f"in epoch {epoch + 1} after step {step}; checkpoint written to {path}; continue with --resume")
 
 
 def finish_epoch(run: Run, epoch: int, sums: Sums, position: Position) -> tuple[dict, dict]:
