@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 source .venv/bin/activate
 dvc repro "$@"
-python -c 'from alexrepro.evaluate.stage import result_line; print(result_line("reports"))'
+python scripts/demo_result.py reports   # the result, checked against the range README.md states
 echo "report: reports/report.html (and reports/report.md)"

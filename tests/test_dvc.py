@@ -279,3 +279,19 @@ def test_the_built_in_patterns_do_not_invalidate_the_imagenet_stages():
     for stage in ("prepare", "stats", "train", "evaluate"):
         deps = [dep for dep in dvc_stages()[stage]["deps"] if dep.startswith("alexrepro/")]
         assert "alexrepro/synth/sample.py" not in covered_by(deps), stage
+
+
+@pytest.mark.parametrize("ten, one, ok", [(0.048, 0.054, True), (0.30, 0.31, False)])
+def test_the_demo_checks_its_result_against_the_readme(tmp_path, ten, one, ok):
+    """scripts/demo.sh ends with scripts/demo_result.py: inside the README's range it passes, outside it fails."""
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    metrics = {"1crop": {"top1_error": one, "top5_error": 0.0}, "10crop": {"top1_error": ten, "top5_error": 0.0}}
+    (reports / "metrics.json").write_text(json.dumps(metrics))
+    (reports / "evaluation.json").write_text(json.dumps({"images": 500, "dataset": "built-in sample, 10 classes"}))
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_result.py"), str(reports)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert (done.returncode == 0) == ok, done.stdout + done.stderr
+    assert "500 images (built-in sample, 10 classes)" in done.stdout
+    if not ok:
+        assert "outside the README's range" in done.stderr
