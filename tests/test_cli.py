@@ -32,6 +32,7 @@ COMMANDS = [
     ["bench", "train"],
     ["bench", "loader"],
     ["bench", "startup"],
+    ["bench", "training"],
 ]
 
 

@@ -519,3 +519,18 @@ def test_bench_train_runs_and_reports_a_ratio():
     assert [row["name"] for row in report.rows] == ["paper AlexNet (2 towers, LRN)", "torchvision alexnet"]
     assert all(row["img_s"] > 0 for row in report.rows)
     assert report.ratios["paper / torchvision img/s"] > 0
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32"])
+def test_bench_train_sets_the_arithmetic_it_names_and_restores_it(precision, monkeypatch):
+    """`bench train --precision fp32` is the paper's arithmetic: TF32 off for cuDNN as well as matmuls (cuDNN's is
+    on by default); tf32 is a row of its own; the process's flags are as before afterwards."""
+    from alexrepro.bench import model as bench
+
+    seen = []
+    monkeypatch.setattr(bench, "_bench_train", lambda *args: seen.append(
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)))  # fmt: skip
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    bench.bench_train(device="cpu", precision=precision)
+    assert seen == [(precision == "tf32", precision == "tf32")]
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before

@@ -6,7 +6,6 @@ import tarfile
 
 import numpy as np
 import pytest
-import webdataset as wds
 
 from alexrepro.core.errors import FormatError
 from alexrepro.data.shards.index import ShardIndex, ShardReader, iter_shard, iter_split
@@ -66,6 +65,7 @@ def test_same_samples_give_identical_bytes(tmp_path):
 
 
 def test_webdataset_reads_our_shards(tmp_path):
+    wds = pytest.importorskip("webdataset")  # a test dependency only (not on the GPU machine)
     write_shard(tmp_path / "val-000000.tar", SAMPLES)
     seen = [
         (s["__key__"], s["jpg"], int(s["cls"]))

@@ -320,3 +320,26 @@ def test_live_metrics_are_logged_each_epoch(data, tmp_path):
     scalars = events.Scalars("val_top1_error")
     assert [s.step for s in scalars] == [1, 2]
     assert scalars[-1].value == pytest.approx(result.history[-1]["val_top1_error"], rel=1e-6)
+
+
+def test_process_wide_backend_flags_are_restored_after_a_run():
+    """cudnn.benchmark and TF32, set by a CUDA run for itself, must not leak into what runs next in the process."""
+    from alexrepro.train.loop import backend_flags_restored
+
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    with pytest.raises(RuntimeError), backend_flags_restored():
+        torch.backends.cudnn.benchmark = not before[0]
+        torch.backends.cudnn.allow_tf32 = not before[1]
+        torch.backends.cuda.matmul.allow_tf32 = not before[2]
+        raise RuntimeError("the run failed")
+    after = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    assert after == before
+
+
+def test_a_cuda_run_says_what_the_paper_arithmetic_costs_and_what_is_fast():
+    from alexrepro.train.loop import speed_note
+
+    paper = speed_note(TrainConfig(workers=4), bf16=False, cores=16)
+    assert "fp32 without TF32" in paper and "--set precision=bf16" in paper and "--workers 14" in paper
+    fast = speed_note(TrainConfig(workers=14, precision="bf16", compile=True), bf16=True, cores=16)
+    assert "faster" not in fast and "in bf16" in fast

@@ -120,12 +120,19 @@ def bench_loader(
     return BenchReport("loader: img/s vs plain decode", rows, ratios, notes)
 
 
+# Distinct pictures drawn for a benchmark's shards, then cycled: drawing one costs ~10 ms on one thread (4000 took
+# over a minute, longer than a GPU check's step), and decoding a repeated JPEG costs what decoding a new one does.
+DISTINCT_PICTURES = 256
+
+
 def write_bench_shards(folder: Path, images: int, size: int, seed: int) -> Manifest:
-    """`images` photo-like size×size JPEGs (q90, as `prepare` writes them) in one train shard and a manifest."""
+    """`images` photo-like size×size JPEGs (q90, as `prepare` writes them; DISTINCT_PICTURES of them cycled) in one
+    train shard and a manifest."""
     from alexrepro.bench.data import photo_like_jpeg
 
     rng = np.random.default_rng(seed)
-    samples = [Sample(f"bench_{i:06d}", photo_like_jpeg(rng, size, size, quality=90), i % 10) for i in range(images)]
+    bank = [photo_like_jpeg(rng, size, size, quality=90) for _ in range(min(images, DISTINCT_PICTURES))]
+    samples = [Sample(f"bench_{i:06d}", bank[i % len(bank)], i % 10) for i in range(images)]
     info = write_shard(folder / "train-000000.tar", samples)
     manifest = Manifest(
         settings={"size": size},
@@ -315,11 +322,14 @@ def bench_training(
     size: int = 256,
     distinct: int = 512,
     classes: int = 1000,
+    precision: Literal["fp32", "bf16"] = "bf16",
+    epochs: int = 2,
 ) -> dict:
-    """End to end: one epoch of `alexrepro train` (the paper's network at `width`, `crop`) on a prepared sample
-    of `images` photo-like JPEGs in `folder` (written once, reused: `distinct` images cycled, which costs the
-    decoder the same), with its stats. Returns the epoch's training img/s and the fraction of that time the
-    training loop waited for data, as the trainer measures them (validation excluded)."""
+    """End to end: `epochs` epochs of `alexrepro train` (the paper's network at `width`, `crop`, in `precision`) on
+    a prepared sample of `images` photo-like JPEGs in `folder` (written once, reused: `distinct` images cycled,
+    which costs the decoder the same), with its stats. Returns the last epoch's training img/s and the fraction of
+    that time the training loop waited for data, as the trainer measures them (validation excluded): the first
+    epoch pays the one-time costs (cuDNN's autotuning, torch.compile, the first batches), the last is steady state."""
     from alexrepro.core.progress import NullProgress
     from alexrepro.data.stats import compute_stats
     from alexrepro.train.loop import train
@@ -330,11 +340,13 @@ def bench_training(
         compute_stats(shards, stats, StatsConfig(workers=workers or None), NullProgress())
     out = folder / f"train-{decode_on}-{device.replace(':', '')}"
     shutil.rmtree(out, ignore_errors=True)  # a scratch run of this benchmark's own, from an earlier call
-    config = TrainConfig(epochs=1, batch_size=batch_size, width=width, crop=crop, devices=device, workers=workers,
-                         decode_on=decode_on, log_every=50)  # fmt: skip
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, width=width, crop=crop, devices=device,
+                         workers=workers, decode_on=decode_on, log_every=50, precision=precision,
+                         lr_schedule="step", lr_milestones=())  # fmt: skip
     timing = train(shards, stats, out, config, False, NullProgress()).timings[-1]
-    return {"name": f"training, decode on {decode_on}, {workers} workers, {device}", "img_s": timing["images_per_s"],
-            "data_wait_fraction": timing["data_wait_fraction"], "workers": workers}  # fmt: skip
+    name = f"training {precision}, decode on {decode_on}, {workers} workers, {device}, epoch {epochs} of {epochs}"
+    return {"name": name, "img_s": timing["images_per_s"], "data_wait_fraction": timing["data_wait_fraction"],
+            "workers": workers}  # fmt: skip
 
 
 def write_sample_shards(folder: Path, images: int, size: int, distinct: int, classes: int, per_shard: int = 1000):

@@ -37,16 +37,38 @@ def bench_train(
     """Training-step img/s (forward, backward, SGD step) of AlexNet(ModelConfig()) and torchvision's alexnet.
 
     steps: timed steps per model (on CUDA each timed unit is 10 steps, the median of the units is reported).
-    precision: "fp32" or "bf16" (autocast; LRN stays in fp32). compile: also time both models under torch.compile.
+    precision: "fp32" (the paper's: no TF32 anywhere), "tf32" (TF32 matmuls and convolutions) or "bf16" (autocast;
+    LRN stays in fp32). compile: also time both models under torch.compile.
     channels_last: memory format of input and weights (default True: cuDNN's fast layout, and on a CPU max-pooling
     runs about 10× faster in it than in NCHW, for both models).
     """
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    if precision not in ("fp32", "tf32", "bf16"):
+        raise ValueError(f"precision must be fp32, tf32 or bf16, got {precision!r}")
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True
+    with _arithmetic(precision, cuda):
+        return _bench_train(dev, batch_size, steps, precision, compile, channels_last, warmup)
+
+
+@contextlib.contextmanager
+def _arithmetic(precision: str, cuda: bool):
+    """fp32 is the paper's arithmetic: TF32 off for matmuls and for cuDNN's convolutions (cuDNN's is on by default, and
+    would make "fp32" rows TF32 rows); tf32 switches both on; bf16 autocasts (the step's own switch). cuDNN picks its
+    algorithms by benchmark. Every flag is restored afterwards."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+        yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _bench_train(
+    dev: torch.device, batch_size: int, steps: int, precision: str, compile: bool, channels_last: bool, warmup: int
+) -> BenchReport:
+    cuda = dev.type == "cuda"
     unit = 10 if cuda else 1
     variants = [False, True] if compile else [False]
 
@@ -104,7 +126,7 @@ def bench_train(
             "img/s from the median step; cpu_ms = process CPU time per step (all threads)"
         ),
     ]
-    return BenchReport(title=f"bench train ({device})", rows=rows, ratios=ratios, notes=notes)
+    return BenchReport(title=f"bench train ({dev})", rows=rows, ratios=ratios, notes=notes)
 
 
 class _TrainStep:

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import typer
 import typer.core
@@ -813,7 +813,9 @@ def bench_train(
     devices: str = typer.Option("cpu", help="cpu or cuda."),
     batch_size: int = typer.Option(64, help="Batch size of the timed training steps."),
     steps: int = typer.Option(5, help="Timed steps per model."),
-    precision: str = typer.Option("auto", help="fp32, bf16, or auto (bf16 on cuda, fp32 on cpu)."),
+    precision: str = typer.Option(
+        "auto", help="fp32 (the paper's: no TF32), tf32, bf16, or auto (bf16 on cuda, fp32 on cpu)."
+    ),
     compile: bool = typer.Option(False, "--compile", metavar="", help="Also time torch.compile'd models."),
     as_json: bool = JsonOption,
 ) -> None:
@@ -847,6 +849,37 @@ def bench_loader(
         from alexrepro.bench.loader import bench_loader as run
 
         report = run(images=images, workers=workers, device=device)
+    _print_bench(report, as_json)
+
+
+@bench_app.command("training")
+def bench_training(
+    folder: Path = typer.Option(Path("bench-training"), help="Where the prepared sample is written once and reused."),
+    images: int = typer.Option(51_200, help="Train images of the sample (cycling a few hundred distinct ones)."),
+    workers: int = typer.Option(8, help="Loader worker processes."),
+    decode_on: str = typer.Option("workers", help="workers, or device (the GPU decodes the JPEGs)."),
+    devices: str = typer.Option("cuda", help="cuda or cpu."),
+    precision: str = typer.Option("bf16", help="bf16, or fp32 (the paper's: no TF32)."),
+    width: float = typer.Option(1.0, help="Channel multiplier (1 = the paper's network)."),
+    crop: int = typer.Option(227, help="Training crop (227 = the paper's)."),
+    size: int = typer.Option(256, help="Side of the sample's images (256 = prepare's)."),
+    as_json: bool = JsonOption,
+) -> None:
+    """End to end in steady state: img/s and data wait of the second of two epochs of `alexrepro train`.
+
+    Example: alexrepro bench training --devices cuda --workers 14 --precision bf16
+    """
+    if decode_on not in ("workers", "device") or precision not in ("bf16", "fp32"):
+        raise _error("--decode-on must be workers or device, --precision bf16 or fp32", 2)
+    with _stage(quiet=True):
+        from alexrepro.bench.loader import bench_training as run
+        from alexrepro.bench.report import BenchReport
+
+        small = devices == "cpu"  # a rehearsal: ten classes, a few distinct pictures
+        row = run(folder, images=images, workers=workers, decode_on=cast(Any, decode_on), device=devices,
+                  width=width, crop=crop, size=size, precision=cast(Any, precision), classes=10 if small else 1000,
+                  distinct=64 if small else 512)  # fmt: skip
+        report = BenchReport("end to end", [row], {}, [])
     _print_bench(report, as_json)
 
 

@@ -85,16 +85,16 @@ def open_epoch_log(kind: str, out: Path, resume: bool, rank: int = 0) -> EpochLo
     """The live log `kind` names, writing under `out`; a null log on every rank but 0."""
     if rank != 0 or kind == "none":
         return NullLog()
-    if kind == "auto":
-        kind = "dvclive" if importlib.util.find_spec("dvclive") is not None else "none"
-        if kind == "none":
-            return NullLog()
-    if kind == "dvclive":
-        if importlib.util.find_spec("dvclive") is None:
+    if kind in ("auto", "dvclive"):
+        try:
+            return DvcLiveLog(out / "dvclive", resume)
+        except ImportError as exc:  # not installed, or installed without a working DVC
+            if kind == "auto":
+                return NullLog()
             raise ConfigError(
-                "key 'live' is dvclive but DVCLive is not installed: pip install -e '.[dvc]', or set live=none"
-            )
-        return DvcLiveLog(out / "dvclive", resume)
+                f"key 'live' is dvclive but DVCLive cannot be imported ({exc}): pip install -e '.[dvc]', or set "
+                "live=none"
+            ) from None
     if kind == "tensorboard":
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError(
