@@ -15,7 +15,7 @@ from alexrepro.data.augment import (
     ten_crop_offsets,
 )
 from alexrepro.data.loader import Augmentation
-from train_helpers import make_shards, train_batches
+from helpers.train import make_shards, train_batches
 
 
 def test_ten_crop_offsets_are_the_corners_then_the_centre():

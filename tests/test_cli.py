@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from alexrepro.cli.app import app
 from alexrepro.core.progress import LineProgress
-from train_helpers import make_shards, make_stats
+from helpers.train import make_shards, make_stats
 
 runner = CliRunner()
 
@@ -345,7 +345,7 @@ def test_train_out_of_gpu_memory_is_one_line_and_keeps_the_checkpoint(tiny_data,
 
 def test_evaluate_out_of_gpu_memory_is_one_line_and_writes_no_metrics(tmp_path, monkeypatch):
     from alexrepro.model.inference import InferenceNetwork
-    from evaluate_helpers import save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
+    from helpers.evaluate import save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
 
     write_tiny_shards(tmp_path / "shards")
     checkpoint = save_tiny_checkpoint(tmp_path / "c.pt", tiny_checkpoint(tmp_path / "shards"))

@@ -26,8 +26,8 @@ from alexrepro.model.config import ModelConfig
 from alexrepro.model.network import AlexNet
 from alexrepro.train.config import TrainConfig
 from alexrepro.train.loop import make_preprocess, normalization_from_stats, train
+from helpers.train import make_shards, make_stats, val_batches
 from test_model import SMALL, assert_same_run, run
-from train_helpers import make_shards, make_stats, val_batches
 
 pytestmark = [
     pytest.mark.cuda,
@@ -206,7 +206,7 @@ def test_evaluation_on_cuda_agrees_with_the_cpu(data, tmp_path):
 def test_evaluation_computes_as_training_did_without_or_with_tf32(data, tf32):
     """cuDNN's default is TF32 on: a network trained at tf32 false must be evaluated without it."""
     from alexrepro.model.inference import InferenceNetwork
-    from evaluate_helpers import tiny_checkpoint
+    from helpers.evaluate import tiny_checkpoint
 
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:

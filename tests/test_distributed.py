@@ -17,7 +17,7 @@ from alexrepro.model.checkpoint import load_checkpoint
 from alexrepro.model.distributed import Ranks, rank_batch_size, resolve_devices
 from alexrepro.train.config import TrainConfig
 from alexrepro.train.loop import train
-from train_helpers import make_shards, make_stats
+from helpers.train import make_shards, make_stats
 
 # dropout 0: its masks are drawn per rank, so they are the one thing a split run cannot share with a single process.
 # Crops, reflections and lighting are drawn per image and are therefore the same for any number of ranks.

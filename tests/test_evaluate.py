@@ -23,7 +23,7 @@ from alexrepro.data.shards.writer import write_manifest
 from alexrepro.evaluate import stage as ev
 from alexrepro.model import inference
 from alexrepro.train.config import TrainConfig
-from evaluate_helpers import (
+from helpers.evaluate import (
     CROP,
     NUM_CLASSES,
     SIZE,
@@ -83,7 +83,7 @@ def test_mean_is_cut_like_the_image_and_mirrored_with_it(data):
 def test_centre_patch_is_what_training_validates_on(data):
     """Evaluation's 1-crop input equals the training loop's validation input, image for image."""
     from alexrepro.train.loop import make_preprocess
-    from train_helpers import val_batches
+    from helpers.train import val_batches
 
     _, shards, _, ckpt = data
     net = network(ckpt)

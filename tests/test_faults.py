@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import fixtures as fx
 from alexrepro.core.locking import LOCK_NAME
 from alexrepro.data.shards.manifest import MANIFEST_NAME
+from helpers import fixtures as fx
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_TAR, VAL_TAR = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar"
@@ -405,7 +405,7 @@ def test_sample_refuses_to_replace_official_archives(tmp_path):
 
 
 def test_evaluate_on_a_full_disk_is_one_line_and_writes_no_metrics(tmp_path):
-    from evaluate_helpers import save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
+    from helpers.evaluate import save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
 
     write_tiny_shards(tmp_path / "shards")
     checkpoint = save_tiny_checkpoint(tmp_path / "c.pt", tiny_checkpoint(tmp_path / "shards"))
@@ -420,7 +420,7 @@ def test_evaluate_on_a_full_disk_is_one_line_and_writes_no_metrics(tmp_path):
 def test_a_worker_without_shared_memory_is_one_line_saying_what_to_change(tmp_path):
     # A file-size limit below one batch stops a loader worker from making its shared memory, as a full or small
     # /dev/shm (a container's 64 MB default) does.
-    from evaluate_helpers import save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
+    from helpers.evaluate import save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
 
     write_tiny_shards(tmp_path / "shards")
     checkpoint = save_tiny_checkpoint(tmp_path / "c.pt", tiny_checkpoint(tmp_path / "shards"))

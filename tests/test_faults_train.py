@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-import fixtures as fx
 from alexrepro.data.shards.manifest import ClassInfo, Manifest, Sample, SplitInfo
 from alexrepro.data.shards.writer import write_manifest, write_shard
 from alexrepro.model.checkpoint import load_checkpoint
-from conftest import jpeg_bytes as jpeg
-from train_helpers import make_stats, pattern_image
+from helpers import fixtures as fx
+from helpers.images import jpeg_bytes as jpeg
+from helpers.train import make_stats, pattern_image
 
 pytestmark = pytest.mark.slow  # each test runs the command line a few times (seconds each)
 
@@ -112,7 +112,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 def write_shards(out: Path, val_fault: tuple[str, object] | None = None) -> Path:
-    """Pattern-image shards (3 classes, 36 train, 12 val images of 72 pixels), as train_helpers.make_shards; with
+    """Pattern-image shards (3 classes, 36 train, 12 val images of 72 pixels), as helpers.train.make_shards; with
     `val_fault` ("jpeg", bytes) or ("label", text), the third val sample carries that JPEG or class text. The manifest
     records the damaged shard's real hash: the damage is in what prepare stored, not in the transfer."""
     generator = np.random.default_rng(0)
@@ -182,7 +182,7 @@ SLOW_DECODE = """
             return real(data)
         return decode
 
-    loader.decode_torchvision = _slow(loader.decode_torchvision)
+    loader.register_decoder("torchvision", _slow(loader.DECODERS["torchvision"]))
 """
 
 
@@ -380,7 +380,7 @@ NO_MEMORY = """
             return real(data)
         return decode
 
-    loader.decode_torchvision = _no_memory(loader.decode_torchvision)
+    loader.register_decoder("torchvision", _no_memory(loader.DECODERS["torchvision"]))
 """
 
 

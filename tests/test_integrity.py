@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from alexrepro.cli.app import app
 from alexrepro.data.shards.manifest import Sample, read_manifest
 from alexrepro.data.shards.writer import write_manifest, write_shard
-from evaluate_helpers import CROP, image_array, jpeg_bytes, save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
+from helpers.evaluate import CROP, image_array, jpeg_bytes, save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
 
 runner = CliRunner()
 TRAIN = [
@@ -177,7 +177,7 @@ def test_stats_into_a_folder_of_other_stats_needs_overwrite(copy):
 
 
 def test_a_failed_prepare_leaves_no_manifest_that_downstream_accepts(tmp_path):
-    from evaluate_helpers import SIZE
+    from helpers.evaluate import SIZE
 
     for split, names in (("train", ["a", "b", "broken"]), ("val", ["c"])):
         folder = tmp_path / "source" / split / "n00000001"

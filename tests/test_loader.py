@@ -12,7 +12,7 @@ import torch
 from alexrepro.data.loader import Augmentation, EpochPlan, decode_torchvision
 from alexrepro.data.shards.index import iter_split
 from alexrepro.train.config import TrainConfig
-from train_helpers import make_shards, train_batches, val_batches
+from helpers.train import make_shards, train_batches, val_batches
 
 AUG = Augmentation(crop=64)
 
@@ -217,7 +217,7 @@ def test_training_with_device_decoding_matches_worker_decoding(tmp_path):
     from alexrepro.core.progress import NullProgress
     from alexrepro.model.checkpoint import load_checkpoint
     from alexrepro.train.loop import train
-    from train_helpers import make_stats
+    from helpers.train import make_stats
 
     make_shards(tmp_path / "shards", classes=3, train_per_class=6, val_per_class=2, size=72, shard_size=10)
     make_stats(tmp_path / "shards", tmp_path / "stats")

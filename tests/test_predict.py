@@ -15,7 +15,7 @@ from alexrepro.cli.app import app
 from alexrepro.core.errors import ConfigError
 from alexrepro.evaluate.predict import Prediction, PredictionError, load_image, predict
 from alexrepro.model.inference import InferenceNetwork
-from evaluate_helpers import NUM_CLASSES, image_array, save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
+from helpers.evaluate import NUM_CLASSES, image_array, save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fixtures as fx
 from alexrepro.core.errors import FormatError, OutputExistsError, TooManyRejectedError
 from alexrepro.core.progress import NullProgress
 from alexrepro.data import imaging
@@ -24,6 +23,7 @@ from alexrepro.data.shards.index import iter_shard
 from alexrepro.data.shards.manifest import read_manifest
 from alexrepro.data.sources import make_key
 from alexrepro.synth.config import SampleConfig
+from helpers import fixtures as fx
 
 BROKEN = {"n01000003_90.JPEG": "truncated", "n01000003_91.JPEG": "empty", "notes.txt": "text", "huge.png": "bomb"}
 CONFIG = PrepareConfig(size=32, shard_size=5, workers=1)  # tiny output images: these tests are about bookkeeping

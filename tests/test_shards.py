@@ -11,8 +11,7 @@ from alexrepro.core.errors import FormatError
 from alexrepro.data.shards.index import ShardIndex, ShardReader, iter_shard, iter_split
 from alexrepro.data.shards.manifest import ClassInfo, Manifest, RejectedFile, Sample, SplitInfo, read_manifest
 from alexrepro.data.shards.verify import verify_shards
-from alexrepro.data.shards.writer import scan_members, write_manifest, write_shard
-from conftest import write_prepared
+from alexrepro.data.shards.writer import scan_members, write_manifest, write_prepared_folder, write_shard
 
 SAMPLES = [Sample(key=f"n0000000{i % 2}_{i}", jpeg=bytes([i]) * (100 + 300 * i), label=i % 2) for i in range(5)]
 CLASSES = (ClassInfo(0, "n01440764", 449, "tench"), ClassInfo(1, "n01443537", None, "goldfish"))
@@ -20,7 +19,7 @@ CLASSES = (ClassInfo(0, "n01440764", 449, "tench"), ClassInfo(1, "n01443537", No
 
 def prepared(folder, shards=((SAMPLES[:3], SAMPLES[3:]),)) -> Manifest:
     """A folder of train shards (the given sample lists) with its index and manifest, as prepare leaves it."""
-    return write_prepared(folder, {"train": shards[0]}, CLASSES, {"size": 256})
+    return write_prepared_folder(folder, CLASSES, {"train": shards[0]}, {"size": 256})
 
 
 def test_write_then_read_round_trip(tmp_path):

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-import fixtures as fx
 from alexrepro.core.errors import SourceError
 from alexrepro.data.sources import find_source, make_key
+from helpers import fixtures as fx
 
 
 def labelled(source) -> dict[str, dict[str, int]]:

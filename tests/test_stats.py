@@ -14,9 +14,9 @@ from alexrepro.core.files import sha256_file
 from alexrepro.core.progress import NullProgress
 from alexrepro.data.config import StatsConfig
 from alexrepro.data.shards.manifest import ClassInfo, Sample, read_manifest
-from alexrepro.data.shards.writer import write_manifest
+from alexrepro.data.shards.writer import write_manifest, write_prepared_folder
 from alexrepro.data.stats import check_stats_source, compute_stats, load_stats
-from conftest import jpeg_bytes, write_prepared
+from helpers.images import jpeg_bytes
 
 SIZE = 16
 SHARD_COUNTS = (5, 3, 4)  # three train shards of unequal size
@@ -41,7 +41,7 @@ def shards(tmp_path_factory):
         for split, counts in (("train", SHARD_COUNTS), ("val", (2,)))
     }
     classes = (ClassInfo(0, "n00000001", None, "a"), ClassInfo(1, "n00000002", None, "b"))
-    write_prepared(root, splits, classes, {"size": SIZE})
+    write_prepared_folder(root, classes, splits, {"size": SIZE})
     return root
 
 

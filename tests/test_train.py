@@ -17,7 +17,7 @@ from alexrepro.model.checkpoint import load_checkpoint, model_from_checkpoint
 from alexrepro.train.config import TrainConfig
 from alexrepro.train.history import HISTORY_FIELDS, RESULT_FIELDS
 from alexrepro.train.loop import train
-from train_helpers import make_shards, make_stats
+from helpers.train import make_shards, make_stats
 
 TINY = dict(
     batch_size=8, crop=67, width=0.125, init="he", input_scale=1 / 64, lr=0.02, workers=0, devices="cpu", log_every=2

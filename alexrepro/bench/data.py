@@ -41,8 +41,8 @@ from alexrepro.bench.report import BenchReport, machine_description
 from alexrepro.core.progress import NullProgress, Progress
 from alexrepro.data import imaging
 from alexrepro.data.config import PrepareConfig, StatsConfig
-from alexrepro.data.shards.manifest import ClassInfo, Manifest, Sample, SplitInfo
-from alexrepro.data.shards.writer import write_manifest, write_shard
+from alexrepro.data.shards.manifest import ClassInfo, Sample
+from alexrepro.data.shards.writer import in_shards, write_prepared_folder
 
 # (width, height, share): ILSVRC-2012 images are mostly Flickr's 500-pixel "medium" size (500×375, 500×333 and
 # their portrait forms), with some smaller and some well above 1000 px.
@@ -447,11 +447,6 @@ def _shard_images(count: int, size: int, quality: int, seed: int) -> list[bytes]
 
 def _write_shards(root: Path, jpegs: list[bytes], per_shard: int, size: int, quality: int) -> None:
     """Train shards of `per_shard` JPEGs each, as `prepare` writes them, plus a manifest."""
-    infos = []
-    for index, start in enumerate(range(0, len(jpegs), per_shard)):
-        stop = min(start + per_shard, len(jpegs))
-        samples = [Sample(f"img_{i:06d}", jpegs[i], i % _CLASSES) for i in range(start, stop)]
-        infos.append(write_shard(root / f"train-{index:06d}.tar", samples))
-    classes = tuple(ClassInfo(k, f"n{k:08d}", None, f"class {k}") for k in range(_CLASSES))
-    manifest = Manifest({"size": size, "quality": quality}, classes, {"train": SplitInfo(len(jpegs), tuple(infos))})
-    write_manifest(root, manifest)
+    samples = [Sample(f"img_{i:06d}", jpeg, i % _CLASSES) for i, jpeg in enumerate(jpegs)]
+    classes = [ClassInfo(k, f"n{k:08d}", None, f"class {k}") for k in range(_CLASSES)]
+    write_prepared_folder(root, classes, {"train": in_shards(samples, per_shard)}, {"size": size, "quality": quality})

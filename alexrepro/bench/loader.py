@@ -39,8 +39,8 @@ from alexrepro.data.loader import (
     split_index,
     train_loader,
 )
-from alexrepro.data.shards.manifest import ClassInfo, Manifest, Sample, SplitInfo
-from alexrepro.data.shards.writer import write_manifest, write_shard
+from alexrepro.data.shards.manifest import ClassInfo, Manifest, Sample
+from alexrepro.data.shards.writer import in_shards, write_prepared_folder
 from alexrepro.train.config import TrainConfig
 
 
@@ -133,13 +133,8 @@ def write_bench_shards(folder: Path, images: int, size: int, seed: int) -> Manif
     rng = np.random.default_rng(seed)
     bank = [photo_like_jpeg(rng, size, size, quality=90) for _ in range(min(images, DISTINCT_PICTURES))]
     samples = [Sample(f"bench_{i:06d}", bank[i % len(bank)], i % 10) for i in range(images)]
-    info = write_shard(folder / "train-000000.tar", samples)
-    manifest = Manifest(
-        settings={"size": size},
-        classes=tuple(ClassInfo(i, f"n{i:08d}", None, f"class {i}") for i in range(10)),
-        splits={"train": SplitInfo(images, (info,)), "val": SplitInfo(0, ())},
-    )
-    return write_manifest(folder, manifest)
+    classes = [ClassInfo(i, f"n{i:08d}", None, f"class {i}") for i in range(10)]
+    return write_prepared_folder(folder, classes, {"train": [samples], "val": []}, {"size": size})
 
 
 def _jpegs(folder: Path, manifest: Manifest, limit: int) -> list[bytes]:
@@ -354,20 +349,12 @@ def write_sample_shards(folder: Path, images: int, size: int, distinct: int, cla
     `distinct` photo-like ones, in shards of `per_shard`, with a manifest."""
     from alexrepro.bench.data import photo_like_jpeg
 
-    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     pool = [photo_like_jpeg(rng, size, size, quality=90) for _ in range(min(distinct, images))]
-    splits = {}
-    for split, count in (("train", images), ("val", max(1, images // 10))):
-        samples = [Sample(f"{split}_{i:07d}", pool[i % len(pool)], i % classes) for i in range(count)]
-        infos = [
-            write_shard(folder / f"{split}-{n:06d}.tar", samples[start : start + per_shard])
-            for n, start in enumerate(range(0, count, per_shard))
-        ]
-        splits[split] = SplitInfo(count, tuple(infos))
-    manifest = Manifest(
-        settings={"size": size},
-        classes=tuple(ClassInfo(i, f"n{i:08d}", None, f"class {i}") for i in range(classes)),
-        splits=splits,
-    )
-    return write_manifest(folder, manifest)
+    splits = {
+        split: [Sample(f"{split}_{i:07d}", pool[i % len(pool)], i % classes) for i in range(count)]
+        for split, count in (("train", images), ("val", max(1, images // 10)))
+    }
+    names = [ClassInfo(i, f"n{i:08d}", None, f"class {i}") for i in range(classes)]
+    shards = {split: in_shards(samples, per_shard) for split, samples in splits.items()}
+    return write_prepared_folder(folder, names, shards, {"size": size})

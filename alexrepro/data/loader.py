@@ -287,7 +287,7 @@ class ShardBatches(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         sequence = global_sequence(self.index, self.epoch.seed, self.epoch.epoch, self.epoch.shuffle_buffer)
-        decode = _decoders()[self.decoder]
+        decode = DECODERS[self.decoder]
         with ShardReader(self.index) as files:
             for step in range(self.epoch.start_step, self.plan.steps):
                 if step % workers != worker:
@@ -645,10 +645,6 @@ def decode_sample(decode: JpegDecoder, data: bytes | memoryview, index: ShardInd
         ) from None
 
 
-def _decoders() -> dict[str, JpegDecoder]:
-    return {"torchvision": decode_torchvision, "pil": decode_pil}
-
-
 def load_decoder(decoder: Decoder) -> None:
     """Import the decoder's library in this process, before the loader forks its workers.
 
@@ -699,3 +695,14 @@ def decode_pil(data: bytes | memoryview) -> torch.Tensor:
     with Image.open(io.BytesIO(data)) as image:
         array = np.asarray(image.convert("RGB"))
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+# The JPEG decoders a loader can use, by the name `decoder` settings give. A loader takes its decoder from here in
+# each worker, so that registering a decoder (a faster library; in the tests, one that fails on purpose) is one
+# call and needs no other change.
+DECODERS: dict[str, JpegDecoder] = {"torchvision": decode_torchvision, "pil": decode_pil}
+
+
+def register_decoder(name: str, decode: JpegDecoder) -> None:
+    """Make `decode` the decoder that `name` selects (JPEG bytes → 3×H×W uint8 RGB tensor)."""
+    DECODERS[name] = decode

@@ -6,15 +6,26 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from alexrepro.core.atomic import atomic_open, atomic_write_bytes, atomic_write_text
 from alexrepro.core.errors import FormatError
-from alexrepro.data.shards.manifest import MANIFEST_NAME, IndexInfo, Manifest, Sample, ShardInfo, index_name
+from alexrepro.data.shards.manifest import (
+    MANIFEST_NAME,
+    ClassInfo,
+    IndexInfo,
+    Manifest,
+    Sample,
+    ShardInfo,
+    SplitInfo,
+    index_name,
+    shard_name,
+)
 
 TAR_BLOCK = 512
 
@@ -126,3 +137,31 @@ def write_manifest(shards_dir: Path, manifest: Manifest) -> Manifest:
     manifest = replace(manifest, splits=splits)
     atomic_write_text(shards_dir / MANIFEST_NAME, manifest.to_json())
     return manifest
+
+
+def write_prepared_folder(
+    out: Path,
+    classes: Sequence[ClassInfo],
+    shards: Mapping[str, Sequence[Sequence[Sample]]],
+    settings: Mapping[str, Any],
+) -> Manifest:
+    """A folder as `alexrepro prepare` leaves it, from samples already encoded: each split's shards
+    (`<split>-000000.tar`, … one per list of samples, in order), their member indexes and manifest.json. The one
+    writer of prepared folders besides prepare itself: tests and benchmarks build theirs with it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    infos = {
+        split: tuple(write_shard(out / shard_name(split, n), list(samples)) for n, samples in enumerate(lists))
+        for split, lists in shards.items()
+    }
+    manifest = Manifest(
+        settings=dict(settings),
+        classes=tuple(classes),
+        splits={split: SplitInfo(sum(i.count for i in written), written) for split, written in infos.items()},
+    )
+    return write_manifest(out, manifest)
+
+
+def in_shards(samples: Sequence[Sample], shard_size: int) -> list[Sequence[Sample]]:
+    """`samples` cut into shards of `shard_size`, in order (the last one shorter)."""
+    return [samples[start : start + shard_size] for start in range(0, len(samples), shard_size)]

@@ -15,9 +15,10 @@ import torch
 from alexrepro.core.config import config_to_dict
 from alexrepro.data.shards.index import iter_split
 from alexrepro.data.shards.manifest import ClassInfo, Manifest, Sample
+from alexrepro.data.shards.writer import in_shards, write_prepared_folder
 from alexrepro.model.config import ModelConfig
 from alexrepro.train.config import TrainConfig
-from conftest import in_shards, jpeg_bytes, write_prepared
+from helpers.images import jpeg_bytes
 
 NUM_CLASSES = 6
 SIZE = 80  # the prepared image size (the paper's 256)
@@ -62,7 +63,7 @@ def write_tiny_shards(out: Path, classes: tuple[ClassInfo, ...] | None = None, s
             keys = [f"ILSVRC2012_val_{i + 1:08d}" for i in range(count)]
         samples = [Sample(k, jpeg_bytes(image_array(c, rng)), c) for k, c in zip(keys, labels, strict=True)]
         splits[split] = in_shards(samples, shard_size)
-    return write_prepared(out, splits, classes, {"size": SIZE, "quality": 90})
+    return write_prepared_folder(out, classes, splits, {"size": SIZE, "quality": 90})
 
 
 def mean_image(shards: Path) -> np.ndarray:

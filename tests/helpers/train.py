@@ -11,7 +11,8 @@ from PIL import Image
 from alexrepro.data.config import StatsConfig
 from alexrepro.data.loader import Augmentation, EpochSpec, LoaderSettings, ordered_loader, split_index, train_loader
 from alexrepro.data.shards.manifest import ClassInfo, Manifest, Sample
-from conftest import in_shards, jpeg_bytes, write_prepared
+from alexrepro.data.shards.writer import in_shards, write_prepared_folder
+from helpers.images import jpeg_bytes
 
 
 def pattern_image(label: int, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -52,7 +53,7 @@ def make_shards(
         samples = [Sample(f"{split}_{i:05d}", jpeg_bytes(pattern_image(c, size, rng)), c) for i, c in enumerate(labels)]
         splits[split] = in_shards(samples, shard_size)
     infos = [ClassInfo(i, f"n{i:08d}", None, f"pattern {i}") for i in range(classes)]
-    return write_prepared(out, splits, infos, {"size": size, "quality": 90, "seed": seed})
+    return write_prepared_folder(out, infos, splits, {"size": size, "quality": 90, "seed": seed})
 
 
 def normalization_of(shards: Path, manifest: Manifest, input_scale: float) -> dict:
