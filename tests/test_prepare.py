@@ -21,7 +21,7 @@ from alexrepro.data.config import PrepareConfig
 from alexrepro.data.prepare import prepare
 from alexrepro.data.shards.index import iter_shard
 from alexrepro.data.shards.manifest import read_manifest
-from alexrepro.data.sources import make_key
+from alexrepro.data.sources.base import make_key
 from alexrepro.synth.config import SampleConfig
 from helpers import fixtures as fx
 
@@ -290,16 +290,16 @@ def test_changed_source_over_existing_output_needs_overwrite(tmp_path):
 
 def _counting_headers(monkeypatch) -> list[str]:
     """Record every tar that `sources` reads the headers of (the listing work that a saved listing spares)."""
-    from alexrepro.data import sources
+    from alexrepro.data.sources import archives
 
     calls: list[str] = []
-    real = sources._tar_members
+    real = archives._tar_members
 
     def counting(tar_path, *args, **kwargs):
         calls.append(Path(tar_path).name)
         return real(tar_path, *args, **kwargs)
 
-    monkeypatch.setattr(sources, "_tar_members", counting)
+    monkeypatch.setattr(archives, "_tar_members", counting)
     return calls
 
 

@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from alexrepro.core.errors import SourceError
-from alexrepro.data.sources import find_source, make_key
+from alexrepro.data.sources.base import make_key
+from alexrepro.data.sources.registry import find_source
 from helpers import fixtures as fx
 
 
@@ -178,3 +179,30 @@ def test_damaged_archive_is_a_source_error(tmp_path, tiny):
     (tmp_path / "ILSVRC2012_img_train.tar").write_bytes(b"not a tar" * 200)
     with pytest.raises(SourceError, match="ILSVRC2012_img_train.tar"):
         find_source(tmp_path)
+
+
+def test_a_new_layout_is_one_reader_registered_in_one_place(tmp_path, monkeypatch):
+    """find_source asks each registered reader in turn; a reader added to the registry is found without any other
+    change, and the unknown-layout error lists what every reader looks for."""
+    from alexrepro.core.errors import SourceError
+    from alexrepro.data.shards.manifest import ClassInfo
+    from alexrepro.data.sources import registry
+    from alexrepro.data.sources.base import ImageRef, ReadOptions, Source
+
+    class OneFileReader:
+        looked_for = "only.jpg (a one-image layout)"
+
+        def recognises(self, path):
+            return (path / "only.jpg").is_file()
+
+        def read(self, path, options: ReadOptions):
+            file = path / "only.jpg"
+            ref = ImageRef("only", 0, "only.jpg", str(file), 0, file.stat().st_size)
+            return Source("one-file", (ClassInfo(0, "n00000001", None, "one"),), {"train": (ref,)})
+
+    (tmp_path / "only.jpg").write_bytes(b"x")
+    with pytest.raises(SourceError, match="only.jpg"):
+        monkeypatch.setattr(registry, "READERS", registry.READERS + (OneFileReader(),))
+        (tmp_path / "empty").mkdir()
+        registry.find_source(tmp_path / "empty")
+    assert registry.find_source(tmp_path).layout == "one-file"

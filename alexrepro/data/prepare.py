@@ -2,7 +2,7 @@
 
 The stage runs in three steps:
 
-1. Plan. `sources.find_source` lists the labelled images (archives are indexed in place, never unpacked). The train
+1. Plan. `sources.registry.find_source` lists the labelled images (archives are indexed in place, never unpacked). The train
    set is shuffled once with a seeded generator, so that every shard mixes classes, and cut into shards of
    `shard_size`; val keeps file-name order. The plan fixes which image lands in which shard before any pixel is
    touched, so the output cannot depend on how many workers run or in what order they finish.
@@ -17,7 +17,7 @@ The stage runs in three steps:
 Resuming: `OUT/.prepare/plan.json` records the settings and a hash of the plan. A rerun with the same settings and
 inputs keeps every shard whose record still matches it (size and mtime as written; sha256 with `verify_finished`)
 and redoes the rest, so an interrupted run (even by `kill -9`) ends byte-identical to an uninterrupted one. The
-archive listing is kept there too (`sources.save_listings`), so a rerun does not read every header of the archives
+archive listing is kept there too (`sources.listing.save_listings`), so a rerun does not read every header of the archives
 again unless they changed. A rerun with other settings raises OutputExistsError unless
 `overwrite` is set. `manifest.json` exists only while every shard it names is complete.
 """
@@ -55,7 +55,9 @@ from alexrepro.data.shards.manifest import (
     shard_name,
 )
 from alexrepro.data.shards.writer import scan_members, write_manifest, write_shard
-from alexrepro.data.sources import ImageRef, Source, find_source, fingerprint, save_listings
+from alexrepro.data.sources.base import ImageRef, Source, fingerprint
+from alexrepro.data.sources.listing import save_listings
+from alexrepro.data.sources.registry import find_source
 
 STATE_DIR = ".prepare"  # resume bookkeeping inside OUT: plan.json and one record per finished shard
 PLAN_FORMAT = "alexrepro-prepare-plan"
@@ -63,7 +65,7 @@ PLAN_VERSION = 1
 
 
 _SHARD_FILE = re.compile(r"(train|val)-(\d{6}\.tar|index\.npy)")  # shards and their member indexes
-_LISTING_FILE = re.compile(r"listing-.+\.npz")  # sources.save_listings
+_LISTING_FILE = re.compile(r"listing-.+\.npz")  # sources.listing.save_listings
 _TEMP_FILE = re.compile(r"\..+\.tmp-\d+")  # left behind by atomic_open when a run is killed with SIGKILL
 
 
