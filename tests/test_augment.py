@@ -82,3 +82,49 @@ def test_lighting_scale_switch_and_given_alphas():
     assert torch.allclose(sqrt, torch.tensor([[1020.0**0.5, 255.0**0.5, 0.0]]))
     batch = torch.zeros(1, 3, 2, 2)
     assert torch.allclose(pca_lighting(batch, eigval, eigvec, alphas=alphas)[0, :, 0, 0], torch.tensor([4.0, 1.0, 0.0]))
+
+
+def test_a_new_augmentation_is_one_class_and_one_config_key(tmp_path):
+    """An augmentation added beyond the paper's: one class registered in alexrepro.data.augmentations and one key in
+    the training config. The workers draw it per sample, the batch carries it and the device applies it, with no
+    change to the loader, the batch or the preprocessing."""
+    import dataclasses
+    import random
+
+    from alexrepro.data import augmentations
+    from alexrepro.train.config import TrainConfig
+    from alexrepro.train.loop import make_preprocess, normalization_from_stats
+    from helpers.train import make_stats
+
+    class Brightness(augmentations.Added):
+        name = "brightness"
+        size = 1
+
+        def draw(self, rng: random.Random, strength: float) -> tuple[float, ...]:
+            return (rng.uniform(-strength, strength),)
+
+        def apply(self, x, draws, stats):
+            return x + draws[:, :, None, None]
+
+    @dataclasses.dataclass(frozen=True)
+    class WithBrightness(TrainConfig):
+        brightness: float = 20.0  # the one config key
+
+    brightness = Brightness()
+    augmentations.register(brightness)
+    try:
+        shards = tmp_path / "shards"
+        manifest = make_shards(shards, classes=2, train_per_class=4, val_per_class=2, size=72, shard_size=4)
+        config = WithBrightness(crop=67, input_scale=1.0, pca_lighting=False)
+        batch = next(iter(train_batches(shards, manifest, config.augmentation(), batch_size=8, seed=0, epoch=0)))
+        drawn = batch.draws["brightness"]
+        assert drawn.shape == (8, 1) and drawn.abs().max() <= 20.0 and drawn.std() > 0  # drawn per sample
+        assert "brightness" in config.switches()  # recorded with the other switches
+        normalization = normalization_from_stats(make_stats(shards, tmp_path / "stats"), 1.0)
+        preprocess = make_preprocess(normalization, config, torch.device("cpu"), channels_last=False)
+        without = dict(batch.draws, brightness=torch.zeros_like(drawn))
+        plain = preprocess(dataclasses.replace(batch, draws=without), train=True)
+        brighter = preprocess(batch, train=True)
+        torch.testing.assert_close(brighter - plain, drawn[:, :, None, None].expand_as(plain), rtol=0, atol=1e-4)
+    finally:
+        augmentations.PER_SAMPLE.remove(brightness)

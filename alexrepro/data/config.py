@@ -75,3 +75,5 @@ class Augmentation:
     random_crop: bool = True  # False: always the centre crop
     flip: bool = True  # horizontal reflection with probability 1/2
     lighting_std: float = 0.1  # std of α for PCA lighting; 0 disables it (α all zero)
+    # Strengths of the augmentations added beyond the paper's (alexrepro.data.augmentations.Added), by name.
+    added: tuple[tuple[str, float], ...] = ()

@@ -56,6 +56,7 @@ from alexrepro.core.errors import (
 from alexrepro.core.progress import NullProgress, Progress
 from alexrepro.core.signals import STOP_SIGNALS, ignore_stop_signals
 from alexrepro.data.augment import center_offset
+from alexrepro.data.augmentations import PER_SAMPLE, draws_of
 from alexrepro.data.config import Augmentation
 from alexrepro.data.shards.index import ShardIndex, ShardReader
 from alexrepro.data.shards.manifest import Manifest
@@ -122,8 +123,9 @@ class LoaderSettings:
 class Batch:
     """One rank batch as the workers hand it over: uint8 crops (or the JPEG bytes) and where they came from.
 
-    The crops are not yet mirrored: `flipped` says which ones the device mirrors (alexrepro.data.augment.flip_where),
-    where it costs nothing; in a worker, mirroring an H×W×3 crop costs about a sixth of the JPEG decode.
+    The crops are not yet augmented: `draws` holds what each per-sample augmentation (alexrepro.data.augmentations:
+    the reflection, the PCA lighting) drew for each image, and the device applies them, where it costs nothing (in a
+    worker, mirroring an H×W×3 crop costs about a sixth of the JPEG decode).
     With `decode_on="device"` the workers only read: `images` is None and `jpegs` holds the batch's JPEG files end
     to end (one buffer, so one shared-memory segment per batch), cut by `jpeg_sizes`; alexrepro.data.feed decodes and
     crops them on the device at the same `offsets`.
@@ -132,8 +134,7 @@ class Batch:
     images: torch.Tensor | None  # n×3×crop×crop uint8 (channels-last storage: n×crop×crop×3 in memory)
     labels: torch.Tensor  # n int64
     offsets: torch.Tensor  # n×2 int64 (y, x) of each crop in the full image
-    flipped: torch.Tensor  # n bool: this crop is to be mirrored left-right
-    alphas: torch.Tensor  # n×3 float32 PCA lighting coefficients (zeros when lighting is off)
+    draws: dict[str, torch.Tensor]  # augmentation name → n×size float32 of what it drew (zeros where it is off)
     keys: list[str]
     step: int  # index of the global batch in the epoch
     global_size: int  # images in the whole global batch (all ranks), for averaging the loss
@@ -147,13 +148,24 @@ class Batch:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def flipped(self) -> torch.Tensor:
+        """n bool: the crops the device mirrors left-right."""
+        return self.draws["flip"][:, 0] > 0
+
+    @property
+    def alphas(self) -> torch.Tensor:
+        """n×3: the PCA lighting coefficients α (zeros when lighting is off)."""
+        return self.draws["pca_lighting"]
+
     def pin_memory(self) -> Batch:
         if self.images is not None:  # pin the contiguous (channels-last) storage
             self.images = self.images.permute(0, 2, 3, 1).pin_memory().permute(0, 3, 1, 2)
             self.release()  # the pixels are copied out: the worker may refill its buffer
-        for name in ("labels", "offsets", "flipped", "alphas", "jpegs"):
+        for name in ("labels", "offsets", "jpegs"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).pin_memory())
+        self.draws = {name: values.pin_memory() for name, values in self.draws.items()}
         return self
 
     def release(self) -> None:
@@ -320,25 +332,26 @@ class ShardBatches(IterableDataset):
                 f"{self.index.paths[self.index.shard[sample]]}: sample {self.index.key(sample)} is "
                 f"{image.shape[2]}×{image.shape[1]}, smaller than the {self.crop}-pixel crop; rerun `alexrepro prepare`"
             )
-        crop, (y, x), flipped, alphas = self._view(position, image.shape[1], image.shape[2])
+        crop, (y, x), draws = self._view(position, image.shape[1], image.shape[2])
         # Crop in the decoder's H×W×3 layout: rows of the crop are contiguous there, so stacking is a plain copy
         # (cropping the 3×H×W view instead costs 15× more). The reflection is left to the device (see Batch).
         view = image.permute(1, 2, 0)[y : y + crop, x : x + crop]  # crop×crop×3
-        return view, label, (y, x), flipped, alphas, self.index.key(sample)
+        return view, label, (y, x), draws, self.index.key(sample)
 
     def _read(self, files: ShardReader, sample: int, position: int):
         """decode_on="device": the JPEG bytes and the same view draws as `_load`, sized from the JPEG's header."""
         data = files.jpeg_view(sample)  # copied once, into the batch's buffer (_collate_jpegs)
         height, width = jpeg_size(data)
-        crop, offset, flipped, alphas = self._view(position, height, width)
-        return data, files.label(sample), offset, flipped, alphas, self.index.key(sample)
+        crop, offset, draws = self._view(position, height, width)
+        return data, files.label(sample), offset, draws, self.index.key(sample)
 
     def _view(self, position: int, height: int, width: int):
-        """(crop side, (y, x), flipped, α) of the image at `position`: per sample, independent of ranks and workers."""
+        """(crop side, (y, x), draws) of the image at `position`: per sample, independent of ranks and workers. The
+        crop comes first from the sample's random stream, then each augmentation's draws in their order."""
         aug = self.augmentation
         if aug is None:
             crop = self.crop or height
-            return crop, center_offset(height, crop), False, (0.0, 0.0, 0.0)
+            return crop, center_offset(height, crop), draws_of(None, None)
         crop = aug.crop
         # per sample: independent of ranks and workers
         rng = random.Random(f"{self.epoch.seed}/{self.epoch.epoch}/{position}")
@@ -346,9 +359,7 @@ class ShardBatches(IterableDataset):
             offset = (rng.randrange(height - crop + 1), rng.randrange(width - crop + 1))
         else:
             offset = center_offset(height, crop)
-        flipped = aug.flip and rng.random() < 0.5
-        alphas = tuple(rng.gauss(0.0, aug.lighting_std) for _ in range(3)) if aug.lighting_std > 0 else (0.0, 0.0, 0.0)
-        return crop, offset, flipped, alphas
+        return crop, offset, draws_of(aug, rng)
 
     def _decode_batch(self, files: ShardReader, sequence: np.ndarray, start: int, end: int, step: int, decode) -> Batch:
         crop = self.crop
@@ -399,9 +410,11 @@ class ShardBatches(IterableDataset):
             images=images,
             labels=torch.tensor([item[1] for item in items], dtype=torch.int64),
             offsets=torch.tensor([item[2] for item in items], dtype=torch.int64).reshape(-1, 2),
-            flipped=torch.tensor([item[3] for item in items], dtype=torch.bool),
-            alphas=torch.tensor([item[4] for item in items], dtype=torch.float32).reshape(-1, 3),
-            keys=[item[5] for item in items],
+            draws={
+                a.name: torch.tensor([item[3][a.name] for item in items], dtype=torch.float32).reshape(-1, a.size)
+                for a in PER_SAMPLE
+            },
+            keys=[item[4] for item in items],
             step=step,
             global_size=end - start,
             crop=crop,

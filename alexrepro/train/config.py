@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from alexrepro.data.augmentations import PER_SAMPLE, Added
 from alexrepro.data.config import Augmentation
 from alexrepro.model.config import ModelConfig
 
@@ -119,11 +120,15 @@ class TrainConfig:
         )  # fmt: skip
 
     def augmentation(self) -> Augmentation:
-        return Augmentation(self.crop, self.random_crop, self.flip, self.lighting_std if self.pca_lighting else 0.0)
+        added = tuple((a.name, a.from_config(self)) for a in PER_SAMPLE if isinstance(a, Added))
+        return Augmentation(
+            self.crop, self.random_crop, self.flip, self.lighting_std if self.pca_lighting else 0.0, added
+        )
 
     def switches(self) -> dict[str, Any]:
         """Every ablation switch and its value, as recorded in checkpoints and reports."""
-        keys = ("towers", "layer_widths", "activation", "lrn", "overlap_pool", "dropout", "dropout_scaling", "init",
+        keys: tuple[str, ...] = ("towers", "layer_widths", "activation", "lrn", "overlap_pool", "dropout", "dropout_scaling", "init",
                 "width", "crop", "random_crop", "flip", "pca_lighting", "lighting_scale", "input_scale", "update_rule",
                 "decay_biases", "lr_schedule", "precision", "tf32")  # fmt: skip
+        keys += tuple(a.name for a in PER_SAMPLE if a.name not in keys)  # an added augmentation is a switch too
         return {k: getattr(self, k) for k in keys}

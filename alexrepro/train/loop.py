@@ -43,7 +43,8 @@ from alexrepro.core.locking import output_lock, reported_write_errors
 from alexrepro.core.progress import NullProgress, Progress
 from alexrepro.core.signals import StopRequest
 from alexrepro.core.workers import usable_cores
-from alexrepro.data.augment import crop_mean, flip_where, normalize, pca_lighting
+from alexrepro.data.augment import crop_mean, normalize
+from alexrepro.data.augmentations import PER_SAMPLE
 from alexrepro.data.feed import DeviceFeed, device_crops
 from alexrepro.data.loader import (
     Batch,
@@ -109,11 +110,11 @@ class Preprocess:
     def __call__(self, batch: Batch, train: bool) -> torch.Tensor:
         move = lambda t: t.to(self.device, non_blocking=True)  # noqa: E731  (from pinned memory on CUDA)
         images = move(batch.images) if batch.images is not None else device_crops(batch, self.device)
-        offsets, flipped, alphas = move(batch.offsets), move(batch.flipped), move(batch.alphas)
-        mean = crop_mean(self.mean_image, offsets, self.crop)  # N×3×c×c, each crop's own window
-        x = flip_where(normalize(images, mean, 1.0), flipped)  # mirror image and mean together
-        if train:  # α is all zero when lighting is switched off: then this adds nothing
-            x = pca_lighting(x, self.eigval, self.eigvec, alphas=alphas, scale=self.lighting_scale)
+        mean = crop_mean(self.mean_image, move(batch.offsets), self.crop)  # N×3×c×c, each crop's own window
+        x = normalize(images, mean, 1.0)
+        if train:  # each augmentation of §4.1 in its order; the reflection mirrors image and mean together
+            for augmentation in PER_SAMPLE:
+                x = augmentation.apply(x, move(batch.draws[augmentation.name]), self)
         return (x * self.input_scale).to(dtype=self.dtype, memory_format=self.memory_format)
 
 
