@@ -8,8 +8,10 @@ time.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -415,3 +417,63 @@ def test_sigterm_to_prepare_with_workers_is_one_line_and_the_rerun_finishes(tmp_
     ends_with_one_error(result, "stopped by SIGTERM")  # and no "leaked semaphore" warning, no BrokenPipe
     rerun = cli(*args, "--quiet")
     assert rerun.returncode == 0, rerun.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run folder's files agree after any crash
+
+KILL_AT_BEST = """
+    import os, signal
+    from pathlib import Path
+    from alexrepro.model import checkpoint
+
+    def _killing(real):
+        def opened(path, *args, **kwargs):
+            if Path(path).name == "checkpoint-best.pt":  # a power cut as the best checkpoint is being written
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(path, *args, **kwargs)
+        return opened
+
+    checkpoint.atomic_open = _killing(checkpoint.atomic_open)
+"""
+
+
+def test_a_kill_while_the_best_checkpoint_is_written_is_completed_by_resume(data, tmp_path):
+    """kill -9 as checkpoint-best.pt of the last epoch is written: checkpoint-last.pt says the epoch is done, the best
+    checkpoint, history and metrics do not. --resume must complete them, not report "1 of 1 epochs done"."""
+    out = tmp_path / "run"
+    killed = cli("train", *data, out, "--epochs", "1", "--workers", "0", "--quiet", *TINY,
+                 hook=hook(tmp_path / "hook", KILL_AT_BEST))  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (out / "checkpoint-last.pt").is_file() and not (out / "checkpoint-best.pt").exists()
+    resumed = cli("train", *data, out, "--epochs", "1", "--workers", "0", "--resume", *TINY)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "completed the end of epoch 1" in resumed.stderr, resumed.stderr
+    assert (out / "checkpoint-best.pt").read_bytes() == (out / "checkpoint-last.pt").read_bytes()
+    history = json.loads((out / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1]
+    assert json.loads((out / "last_epoch.json").read_text())["val_top1_error"] == history[0]["val_top1_error"]
+
+
+def test_a_fresh_run_refuses_a_folder_holding_a_best_checkpoint(data, tmp_path):
+    """A folder with checkpoint-best.pt but no checkpoint-last.pt (a user kept the best only) is not overwritten."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint-best.pt").write_bytes(b"a best checkpoint kept from an earlier run")
+    result = cli("train", *data, out, "--epochs", "1", "--workers", "0", "--quiet", *TINY)
+    ends_with_one_error(result, str(out), "checkpoint-best.pt", "another folder")
+    assert (out / "checkpoint-best.pt").read_bytes() == b"a best checkpoint kept from an earlier run"
+
+
+def test_statistics_with_nan_are_refused_before_training(data, tmp_path):
+    shards, stats = data
+    broken = tmp_path / "stats"
+    shutil.copytree(stats, broken)
+    with np.load(broken / "stats.npz") as npz:
+        arrays = dict(npz)
+    arrays["eigval"] = arrays["eigval"].copy()
+    arrays["eigval"][0] = np.nan
+    np.savez(broken / "stats.npz", **arrays)
+    result = cli("train", shards, broken, tmp_path / "run", "--epochs", "1", "--workers", "0", "--quiet", *TINY)
+    ends_with_one_error(result, "stats.npz", "eigval", "NaN", "alexrepro stats")
+    assert not (tmp_path / "run" / "checkpoint-last.pt").exists()

@@ -166,7 +166,7 @@ def load_stats(stats_dir: Path) -> Stats:
             check_format(
                 {"format": str(npz["format"]), "version": int(npz["version"])}, FORMAT, VERSION, str(npz_path), remedy
             )
-            return Stats(
+            stats = Stats(
                 mean_image=npz["mean_image"].astype(np.float32),
                 channel_mean=npz["channel_mean"],
                 cov=npz["cov"],
@@ -177,6 +177,11 @@ def load_stats(stats_dir: Path) -> Stats:
             )
     except (KeyError, ValueError, OSError, zipfile.BadZipFile) as exc:
         raise FormatError(f"{npz_path}: unreadable or incomplete ({exc}); rerun `{remedy}`") from None
+    # A NaN or an infinity would train without a word and only evaluate would refuse the checkpoint: stop here.
+    for name in ("mean_image", "channel_mean", "cov", "eigval", "eigvec"):
+        if not np.all(np.isfinite(getattr(stats, name))):
+            raise FormatError(f"{npz_path}: '{name}' holds NaN or infinite values; rerun `{remedy}`")
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from alexrepro.core.atomic import atomic_write_text, remove_stale_temporaries
+from alexrepro.core.atomic import atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from alexrepro.core.config import config_to_dict
 from alexrepro.core.errors import (
     ConfigError,
@@ -74,6 +74,7 @@ from alexrepro.train.live import EpochLog, NullLog, open_epoch_log
 
 LAST = "checkpoint-last.pt"
 BEST = "checkpoint-best.pt"
+RUN_FILES = (LAST, BEST, "history.json", "history.csv", "last_epoch.json")  # what a run folder holds of its results
 
 
 @dataclass
@@ -407,6 +408,9 @@ def _train(
             f"resuming {out / LAST}: {position.epoch} of {config.epochs} epochs done, continuing with epoch "
             f"{position.epoch + 1} at step {position.step}"
         )
+        if ranks.is_main:
+            for line in complete_epoch_end(run, position):
+                run.progress.log(line)
     if ranks.is_main:  # OUT can take a checkpoint now, not after an epoch's work
         check_room(out, checkpoint_bytes(run), missing=sum(not (out / name).exists() for name in (LAST, BEST)))
         # the resolved settings beside the run, as plain YAML (timm's args.yaml); also the first write into OUT
@@ -546,9 +550,13 @@ def start_position(run: Run, resume: bool) -> Position:
     last = run.out / LAST
     fresh = Position(LrSchedule(run.config.lr))
     if not resume:
-        if last.exists():
+        # Any of a run's files, not only checkpoint-last.pt: a fresh run would overwrite checkpoint-best.pt (or a
+        # history) that a user kept from an earlier run.
+        found = [name for name in RUN_FILES if (run.out / name).exists()]
+        if found:
+            how = "pass --resume to continue it, or" if last.exists() else "move them away, or"
             raise OutputExistsError(
-                f"{run.out} already holds a training run ({LAST}); pass --resume to continue it, or choose another folder"
+                f"{run.out} already holds a training run's files ({', '.join(found)}); {how} choose another folder"
             )
         return fresh
     if not last.is_file():
@@ -664,6 +672,32 @@ def interrupt(run: Run, epoch: int, step: int, sums: Sums, position: Position, s
         partial = {"step": step, "sums": sums.to_state()}
         save_checkpoint(path, checkpoint_state(run, epoch, position, partial))
     raise stop.stopped(f"in epoch {epoch + 1} after step {step}; checkpoint written to {path}; continue with --resume")
+
+
+def complete_epoch_end(run: Run, position: Position) -> list[str]:
+    """Make the run folder agree with checkpoint-last.pt, the commit of an epoch's end (written first).
+
+    A run killed while it ended an epoch (after checkpoint-last.pt, before checkpoint-best.pt or the history) left
+    the other files one epoch behind; resuming would find every epoch done and stop there. The history and the
+    metrics are rewritten from the checkpoint's own history, and checkpoint-best.pt gets the last epoch's state when
+    that epoch is the best and the best checkpoint is not of it. Returns what was completed, for the log."""
+    done: list[str] = []
+    if not position.history:
+        return done
+    write_history(run.out, position.history)
+    write_timings(run.out, position.timings)
+    best_row = min(position.history, key=lambda row: row["val_top1_error"])
+    at_epoch_end = position.step == 0 and position.sums is None
+    if at_epoch_end and best_row["epoch"] == position.epoch:
+        best = run.out / BEST
+        best_epoch = load_checkpoint(best).get("epoch") if best.is_file() else None
+        if best_epoch != position.epoch:
+            atomic_write_bytes(best, (run.out / LAST).read_bytes())  # the same state, byte for byte
+            done.append(
+                f"completed the end of epoch {position.epoch}, which a stopped run left unfinished: {BEST} (was "
+                f"{'missing' if best_epoch is None else f'epoch {best_epoch}'}), history and metrics rewritten"
+            )
+    return done
 
 
 def finish_epoch(run: Run, epoch: int, sums: Sums, position: Position) -> tuple[dict, dict]:
