@@ -443,3 +443,22 @@ def test_rejected_files_are_named_on_the_console_with_where_the_list_is(tmp_path
     named = next(line for line in lines if "train/apple/half.jpg" in line)
     assert "cut short" in named and "bytes not processed" not in named, named
     assert any(str(tmp_path / "shards" / "manifest.json") in line for line in lines), lines
+
+
+def test_a_failed_evaluate_leaves_the_earlier_evaluation_whole(tmp_path):
+    """A second evaluation into a used folder that fails part-way (a full disk) must not mix two runs' outputs: the
+    earlier set stays as it was, every file of it, and no staging folder is left."""
+    from helpers.evaluate import save_tiny_checkpoint, tiny_checkpoint, write_tiny_shards
+
+    write_tiny_shards(tmp_path / "shards")
+    first = save_tiny_checkpoint(tmp_path / "first.pt", tiny_checkpoint(tmp_path / "shards", seed=1))
+    second = save_tiny_checkpoint(tmp_path / "second.pt", tiny_checkpoint(tmp_path / "shards", seed=2))
+    out = tmp_path / "reports"
+    args = (tmp_path / "shards", out, "--workers", "0", "--quiet")
+    assert cli("evaluate", first, *args).returncode == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    one_line_error(cli("evaluate", second, *args, preexec_fn=_file_size_limit(4000)), "cannot write", "EFBIG")
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # the first evaluation's outputs, all of them, unchanged
+    assert json.loads((out / "evaluation.json").read_text())["checkpoint"]["path"].endswith("first.pt")
+    assert _leftovers(out) == [] and not list(out.glob(".evaluate-staging-*"))

@@ -28,6 +28,8 @@ import dataclasses
 import io
 import json
 import math
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,21 +341,53 @@ def _evaluate_locked(checkpoint: Path, shards: Path, out: Path, config: Evaluate
         return result
 
     progress.start("writing report", None)
+    # The outputs of one evaluation appear together or not at all: they are written into a staging folder inside
+    # OUT and moved into place only once every one is written, metrics.json last. A failure (a full disk, a signal)
+    # leaves the earlier evaluation's set as it was; a stale staging folder of a killed run is removed.
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").unlink(missing_ok=True)  # an earlier run's: until the new one is written, none is complete
-    id_kind = write_submission(out / "submission.txt", predictions, manifest)
-    write_predictions_csv(out / "predictions.csv", predictions, manifest)
-    write_per_class_csv(out / "per_class.csv", predictions, manifest)
-    _write_report(out, predictions, metrics, ckpt, manifest, images, examples, query_keys, neighbours, id_kind, config)
-    # metrics.json holds results only (what `dvc metrics` and `dvc exp show` list); the provenance (image count,
-    # dataset, checkpoint and data identity, switches) goes to evaluation.json, which DVC does not read as metrics.
-    provenance = {k: v for k, v in metrics.items() if k not in RESULT_KEYS}
-    atomic_write_text(out / "evaluation.json", json.dumps(provenance, indent=2) + "\n")
-    results = {k: metrics[k] for k in RESULT_KEYS}
-    atomic_write_text(out / "metrics.json", json.dumps(results, indent=2) + "\n")  # last: present means complete
+    for stale in out.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out / f"{STAGING_PREFIX}{os.getpid()}"
+    staging.mkdir()
+    try:
+        id_kind = write_submission(staging / "submission.txt", predictions, manifest)
+        write_predictions_csv(staging / "predictions.csv", predictions, manifest)
+        write_per_class_csv(staging / "per_class.csv", predictions, manifest)
+        _write_report(staging, predictions, metrics, ckpt, manifest, images, examples, query_keys, neighbours, id_kind,
+                      config)  # fmt: skip
+        # metrics.json holds results only (what `dvc metrics` and `dvc exp show` list); the provenance (image count,
+        # dataset, checkpoint and data identity, switches) goes to evaluation.json, which DVC does not read as
+        # metrics.
+        provenance = {k: v for k, v in metrics.items() if k not in RESULT_KEYS}
+        atomic_write_text(staging / "evaluation.json", json.dumps(provenance, indent=2) + "\n")
+        results = {k: metrics[k] for k in RESULT_KEYS}
+        atomic_write_text(staging / "metrics.json", json.dumps(results, indent=2) + "\n")
+        _move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     progress.finish()
     progress.log(result_line(out))
     return result
+
+
+STAGING_PREFIX = ".evaluate-staging-"
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Replace the earlier evaluation's outputs by the staged ones: metrics.json goes first (so that nothing looks
+    complete while files move) and comes back last; each file and the figures folder move by rename."""
+    (out / "metrics.json").unlink(missing_ok=True)
+    names = sorted(p.name for p in staging.iterdir() if p.name != "metrics.json")
+    for name in [*names, "metrics.json"]:
+        target = out / name
+        if (staging / name).is_dir():  # figures/: the old folder aside, the new one in, the old one gone
+            old = out / f"{STAGING_PREFIX}old-{name}"
+            if target.exists():
+                os.replace(target, old)
+            os.replace(staging / name, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging / name, target)
 
 
 def result_line(out: Path) -> str:
