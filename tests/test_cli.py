@@ -427,3 +427,17 @@ def test_a_bad_flag_blames_only_its_own_key():
     assert result.exit_code == 2
     line = one_line_error(result)
     assert "--workers" in line and "shuffle_buffer" not in line, line
+
+
+def test_a_worker_count_far_above_the_cores_is_capped_with_one_line(tmp_path):
+    """--workers 1000 would fork a thousand processes (minutes) to do two cores' work: capped, and said once."""
+    from alexrepro.cli.app import WORKERS_PER_CORE
+    from alexrepro.core.workers import usable_cores
+
+    args = ["sample", str(tmp_path / "s"), "--classes", "2", "--train-per-class", "2", "--val-per-class", "1",
+            "--set", "image_scale=0.25", "--workers", "1000", "--quiet"]  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "alexrepro", *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    most = WORKERS_PER_CORE * usable_cores()
+    assert f"--workers 1000 is more than {WORKERS_PER_CORE} per usable core" in result.stderr
+    assert f"using {most}" in result.stderr

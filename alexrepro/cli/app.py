@@ -10,6 +10,7 @@ shows the traceback); 2 a bad flag, config value or path, found before any data 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -256,6 +257,7 @@ def _config(
                 raise ConfigError(f"command line: {exc}") from None
     except ConfigError as exc:
         raise _error(_name_flag(str(exc), origin), 2) from None
+    cfg = _capped_workers(cfg, origin)
     values = config_to_dict(cfg)
     if show:
         defaults = {k.name: k.comment for k in stage_keys(stage)}
@@ -267,6 +269,26 @@ def _config(
             print(f"{key}: {show_value(value)}{note}")
         raise typer.Exit(0)
     return cfg
+
+
+WORKERS_PER_CORE = 4  # more worker processes than this per usable core only contend (and fork, and hold memory)
+
+
+def _capped_workers(cfg: C, origin: dict[str, str]) -> C:
+    """A worker count far above the cores is a typo or a copy from a bigger machine (1000 workers took 153 s to
+    fork where 2 do the work in 12 s): cap it at WORKERS_PER_CORE per usable core and say so in one line."""
+    from alexrepro.core.workers import usable_cores
+
+    requested = getattr(cfg, "workers", None)
+    most = WORKERS_PER_CORE * usable_cores()
+    if requested is None or requested <= most:
+        return cfg
+    flag = origin.get("workers", "workers")
+    err_console.print(
+        f"note: {flag} {requested} is more than {WORKERS_PER_CORE} per usable core ({usable_cores()} here); using {most}",
+        highlight=False, markup=False, soft_wrap=True,
+    )  # fmt: skip
+    return dataclasses.replace(cfg, workers=most)
 
 
 def _announce(stage: str, cfg: Any, verbose: bool, quiet: bool) -> None:
