@@ -477,3 +477,27 @@ def test_statistics_with_nan_are_refused_before_training(data, tmp_path):
     result = cli("train", shards, broken, tmp_path / "run", "--epochs", "1", "--workers", "0", "--quiet", *TINY)
     ends_with_one_error(result, "stats.npz", "eigval", "NaN", "alexrepro stats")
     assert not (tmp_path / "run" / "checkpoint-last.pt").exists()
+
+
+UNREADABLE_CHECKPOINT = """
+    import errno
+    from alexrepro.model import checkpoint
+
+    def _unreadable(real):
+        def load(path, *args, **kwargs):
+            if str(path).endswith("checkpoint-last.pt"):  # what a chmod 000 file gives a user who is not root
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return real(path, *args, **kwargs)
+        return load
+
+    checkpoint.torch.load = _unreadable(checkpoint.torch.load)
+"""
+
+
+def test_resume_from_an_unreadable_checkpoint_says_it_cannot_be_read(trained, data, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(trained[1], out)
+    result = cli("train", *data, out, "--epochs", "2", "--workers", "0", "--resume", "--quiet", *TINY,
+                 hook=hook(tmp_path / "hook", UNREADABLE_CHECKPOINT))  # fmt: skip
+    line = ends_with_one_error(result, "checkpoint-last.pt", "cannot read", "EACCES", "permissions")
+    assert "cannot write" not in line

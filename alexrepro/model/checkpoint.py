@@ -10,6 +10,7 @@ A checkpoint carries everything evaluate and predict need: the weights, the prep
 
 from __future__ import annotations
 
+import errno
 import math
 import pickle
 import zipfile
@@ -69,6 +70,11 @@ def load_checkpoint(path: Path) -> dict:
         raise FormatError(f"{path}: no such checkpoint; run `alexrepro train` to write one")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:  # EACCES, EIO: the file is there but cannot be read (not a problem writing anything)
+        reason = errno.errorcode.get(exc.errno or 0, exc.strerror or type(exc).__name__)
+        raise FormatError(
+            f"{path}: cannot read the checkpoint ({reason}); check its permissions and the disk"
+        ) from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         reason = exception_text(exc, limit=1000)
         raise FormatError(
