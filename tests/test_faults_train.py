@@ -501,3 +501,21 @@ def test_resume_from_an_unreadable_checkpoint_says_it_cannot_be_read(trained, da
                  hook=hook(tmp_path / "hook", UNREADABLE_CHECKPOINT))  # fmt: skip
     line = ends_with_one_error(result, "checkpoint-last.pt", "cannot read", "EACCES", "permissions")
     assert "cannot write" not in line
+
+
+def test_a_run_folder_hashes_each_shard_once(trained, data):
+    """The record of checked shards keeps both splits, so a resume (or a later evaluate into the same folder) hashes
+    nothing again: "once per run folder", as the README says."""
+    shards, _ = data
+    record = json.loads((trained[1] / ".verified-shards.json").read_text())["shards"]
+    names = {Path(path).name for path in record}
+    assert {p.name for p in shards.glob("train-*.tar")} <= names and {p.name for p in shards.glob("val-*.tar")} <= names
+
+
+def test_a_refused_fresh_run_hashes_nothing(data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "history.json").write_text("[]\n")
+    result = cli("train", *data, out, "--epochs", "1", "--workers", "0", "--quiet", *TINY)
+    ends_with_one_error(result, "history.json", "another folder")
+    assert not (out / ".verified-shards.json").exists()  # refused before the shards were hashed

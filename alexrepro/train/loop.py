@@ -401,6 +401,8 @@ def _train(
     normalization = normalization_from_stats(stats, config.input_scale)
     check_stats_source(stats, shards)  # normalised by statistics of these very shards
     check_sizes(manifest, normalization, config.crop, stats)
+    if not resume and ranks.is_main:
+        refuse_a_used_folder(out)  # before build_run hashes the shards, which a refused run would waste
     run = build_run(paths, config, manifest, normalization, ranks, devices, progress)
     position = start_position(run, resume)
     if resume:
@@ -545,19 +547,23 @@ def stats_sha256(stats: Path) -> str:
     return sha256_file(path) if path.is_file() else ""
 
 
+def refuse_a_used_folder(out: Path) -> None:
+    """A fresh run into a folder with any of a run's files, not only checkpoint-last.pt, would overwrite a
+    checkpoint-best.pt (or a history) that a user kept: refused, before any shard is hashed."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found:
+        how = "pass --resume to continue it, or" if (out / LAST).exists() else "move them away, or"
+        raise OutputExistsError(
+            f"{out} already holds a training run's files ({', '.join(found)}); {how} choose another folder"
+        )
+
+
 def start_position(run: Run, resume: bool) -> Position:
     """Where training starts: from scratch, or where checkpoint-last.pt left off (weights, optimizer, schedule)."""
     last = run.out / LAST
     fresh = Position(LrSchedule(run.config.lr))
     if not resume:
-        # Any of a run's files, not only checkpoint-last.pt: a fresh run would overwrite checkpoint-best.pt (or a
-        # history) that a user kept from an earlier run.
-        found = [name for name in RUN_FILES if (run.out / name).exists()]
-        if found:
-            how = "pass --resume to continue it, or" if last.exists() else "move them away, or"
-            raise OutputExistsError(
-                f"{run.out} already holds a training run's files ({', '.join(found)}); {how} choose another folder"
-            )
+        refuse_a_used_folder(run.out)
         return fresh
     if not last.is_file():
         raise FormatError(f"{last}: nothing to resume; run without --resume to start training")

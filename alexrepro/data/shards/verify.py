@@ -58,7 +58,10 @@ def verify_shards(
     if todo:
         progress.finish()
     if todo:
-        verified = {path: {"sha256": sha, "file": _identity(Path(path))} for path, sha in expected.items()}
+        # The folder's record keeps the shards of other splits (train and val are checked in two calls): one run
+        # folder hashes each shard once, not once per split per start.
+        verified = dict(known) if isinstance(known, dict) else {}
+        verified.update({path: {"sha256": sha, "file": _identity(Path(path))} for path, sha in expected.items()})
         Path(stamp_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(stamp_path, json.dumps({"format": "alexrepro-verified", "shards": verified}, indent=1) + "\n")
     return len(todo)
