@@ -462,3 +462,24 @@ def test_a_failed_evaluate_leaves_the_earlier_evaluation_whole(tmp_path):
     assert after == before  # the first evaluation's outputs, all of them, unchanged
     assert json.loads((out / "evaluation.json").read_text())["checkpoint"]["path"].endswith("first.pt")
     assert _leftovers(out) == [] and not list(out.glob(".evaluate-staging-*"))
+
+
+def test_sample_replaces_its_own_interrupted_output_and_removes_stale_temporaries(tmp_path):
+    """A sample killed after its train archive (kill -9) left that archive, its marker and a temporary: the same
+    command reruns without --overwrite; a folder of archives without the marker (a real download) is still refused."""
+    args = ["--classes", "2", "--train-per-class", "2", "--val-per-class", "1", "--set", "image_scale=0.25",
+            "--workers", "1", "--quiet"]  # fmt: skip
+    out = tmp_path / "sample"
+    assert cli("sample", out, *args).returncode == 0
+    (out / "ILSVRC2012_img_val.tar").unlink()
+    (out / "ILSVRC2012_devkit_t12.tar.gz").unlink()
+    stale = out / ".ILSVRC2012_img_val.tar.tmp-999999"  # what atomic_open leaves when its process is killed
+    stale.write_bytes(b"half an archive")
+    result = cli("sample", out, *args)
+    assert result.returncode == 0, result.stderr
+    assert (out / "ILSVRC2012_img_val.tar").is_file() and not stale.exists()
+    download = tmp_path / "download"
+    download.mkdir()
+    (download / "ILSVRC2012_img_train.tar").write_bytes(b"138 GB, they said")
+    one_line_error(cli("sample", download, *args), "already holds", "--overwrite")
+    assert (download / "ILSVRC2012_img_train.tar").read_bytes() == b"138 GB, they said"

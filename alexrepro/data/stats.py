@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from alexrepro.core.atomic import atomic_open, atomic_write_bytes, atomic_write_text
+from alexrepro.core.atomic import atomic_open, atomic_write_bytes, atomic_write_text, remove_stale_temporaries
 from alexrepro.core.errors import FormatError, OutputExistsError
 from alexrepro.core.files import check_format
 from alexrepro.core.locking import output_lock, reported_write_errors
@@ -94,6 +94,8 @@ def _compute_stats(shards: Path, out: Path, config: StatsConfig, progress: Progr
         raise FormatError(f"{shards}: the train split has no images; prepare a source with training images")
     source_sha = manifest_sha256(shards)
     _claim_output(out, source_sha, config.max_images, overwrite)
+    for stale in remove_stale_temporaries(out):  # a run killed while writing leaves its temporaries
+        progress.log(f"removed {stale}, left by a run that was stopped while writing it")
     workers = worker_count(config.workers)
     tasks = _plan(ShardIndex.load(shards, manifest, "train").head(available), workers)
 

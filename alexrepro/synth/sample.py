@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import tarfile
 from collections.abc import Callable, Iterator
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from alexrepro.core.atomic import atomic_open
+from alexrepro.core.atomic import atomic_open, atomic_write_text, remove_stale_temporaries
 from alexrepro.core.errors import OutputExistsError
 from alexrepro.core.progress import Progress
 from alexrepro.core.workers import map_ordered, worker_count
@@ -663,6 +664,11 @@ def write_sample(out: Path, config: SampleConfig, progress: Progress, overwrite:
     out = Path(out)
     _refuse_to_replace(out, overwrite)
     make_output_folder(out)
+    for stale in remove_stale_temporaries(out):  # a run killed while writing an archive leaves its temporary
+        progress.log(f"removed {stale}, left by a run that was stopped while writing it")
+    # Written first: archives under the official names beside it are this command's own (complete or left by a
+    # stopped run) and may be replaced without --overwrite; without it they may be the real download.
+    atomic_write_text(out / SAMPLE_MARKER, json.dumps(dataclasses.asdict(config), sort_keys=True) + "\n")
     plan = plan_sample(config)
     workers = worker_count(config.workers)
     paths = {"train": out / TRAIN_ARCHIVE, "val": out / VAL_ARCHIVE, "devkit": out / DEVKIT_ARCHIVE}
@@ -804,10 +810,14 @@ def _render_in_order(specs: list[ImageSpec], workers: int) -> Iterator[bytes]:
     yield from map_ordered(render_image, specs, min(workers, max(1, len(specs) // 32)), preload=__name__)
 
 
+SAMPLE_MARKER = ".alexrepro-sample.json"  # the settings of the sample this folder holds (or was being written)
+
+
 def _refuse_to_replace(out: Path, overwrite: bool) -> None:
-    """The sample's archives carry the official names, so OUT may well hold the real 150 GB download."""
+    """The sample's archives carry the official names, so OUT may well hold the real 150 GB download; archives
+    beside this command's marker are its own (even half-written by a stopped run) and are replaced."""
     existing = [name for name in (TRAIN_ARCHIVE, VAL_ARCHIVE, DEVKIT_ARCHIVE) if (out / name).exists()]
-    if existing and not overwrite:
+    if existing and not overwrite and not (out / SAMPLE_MARKER).is_file():
         raise OutputExistsError(
             f"{out}: already holds {', '.join(existing)} (perhaps the real ILSVRC-2012 download); pass --overwrite "
             "to replace them with the sample, or choose another folder"
