@@ -483,3 +483,52 @@ def test_sample_replaces_its_own_interrupted_output_and_removes_stale_temporarie
     (download / "ILSVRC2012_img_train.tar").write_bytes(b"138 GB, they said")
     one_line_error(cli("sample", download, *args), "already holds", "--overwrite")
     assert (download / "ILSVRC2012_img_train.tar").read_bytes() == b"138 GB, they said"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Names and text that are not what they claim
+
+
+def test_a_file_name_that_is_not_utf8_is_one_line_and_nothing_is_written(tmp_path):
+    source = fx.write_own_classes(tmp_path / "src")
+    os.rename(source / "train" / "apple" / "apple-0.jpg", os.fsencode(source / "train" / "apple") + b"/pomme-\xe9.jpg")
+    out = tmp_path / "shards"
+    line = one_line_error(cli("prepare", source, out, *TINY), "not valid UTF-8", "rename")
+    assert "pomme-\\xe9.jpg" in line, line
+    assert not out.exists() or not list(out.glob("*.tar"))
+
+
+def test_a_file_stem_too_long_for_a_tar_header_gets_a_key_that_fits(tmp_path):
+    """USTAR's name field holds 100 bytes: a 150-byte stem is given a key of 95 bytes at listing (its head and a
+    digest), not found when a worker writes its shard."""
+    source = fx.write_own_classes(tmp_path / "src")
+    long_stem = "a-photograph-with-a-very-long-name-" * 4 + "x" * 10
+    os.rename(source / "train" / "apple" / "apple-0.jpg", source / "train" / "apple" / f"{long_stem}.jpg")
+    out = tmp_path / "shards"
+    result = cli("prepare", source, out, *TINY)
+    assert result.returncode == 0, result.stderr
+    with tarfile.open(next(out.glob("train-*.tar"))) as tar:
+        names = [member.name for member in tar]
+    for other in out.glob("train-*.tar"):
+        with tarfile.open(other) as tar:
+            names += [member.name for member in tar]
+    long_keys = [name for name in names if name.startswith("a-photograph")]
+    assert len(long_keys) == 2 and all(len(name.encode()) <= 99 for name in long_keys), long_keys
+
+
+def test_a_config_file_with_a_latin1_byte_is_one_line(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_bytes(b"epochs: 2  # caf\xe9\n")
+    result = cli("train", tmp_path, tmp_path, tmp_path / "out", "--config", config)
+    assert result.returncode == 2, result.stderr
+    one_line_error(result, str(config), "not UTF-8", "0xe9", "save the file as UTF-8")
+
+
+def test_a_manifest_with_a_byte_that_is_not_utf8_is_one_line(tmp_path):
+    from helpers.evaluate import write_tiny_shards
+
+    write_tiny_shards(tmp_path / "shards")
+    manifest = tmp_path / "shards" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes().replace(b'"format"', b'"form\xffat"', 1))
+    one_line_error(cli("stats", tmp_path / "shards", tmp_path / "stats", "--quiet"), str(manifest), "not UTF-8",
+                   "alexrepro prepare")  # fmt: skip

@@ -92,7 +92,17 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass an existing YAML file to --config")
     try:
-        data = yaml.load(path.read_text(), Loader=_StrictLoader)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save the file as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: cannot read the config file ({exc.strerror or exc}); check its permissions"
+        ) from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
     except _DuplicateKey as exc:
         raise ConfigError(f"{path}: key '{exc.key}' appears twice (line {exc.line}); keep one of them") from None
     except yaml.YAMLError as exc:

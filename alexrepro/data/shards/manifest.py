@@ -210,7 +210,16 @@ def read_manifest(shards_dir: Path, allow_failed: bool = False) -> Manifest:
     path = Path(shards_dir) / MANIFEST_NAME
     if not path.is_file():
         raise FormatError(f"{path}: no manifest; run `alexrepro prepare SOURCE {shards_dir}` first")
-    manifest = Manifest.from_json(path.read_text(), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(
+            f"{path}: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): the manifest was damaged; "
+            f"rerun `alexrepro prepare SOURCE {shards_dir}`"
+        ) from None
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read the manifest ({exc.strerror or exc}); check its permissions") from None
+    manifest = Manifest.from_json(text, str(path))
     if manifest.failure is not None and not allow_failed:
         raise FormatError(
             f"{path}: prepare did not succeed ({manifest.failure}); fix that and rerun `alexrepro prepare`"

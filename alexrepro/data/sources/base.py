@@ -69,10 +69,27 @@ class Source:
     listings: tuple[tuple[str, bytes], ...] = field(default=(), compare=False, repr=False)
 
 
+# A shard member is `<key>.jpg` or `<key>.cls` in a USTAR header's 100-byte name field: a key of more bytes than this
+# would be found only when a worker writes its shard, after others have written theirs.
+MAX_KEY_BYTES = 95
+
+
 def make_key(name: str) -> str:
-    """Shard key for a file name: its stem, with any '.' replaced by '_' (webdataset splits at the first '.')."""
-    stem = PurePosixPath(name).stem
-    return stem.replace(".", "_")
+    """Shard key for a file name: its stem, with any '.' replaced by '_' (webdataset splits at the first '.'). A stem
+    too long for the shard format keeps its first bytes and gets a digest of the whole stem, so that it stays
+    unique and the same on every run."""
+    key = PurePosixPath(name).stem.replace(".", "_")
+    data = key.encode("utf-8", "surrogateescape")
+    if len(data) <= MAX_KEY_BYTES:
+        return key
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    head = data[: MAX_KEY_BYTES - len(digest) - 1].decode("utf-8", "ignore")  # never half a character
+    return f"{head}_{digest}"
+
+
+def printable(path: str) -> str:
+    """A path as a person can read it, whatever bytes its name holds (undecodable ones as \\xNN)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from alexrepro.data.sources.base import (
     class_index,
     index_classes,
     make_key,
+    printable,
 )
 from alexrepro.data.sources.labels import (
     DEVKIT_DIR,
@@ -177,6 +178,13 @@ def _folder_images(
 
 
 def _file_ref(source: Path, file: Path, label: int) -> ImageRef:
+    try:
+        file.name.encode("utf-8")
+    except UnicodeEncodeError:  # the name's bytes are not UTF-8 (Python keeps them as surrogates)
+        raise SourceError(
+            f"{printable(str(file))}: the file name is not valid UTF-8 (keys, the manifest and the report need text); "
+            "rename it, e.g. with `convmv -f latin1 -t utf8 -r --notest FOLDER`"
+        ) from None
     return ImageRef(
         key=make_key(file.name),
         label=label,
