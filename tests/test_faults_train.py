@@ -8,6 +8,7 @@ time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -260,6 +261,32 @@ def test_killed_train_worker_is_one_line_and_keeps_the_checkpoint(data, trained,
     ends_with_one_error(result, "loader worker", "checkpoint-last.pt", "--resume")
     assert load_checkpoint(out / "checkpoint-last.pt")["epoch"] >= 1  # intact, whichever epoch it reached
     assert leftovers(out) == []
+
+
+def test_a_frozen_train_worker_stops_the_run_with_one_line(data, trained, tmp_path):
+    """A loader worker that stops making progress (SIGSTOP, a hung disk) must not stall training forever: after
+    loader_timeout seconds without a batch the run stops with one line and keeps its checkpoint."""
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("checkpoint-last.pt", "checkpoint-best.pt"):
+        (out / name).write_bytes((trained[1] / name).read_bytes())
+    slow = hook(tmp_path / "hook", SLOW_DECODE)
+    process = start("train", *data, out, "--epochs", "40", "--workers", "2", "--resume", "--quiet", *TINY,
+                    "--set", "loader_timeout=5", hook=slow, started=tmp_path / "started")  # fmt: skip
+    deadline = time.monotonic() + LIMIT
+    while not (tmp_path / "started").exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail("no loader worker decoded an image")
+        time.sleep(0.02)
+    frozen = int((tmp_path / "started").read_text())
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        result = finish(process)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(frozen, signal.SIGKILL)
+    ends_with_one_error(result, "made no progress for 5", "checkpoint-last.pt", "loader_timeout")
+    assert load_checkpoint(out / "checkpoint-last.pt")["epoch"] >= 1
 
 
 def test_killed_evaluate_worker_is_one_line(data, trained, tmp_path):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import multiprocessing
 import random
 import re
 import signal
@@ -117,6 +118,9 @@ class LoaderSettings:
     pin_memory: bool = False  # page-locked batches, for non-blocking copies to a CUDA device
     decoder: Decoder = "torchvision"
     decode_on: DecodeOn = "workers"  # "device": workers only read; alexrepro.data.feed decodes the batch
+    # Seconds the training process waits for a worker's next batch before it gives up on the worker (a frozen
+    # process, SIGSTOP, a hung disk): without a bound a stalled worker stalls the run silently. 0: wait forever.
+    timeout: float = 0.0
 
 
 @dataclass
@@ -547,6 +551,7 @@ def _loader(dataset: ShardBatches, settings: LoaderSettings) -> DataLoader:
         prefetch_factor=4 if settings.workers else None,
         persistent_workers=False,
         worker_init_fn=_worker_init,
+        timeout=settings.timeout if settings.workers else 0,
     )
 
 
@@ -598,6 +603,11 @@ def _stop_workers_at_exit() -> None:
         for worker in getattr(batches, "_workers", ()):
             if worker.is_alive():  # one that did not answer in time
                 worker.kill()
+    # A worker whose iterator is gone already but which cannot end (stopped by SIGSTOP: SIGTERM stays pending)
+    # would make multiprocessing's own exit handler, which terminates and joins every child, wait forever.
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join(timeout=5)
 
 
 def _raise_faults(batches: Iterator) -> Iterator[Batch]:
@@ -615,6 +625,7 @@ def _worker_init(_worker_id: int) -> None:
 
 
 _WORKER_DIED = re.compile(r"DataLoader worker \(pid")
+_STALLED = re.compile(r"DataLoader timed out after (\d+(?:\.\d+)?) seconds")
 
 
 def _worker_death(exc: BaseException) -> str | None:
@@ -635,6 +646,13 @@ def one_line_run_failures(kept: Callable[[], str], memory_fix: str, worker_fix: 
     except torch.cuda.OutOfMemoryError as exc:  # before RuntimeError, its base class
         raise DeviceMemoryError(f"out of GPU memory ({exception_text(exc, 200)}); {kept()}; {memory_fix}") from None
     except RuntimeError as exc:
+        stalled = _STALLED.match(str(exc))
+        if stalled:  # DataLoader's timeout: a worker alive but making no progress
+            seconds = stalled.group(1)
+            raise WorkerDiedError(
+                f"a loader worker made no progress for {seconds} s (stopped, frozen, or waiting for a disk); "
+                f"{kept()}; {worker_fix}, or raise loader_timeout if a batch can take that long"
+            ) from None
         died = _worker_death(exc)
         if died is None:
             raise

@@ -22,6 +22,7 @@ RESUMABLE_CHANGES = (
     "decoder",
     "decode_on",
     "live",
+    "loader_timeout",
 )
 
 
@@ -86,6 +87,7 @@ class TrainConfig:
         "workers"  # device: workers read bytes, the GPU decodes (alexrepro.data.feed)
     )
     live: Literal["auto", "dvclive", "tensorboard", "none"] = "auto"  # metrics per epoch, live (auto: dvclive)
+    loader_timeout: float = 600.0  # seconds without a batch from a loader worker before the run stops (0: never)
 
     def __post_init__(self):
         positive = ("epochs", "batch_size", "log_every", "max_lr_drops", "lr_patience")
@@ -95,7 +97,7 @@ class TrainConfig:
         for key in ("lr", "input_scale"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"key '{key}' must be a number above 0, got {getattr(self, key)}")
-        for key in ("weight_decay", "lighting_std", "lr_min_improvement"):
+        for key in ("weight_decay", "lighting_std", "lr_min_improvement", "loader_timeout"):
             if getattr(self, key) < 0:
                 raise ValueError(f"key '{key}' must be 0 or more, got {getattr(self, key)}")
         if not 0 <= self.momentum < 1:

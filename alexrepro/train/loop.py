@@ -492,7 +492,7 @@ def build_run(
                                        progress if ranks.is_main else NullProgress())
                  for split in ("train", "val")},
         loading=LoaderSettings(config.batch_size, config.workers, ranks.rank, ranks.world_size, pin_memory=cuda,
-                               decoder=config.decoder, decode_on=config.decode_on),
+                               decoder=config.decoder, decode_on=config.decode_on, timeout=config.loader_timeout),
         devices=devices, net=net, model=model, optimizer=optimizer,
         preprocess=make_preprocess(normalization, config, devices[0], channels_last, input_dtype(bf16, devices)),
         bf16=bf16, base_state=base_state, progress=progress if ranks.is_main else NullProgress(),
