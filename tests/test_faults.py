@@ -532,3 +532,22 @@ def test_a_manifest_with_a_byte_that_is_not_utf8_is_one_line(tmp_path):
     manifest.write_bytes(manifest.read_bytes().replace(b'"format"', b'"form\xffat"', 1))
     one_line_error(cli("stats", tmp_path / "shards", tmp_path / "stats", "--quiet"), str(manifest), "not UTF-8",
                    "alexrepro prepare")  # fmt: skip
+
+
+def test_bit_rot_in_a_finished_shard_gives_the_command_that_repairs_it(tmp_path, archives):
+    """A byte flipped in a shard with its size and mtime kept: the consumer's message names the prepare command that
+    re-hashes and rewrites it (a plain rerun trusts size and mtime, and the user would go round in a loop)."""
+    shards = tmp_path / "shards"
+    assert cli("prepare", archives, shards, *TINY).returncode == 0
+    shard = sorted(shards.glob("train-*.tar"))[0]
+    stat = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # inside the first JPEG
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    line = one_line_error(cli("stats", shards, tmp_path / "stats", "--quiet"), shard.name, "verify_finished=true")
+    command = line[line.index("`") + 1 : line.rindex("`")].split()
+    assert command[:2] == ["alexrepro", "prepare"] and command[2] == "SOURCE"
+    repaired = cli("prepare", archives, *command[3:], *TINY)
+    assert repaired.returncode == 0, repaired.stderr
+    assert cli("stats", shards, tmp_path / "stats", "--quiet").returncode == 0

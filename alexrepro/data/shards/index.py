@@ -261,7 +261,10 @@ def read_verified_shard(index: ShardIndex, shard: int) -> memoryview:
 
 
 def changed_since_verified(path: Path) -> str:
+    """The shard is not what prepare wrote. A plain rerun of prepare trusts a finished shard's recorded size and mtime
+    (bit rot keeps both), so the fix names the setting that makes it re-hash every shard and rewrite a damaged one."""
     return (
-        f"{path}: its size or sha256 differs from {path.parent / MANIFEST_NAME}; the shard was changed or "
-        "replaced: rerun `alexrepro prepare`"
+        f"{path}: its size or sha256 differs from {path.parent / MANIFEST_NAME}; the shard was changed or damaged: "
+        f"rerun `alexrepro prepare SOURCE {path.parent} --set verify_finished=true` (re-hashes every shard and "
+        "rewrites the damaged ones)"
     )
