@@ -155,8 +155,9 @@ def test_report_claims_section_marks_ablated_switches():
     blocks = claims_section(report_inputs({"lrn": False, "dropout_scaling": "inverted"}))
     rows = {r[1]: r for r in blocks[-1].rows}
     assert set(rows) >= {"activation", "towers", "lrn", "overlap_pool", "pca_lighting", "dropout", "decay_biases"}
-    assert rows["lrn"][2:4] == ["False", "True"] and rows["lrn"][5] == "ablated"
-    assert rows["dropout_scaling"][5] == "ablated" and rows["activation"][5] == ""
+    assert rows["lrn"][2:4] == ["False (ablated)", "True"] and rows["activation"][2] == "relu"
+    assert rows["dropout_scaling"][2] == "inverted (ablated)"
+    assert rows["lrn"][5] == "not measured"  # no docs/claims.md given: the last column says so instead of staying empty
 
 
 def test_dvc_is_found_beside_the_interpreter_when_not_on_path(monkeypatch):

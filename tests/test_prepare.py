@@ -360,3 +360,50 @@ def test_a_kept_shard_is_trusted_by_size_and_mtime_and_hashed_with_verify_finish
     assert tree_bytes(out) == reference[2]
     os.utime(out / "train-000001.tar", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # touched: hashed, still kept
     assert prepare(archives, out, CONFIG, overwrite=False, progress=NullProgress()).reused_shards == 6
+
+
+def test_a_source_without_val_is_said_at_prepare_and_val_can_be_held_out(tmp_path):
+    """An ImageFolder of train/ only: prepare says at once that train will need a val split, and --val-fraction holds
+    out part of each class, the same images on every run, recorded in the manifest."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    source = fx.write_own_classes(tmp_path / "src", per_class=8)
+    shutil.rmtree(source / "val")
+    run = lambda out, *more: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "alexrepro", "prepare", str(source), str(out), "--size", "32", "--quiet", *more],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    plain = run(tmp_path / "plain")
+    assert plain.returncode == 0 and "has no val split" in plain.stderr and "--val-fraction" in plain.stderr
+    held = [run(tmp_path / f"held{i}", "--val-fraction", "0.25") for i in range(2)]
+    assert all(r.returncode == 0 for r in held), held[0].stderr
+    manifest = json.loads((tmp_path / "held0" / "manifest.json").read_text())
+    assert manifest["splits"]["val"]["count"] == 3 * 2 and manifest["splits"]["train"]["count"] == 3 * 6
+    assert manifest["settings"]["val_fraction"] == 0.25 and "held out" in manifest["settings"]["layout"]
+    for name in ("manifest.json", "val-000000.tar"):  # the same images held out on every run
+        assert (tmp_path / "held0" / name).read_bytes() == (tmp_path / "held1" / name).read_bytes()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_an_empty_class_folder_of_ones_own_data_is_said_in_its_words(tmp_path, split):
+    """Not ImageNet's "the download is incomplete"; and an empty val class folder is refused as a train one is."""
+    import subprocess
+    import sys
+
+    source = fx.write_own_classes(tmp_path / "src")
+    (source / split / "kiwi").mkdir()
+    if split == "val":
+        (source / "train" / "kiwi").mkdir()
+        (source / "train" / "kiwi" / "k.jpg").write_bytes((source / "train" / "apple" / "apple-1.jpg").read_bytes())
+    result = subprocess.run([sys.executable, "-m", "alexrepro", "prepare", str(source), str(tmp_path / "out"),
+                             "--size", "32", "--quiet"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert f"no {split} images (kiwi)" in lines[0] and "put images in each class folder" in lines[0], lines
+    assert "download" not in lines[0]

@@ -486,6 +486,9 @@ def prepare(
     max_rejected: int | None = typer.Option(
         None, **default_help("prepare", "max_rejected", "Exit non-zero if more unreadable images than this.")
     ),
+    val_fraction: float | None = typer.Option(
+        None, **default_help("prepare", "val_fraction", "A source without val/: hold out this part of each class.")
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", metavar="", help="Replace output made with other settings."),
     config: Path | None = config_option("prepare"),
     set_: list[str] | None = SetOption,
@@ -498,7 +501,8 @@ def prepare(
 
     Example: alexrepro prepare /datasets/ILSVRC2012 data/shards --workers 16
     """
-    flags = dict(size=size, quality=quality, shard_size=shard_size, workers=workers, max_rejected=max_rejected)
+    flags = dict(size=size, quality=quality, shard_size=shard_size, workers=workers, max_rejected=max_rejected,
+                 val_fraction=val_fraction)  # fmt: skip
     cfg = _config("prepare", PrepareConfig, config, set_, flags, show_config, verbose, quiet)
     source, out = _require(source=source, out=out)
     if not source.exists():

@@ -32,6 +32,10 @@ class PrepareConfig:
     # again (33 GB for ILSVRC-2012 at 256 px). true: check each kept shard's sha256 as well (`stats` and the
     # loaders check the manifest's sha256 on first use anyway).
     verify_finished: bool = False
+    # A source without a val split (an ImageFolder of train/ only): hold out this fraction of each class's train
+    # images as val (the same images for a seed, recorded in the manifest). 0: keep every image for training (not
+    # in the paper, which has ILSVRC-2012's own val set; timm and torchvision users split their own data so).
+    val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.size < 8:
@@ -51,6 +55,8 @@ class PrepareConfig:
             )
         if self.max_rejected < 0:
             raise ValueError(f"key 'max_rejected' must be 0 or more, got {self.max_rejected}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"key 'val_fraction' must be in [0, 1) (0: no held-out val), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,13 @@ def _prepare(source: Path, out: Path, config: PrepareConfig, overwrite: bool, pr
     progress.start("listing the source's images", None)  # archives: reads every member header, minutes at full scale
     found = find_source(source, follow_symlinks=config.follow_symlinks, listings=out / STATE_DIR)
     progress.finish()
+    if "val" not in found.splits and config.val_fraction > 0:
+        found = hold_out_val(found, config.val_fraction, config.seed)
+    elif "val" not in found.splits:
+        progress.log(
+            f"note: {source} has no val split, which train needs: add val/<class>/ folders, or hold out part of "
+            "train with --val-fraction 0.1"
+        )
     tasks = plan_shards(found, config.shard_size, config.seed)
     settings = {
         "size": config.size,
@@ -118,6 +125,7 @@ def _prepare(source: Path, out: Path, config: PrepareConfig, overwrite: bool, pr
         "shard_size": config.shard_size,
         "pillow": imaging.pillow_build(),
         "layout": found.layout,
+        "val_fraction": config.val_fraction,
     }
     _claim_output(out, settings, _plan_hash(tasks), overwrite)
     save_listings(found, out / STATE_DIR)  # the archive listing, so that the next run need not read every header
@@ -170,6 +178,23 @@ def plan_shards(found: Source, shard_size: int, seed: int) -> list[ShardTask]:
         for index, start in enumerate(range(0, len(refs), shard_size)):
             tasks.append(ShardTask(split, index, tuple(refs[start : start + shard_size])))
     return tasks
+
+
+def hold_out_val(found: Source, fraction: float, seed: int) -> Source:
+    """`found` with `fraction` of each class's train images (at least one, never all) moved to a val split: those
+    whose keys hash lowest under `seed`, so the same images for a seed whatever the listing order."""
+    by_class: dict[int, list] = {}
+    for ref in found.splits["train"]:
+        by_class.setdefault(ref.label, []).append(ref)
+    held: set[str] = set()
+    for refs in by_class.values():
+        count = min(len(refs) - 1, max(1, round(len(refs) * fraction)))
+        ranked = sorted(refs, key=lambda r: hashlib.sha256(f"{seed}/{r.path}".encode()).hexdigest())
+        held.update(r.path for r in ranked[:count])
+    train = tuple(r for r in found.splits["train"] if r.path not in held)
+    val = tuple(sorted((r for r in found.splits["train"] if r.path in held), key=lambda r: (r.key, r.path)))
+    layout = f"{found.layout}, val held out from train ({fraction:g} per class)"
+    return replace(found, layout=layout, splits={**found.splits, "train": train, "val": val})
 
 
 def _shuffled(items: list, seed: int) -> list:

@@ -110,16 +110,26 @@ def index_classes(entries: Iterable[tuple[str, int | None, str]]) -> tuple[Class
 # The official archives, read in place
 
 
-def check_every_class_has_images(classes: tuple[ClassInfo, ...], train: list[ImageRef], where: str) -> None:
-    """A class with no training image means a class tar or folder went missing (or a label file lists too many)."""
-    present = {ref.label for ref in train}
+def check_every_class_has_images(
+    classes: tuple[ClassInfo, ...], refs: list[ImageRef], where: str, split: str = "train", own_data: bool = False
+) -> None:
+    """A class with no image in a split: for the ILSVRC download, a class tar or folder went missing (or a label
+    file lists too many); for one's own ImageFolder, an empty class folder. Said in the words of the layout."""
+    present = {ref.label for ref in refs}
     empty = [c for c in classes if c.index not in present]
-    if empty:
-        names = ", ".join(c.wnid for c in empty[:5]) + (" …" if len(empty) > 5 else "")
+    if not empty:
+        return
+    names = ", ".join(c.wnid for c in empty[:5]) + (" …" if len(empty) > 5 else "")
+    count = f"{len(empty)} of {len(classes)} {'class has' if len(empty) == 1 else 'classes have'}"
+    if own_data:
         raise SourceError(
-            f"{where}: {len(empty)} of {len(classes)} classes have no training images ({names}); the download is "
-            "incomplete or damaged, or the label file lists classes the data lacks"
+            f"{where}: {count} no {split} images ({names}); put images in each class folder, or remove the empty "
+            "folder (the class with it)"
         )
+    raise SourceError(
+        f"{where}: {count} no {split} images ({names}); the download is incomplete or damaged, or the label file "
+        "lists classes the data lacks"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------

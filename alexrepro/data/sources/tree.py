@@ -55,7 +55,7 @@ def from_tree(source: Path, root: Path, tree: str, links: Links) -> Source:
 
     index = class_index(classes, train_classes, str(train_dir), _label_file_name(devkit, names))
     train = _folder_images(source, train_dir, train_classes, index, links)
-    check_every_class_has_images(classes, train, str(train_dir))
+    check_every_class_has_images(classes, train, str(train_dir), own_data=not ilsvrc)
     splits = {"train": checked(train)}
     if val_dir.is_dir():
         val_classes = _class_folders(val_dir, links)
@@ -66,7 +66,14 @@ def from_tree(source: Path, root: Path, tree: str, links: Links) -> Source:
             )
         if val_classes:
             index = class_index(classes, val_classes, str(val_dir), "train/")
-            splits["val"] = checked(_folder_images(source, val_dir, val_classes, index, links))
+            val = _folder_images(source, val_dir, val_classes, index, links)
+            # A val class folder with no image is as much a mistake as a train one (one that is absent is allowed:
+            # a val split may cover fewer classes).
+            empty = [c for c in val_classes if not any(ref.label == index[c] for ref in val)]
+            if empty:
+                present = tuple(c for c in classes if c.wnid in empty)
+                check_every_class_has_images(present, val, str(val_dir), "val", own_data=not ilsvrc)
+            splits["val"] = checked(val)
             layout += ", val in class folders"
         elif loose:
             splits["val"], how = _flat_val(source, loose, classes, devkit)
