@@ -18,6 +18,7 @@ RESUMABLE_CHANGES = (
     "tf32",
     "channels_last",
     "compile",
+    "compile_mode",
     "log_every",
     "decoder",
     "decode_on",
@@ -81,6 +82,7 @@ class TrainConfig:
     tf32: bool = False  # CUDA only: TF32 tensor cores for fp32 matmuls and convolutions (10-bit mantissa)
     channels_last: bool = True  # CUDA only
     compile: bool = False  # torch.compile the model (CUDA)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"  # reduce-overhead: CUDA graphs
     log_every: int = 20  # steps between loss read-outs (each one waits for the device) and NaN checks
     decoder: Literal["torchvision", "pil"] = "torchvision"  # the workers' JPEG decoder (decode_on: workers)
     decode_on: Literal["workers", "device"] = (

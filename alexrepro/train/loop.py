@@ -471,7 +471,9 @@ def build_run(
     model = wrap_model(net, devices, ranks)
     if config.compile:
         # torch.compile returns an OptimizedModule (a Module) for a Module; its stubs only promise a callable.
-        model = cast(torch.nn.Module, torch.compile(model))
+        # mode "reduce-overhead" replays the step as CUDA graphs: at batch 128 the step issues a few hundred kernel
+        # launches, about as much host time as a bf16 step's GPU time on a current GPU.
+        model = cast(torch.nn.Module, torch.compile(model, mode=config.compile_mode))
     optimizer = make_optimizer(net, config)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
     if cuda:
