@@ -405,5 +405,6 @@ def test_an_empty_class_folder_of_ones_own_data_is_said_in_its_words(tmp_path, s
     assert result.returncode == 1, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, lines
-    assert f"no {split} images (kiwi)" in lines[0] and "put images in each class folder" in lines[0], lines
+    images = "training images" if split == "train" else "val images"
+    assert f"no {images} (kiwi)" in lines[0] and "put images in each class folder" in lines[0], lines
     assert "download" not in lines[0]

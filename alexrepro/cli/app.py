@@ -702,9 +702,9 @@ def evaluate(
     flags = dict(batch_size=batch_size, devices=devices, workers=workers)
     cfg = _config("evaluate", EvaluateConfig, config, set_, flags, show_config, verbose, quiet)
     checkpoint, shards, out = _require(checkpoint=checkpoint, shards=shards, out=out)
+    _folder_out(out, "evaluate")
     _checkpoint_in(checkpoint)
     _folder_in(shards, "SHARDS", "alexrepro prepare")
-    _folder_out(out, "evaluate")
     _announce("evaluate", cfg, verbose, quiet)
     from alexrepro.evaluate.stage import evaluate as run_evaluate  # torch, once the flags and paths are known good
 

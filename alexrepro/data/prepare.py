@@ -109,7 +109,8 @@ def _prepare(source: Path, out: Path, config: PrepareConfig, overwrite: bool, pr
     progress.start("listing the source's images", None)  # archives: reads every member header, minutes at full scale
     found = find_source(source, follow_symlinks=config.follow_symlinks, listings=out / STATE_DIR)
     progress.finish()
-    if "val" not in found.splits and config.val_fraction > 0:
+    held_out = "val" not in found.splits and config.val_fraction > 0
+    if held_out:
         found = hold_out_val(found, config.val_fraction, config.seed)
     elif "val" not in found.splits:
         progress.log(
@@ -125,7 +126,8 @@ def _prepare(source: Path, out: Path, config: PrepareConfig, overwrite: bool, pr
         "shard_size": config.shard_size,
         "pillow": imaging.pillow_build(),
         "layout": found.layout,
-        "val_fraction": config.val_fraction,
+        # recorded only where val was held out, so that every other folder's manifest stays as it was, byte for byte
+        **({"val_fraction": config.val_fraction} if held_out else {}),
     }
     _claim_output(out, settings, _plan_hash(tasks), overwrite)
     save_listings(found, out / STATE_DIR)  # the archive listing, so that the next run need not read every header

@@ -692,7 +692,7 @@ def write_sample(out: Path, config: SampleConfig, progress: Progress, overwrite:
         progress.advance(1)
         progress.finish()
     except OSError as exc:
-        for path in paths.values():  # nothing partial: three archives of one sample, or none
+        for path in [*paths.values(), out / SAMPLE_MARKER]:  # nothing partial: three archives of one sample, or none
             path.unlink(missing_ok=True)
         reason = exc.strerror or exc
         raise SampleOutputError(

@@ -21,7 +21,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Protocol
 
-from alexrepro.core.errors import ConfigError
+from alexrepro.core.errors import ConfigError, exception_text
 
 LIVE_KINDS = ("auto", "dvclive", "tensorboard", "none")
 LOGGED = (
@@ -86,14 +86,17 @@ def open_epoch_log(kind: str, out: Path, resume: bool, rank: int = 0) -> EpochLo
     if rank != 0 or kind == "none":
         return NullLog()
     if kind in ("auto", "dvclive"):
+        # DVCLive opens the DVC repository around the working folder (its state database, its temporaries): an
+        # import that fails, or a repository it cannot use (a read-only or full disk), must not stop a training run
+        # that asked for nothing in particular.
         try:
             return DvcLiveLog(out / "dvclive", resume)
-        except ImportError as exc:  # not installed, or installed without a working DVC
+        except Exception as exc:
             if kind == "auto":
                 return NullLog()
             raise ConfigError(
-                f"key 'live' is dvclive but DVCLive cannot be imported ({exc}): pip install -e '.[dvc]', or set "
-                "live=none"
+                f"key 'live' is dvclive but DVCLive cannot start ({exception_text(exc)}): pip install -e '.[dvc]', "
+                "or set live=none"
             ) from None
     if kind == "tensorboard":
         if importlib.util.find_spec("tensorboard") is None:

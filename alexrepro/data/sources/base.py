@@ -120,15 +120,16 @@ def check_every_class_has_images(
     if not empty:
         return
     names = ", ".join(c.wnid for c in empty[:5]) + (" …" if len(empty) > 5 else "")
-    count = f"{len(empty)} of {len(classes)} {'class has' if len(empty) == 1 else 'classes have'}"
+    count = f"{len(empty)} of {len(classes)} classes {'has' if len(empty) == 1 else 'have'}"
+    images = "training images" if split == "train" else f"{split} images"
     if own_data:
         raise SourceError(
-            f"{where}: {count} no {split} images ({names}); put images in each class folder, or remove the empty "
-            "folder (the class with it)"
+            f"{where}: {count} no {images} ({names}); put images in each class folder, or remove the empty folder "
+            "(the class with it)"
         )
     raise SourceError(
-        f"{where}: {count} no {split} images ({names}); the download is incomplete or damaged, or the label file "
-        "lists classes the data lacks"
+        f"{where}: {count} no {images} ({names}); the download is incomplete or damaged, or the label file lists "
+        "classes the data lacks"
     )
 
 
