@@ -551,3 +551,62 @@ def test_bit_rot_in_a_finished_shard_gives_the_command_that_repairs_it(tmp_path,
     repaired = cli("prepare", archives, *command[3:], *TINY)
     assert repaired.returncode == 0, repaired.stderr
     assert cli("stats", shards, tmp_path / "stats", "--quiet").returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files the user may not read (EACCES). The tests run as root, who reads everything, so a start-up hook makes the
+# named paths refuse as a file of mode 000 does for anyone else.
+
+UNREADABLE = """
+    import builtins, errno, io, os
+
+    _refused = os.environ["ALEXREPRO_TEST_UNREADABLE"]
+    _open, _scandir, _os_open = builtins.open, os.scandir, os.open
+
+    def _check(path):
+        if str(path).endswith(_refused):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    def open(file, *args, **kwargs):
+        _check(file)
+        return _open(file, *args, **kwargs)
+
+    def scandir(path=".", *args, **kwargs):
+        _check(path)
+        return _scandir(path, *args, **kwargs)
+
+    def os_open(path, *args, **kwargs):
+        _check(path)
+        return _os_open(path, *args, **kwargs)
+
+    builtins.open = io.open = open  # pathlib reads through io.open
+    os.scandir, os.open = scandir, os_open
+"""
+
+
+def _unreadable(tmp_path: Path, ending: str) -> dict:
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(textwrap.dedent(UNREADABLE))
+    return {"PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)]), "ALEXREPRO_TEST_UNREADABLE": ending}
+
+
+@pytest.mark.parametrize("archive", ["ILSVRC2012_img_val.tar", "ILSVRC2012_img_train.tar"])
+def test_an_unreadable_archive_is_one_line(tmp_path, archives, archive):
+    out = tmp_path / "shards"
+    result = cli("prepare", archives, out, *TINY, env=_unreadable(tmp_path, archive))
+    one_line_error(result, archive, "cannot read", "EACCES", "permissions")
+    assert not (out / MANIFEST_NAME).exists()
+
+
+def test_an_unreadable_class_folder_is_one_line(tmp_path):
+    source = fx.write_own_classes(tmp_path / "src")
+    result = cli("prepare", source, tmp_path / "shards", *TINY, env=_unreadable(tmp_path, "train/apple"))
+    one_line_error(result, "train/apple", "cannot read", "EACCES", "permissions")
+
+
+def test_an_unreadable_shard_is_one_line(tmp_path, archives):
+    shards = tmp_path / "shards"
+    assert cli("prepare", archives, shards, *TINY).returncode == 0
+    result = cli("stats", shards, tmp_path / "stats", "--quiet", env=_unreadable(tmp_path, "train-000000.tar"))
+    one_line_error(result, "train-000000.tar", "permissions")

@@ -169,7 +169,10 @@ class ShardReader:
                 fd = self.fds[shard] = os.open(path, os.O_RDONLY)
             data = os.pread(fd, int(size), int(offset))
         except OSError as exc:
-            raise FormatError(f"{path}: unreadable shard ({exc.strerror or exc}); rerun `alexrepro prepare`") from None
+            raise FormatError(
+                f"{path}: cannot read the shard ({exc.strerror or exc}); check its permissions, or rerun `alexrepro prepare` "
+                "if it is damaged"
+            ) from None
         if len(data) != int(size):
             raise FormatError(f"{path}: truncated shard; rerun `alexrepro prepare` to rewrite it")
         return data
@@ -200,7 +203,10 @@ class ShardReader:
             with open(path, "rb") as file:
                 return memoryview(mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY))
         except (OSError, ValueError) as exc:  # ValueError: an empty file cannot be mapped
-            raise FormatError(f"{path}: unreadable shard ({exc}); rerun `alexrepro prepare`") from None
+            raise FormatError(
+                f"{path}: cannot read the shard ({exc}); check its permissions, or rerun `alexrepro prepare` if it is "
+                "damaged"
+            ) from None
 
     def label(self, sample: int) -> int:
         """The sample's class index, checked to name one of the manifest's classes."""
@@ -254,7 +260,10 @@ def read_verified_shard(index: ShardIndex, shard: int) -> memoryview:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise FormatError(f"{path}: unreadable shard ({exc.strerror or exc}); rerun `alexrepro prepare`") from None
+        raise FormatError(
+            f"{path}: cannot read the shard ({exc.strerror or exc}); check its permissions, or rerun `alexrepro prepare` "
+            "if it is damaged"
+        ) from None
     if len(data) != info.size or hashlib.sha256(data).hexdigest() != info.sha256:
         raise FormatError(changed_since_verified(path))
     return memoryview(data)

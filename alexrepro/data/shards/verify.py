@@ -21,7 +21,13 @@ def _identity(path: Path) -> list[int]:
 
 
 def _hash_task(path: str) -> tuple[str, str]:
-    return path, sha256_file(Path(path))
+    try:
+        return path, sha256_file(Path(path))
+    except OSError as exc:
+        raise FormatError(
+            f"{path}: cannot read the shard ({exc.strerror or exc}); check its permissions, or rerun `alexrepro "
+            "prepare` to rewrite it"
+        ) from None
 
 
 def verify_shards(

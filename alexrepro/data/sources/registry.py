@@ -6,11 +6,12 @@ another's marks (the Kaggle tree has a `train/` too, deeper down).
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 from alexrepro.core.errors import SourceError
 from alexrepro.data.sources.archives import ArchiveReader
-from alexrepro.data.sources.base import ReadOptions, Source, SourceReader
+from alexrepro.data.sources.base import ReadOptions, Source, SourceReader, printable
 from alexrepro.data.sources.tree import KaggleReader, TreeReader
 
 READERS: tuple[SourceReader, ...] = (ArchiveReader(), KaggleReader(), TreeReader())
@@ -29,7 +30,12 @@ def find_source(path: Path, follow_symlinks: bool = False, listings: Path | None
     options = ReadOptions(follow_symlinks, listings)
     for reader in READERS:
         if reader.recognises(path):
-            return reader.read(path, options)
+            try:
+                return reader.read(path, options)
+            except OSError as exc:  # an archive, a class folder or a label file the user may not read
+                where = printable(str(exc.filename or path))
+                code = errno.errorcode.get(exc.errno or 0, exc.strerror or type(exc).__name__)
+                raise SourceError(f"{where}: cannot read it ({code}); check its permissions, or the disk") from None
     looked_for = ", ".join(reader.looked_for for reader in READERS[:-1]) + f" and {READERS[-1].looked_for}"
     raise SourceError(
         f"{path}: no known dataset layout; looked for {looked_for}; point SOURCE at the folder holding one of them"
