@@ -18,8 +18,8 @@ from alexrepro.core.errors import EvaluationError, FormatError
 from alexrepro.core.progress import NullProgress
 from alexrepro.data.loader import LoaderSettings, ordered_loader
 from alexrepro.data.shards.index import ShardIndex, iter_split
-from alexrepro.data.shards.manifest import Manifest, SplitInfo, read_manifest
-from alexrepro.data.shards.writer import write_manifest
+from alexrepro.data.shards.manifest import ClassInfo, Manifest, Sample, SplitInfo, read_manifest
+from alexrepro.data.shards.writer import write_manifest, write_prepared_folder
 from alexrepro.evaluate import stage as ev
 from alexrepro.model import inference
 from alexrepro.train.config import TrainConfig
@@ -405,3 +405,37 @@ def test_examples_show_misclassified_images_first_one_per_class():
     assert chosen[2:] == [0, 2]  # then correct ones of classes not shown yet
     assert len(set(labels[chosen])) == 4
     assert sorted(ev.pick_examples(labels, top1, 20)) == list(range(10))  # too few images: every one, once
+
+
+def test_torchvision_alexnet_is_evaluated_with_its_own_preprocessing(tmp_path):
+    """`evaluate torchvision:alexnet-random` (torchvision's architecture, random weights: no download) runs the whole
+    stage; its 1-crop input is torchvision's own eval transform of the 256-pixel image (CenterCrop(224), ToTensor,
+    Normalize), so the published 43.45% / 20.91% can check this path on the real val set."""
+    from torchvision import transforms
+    from typer.testing import CliRunner
+
+    from alexrepro.cli.app import app
+    from alexrepro.data.shards.manifest import read_manifest
+    from alexrepro.evaluate.reference import RANDOM, ReferenceNetwork, reference_checkpoint
+    from helpers.images import jpeg_bytes
+
+    shards = tmp_path / "shards"
+    classes = tuple(ClassInfo(i, f"n0{i:07d}", None, f"class {i}") for i in range(3))
+    rng = np.random.default_rng(0)
+    samples = [Sample(f"ILSVRC2012_val_{i + 1:08d}", jpeg_bytes(rng.integers(0, 255, (256, 256, 3), np.uint8)), i % 3)
+               for i in range(6)]  # fmt: skip
+    write_prepared_folder(shards, classes, {"train": [samples[:3]], "val": [samples]}, {"size": 256})
+    result = CliRunner().invoke(app, ["evaluate", RANDOM, str(shards), str(tmp_path / "out"), "--workers", "0",
+                                      "--devices", "cpu", "--quiet"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    provenance = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert provenance["checkpoint"]["path"] == RANDOM and len(provenance["checkpoint"]["sha256"]) == 64
+
+    ckpt = reference_checkpoint(RANDOM, read_manifest(shards))
+    network = ReferenceNetwork(ckpt, ["cpu"], 256)
+    image = network.decode(samples[0].jpeg)
+    torchvision_way = transforms.Compose([transforms.CenterCrop(224), transforms.ConvertImageDtype(torch.float32),
+                                          transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])  # fmt: skip
+    with torch.inference_mode():
+        expected = torch.softmax(network.model(torchvision_way(image)[None]), dim=1)[0]
+    torch.testing.assert_close(network.ten_crop_probabilities(image[None])[0, 4], expected, rtol=1e-5, atol=1e-6)

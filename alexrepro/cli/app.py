@@ -668,7 +668,10 @@ def train(
 @app.command(epilog=keys_epilog("evaluate"))
 def evaluate(
     checkpoint: Path | None = typer.Argument(
-        None, metavar="CHECKPOINT", help="A checkpoint written by `alexrepro train`."
+        None,
+        metavar="CHECKPOINT",
+        help="A checkpoint written by `alexrepro train`; or torchvision:alexnet, torchvision's pretrained AlexNet with "
+        "its own preprocessing, to check this evaluation against its published 1-crop 43.45% / 20.91%.",
     ),
     shards: Path | None = typer.Argument(
         None, metavar="SHARDS", help="Folder written by `alexrepro prepare` (its val split is used)."
@@ -703,7 +706,8 @@ def evaluate(
     cfg = _config("evaluate", EvaluateConfig, config, set_, flags, show_config, verbose, quiet)
     checkpoint, shards, out = _require(checkpoint=checkpoint, shards=shards, out=out)
     _folder_out(out, "evaluate")
-    _checkpoint_in(checkpoint)
+    if not str(checkpoint).startswith("torchvision:"):  # torchvision:alexnet, torchvision's pretrained reference
+        _checkpoint_in(checkpoint)
     _folder_in(shards, "SHARDS", "alexrepro prepare")
     _announce("evaluate", cfg, verbose, quiet)
     from alexrepro.evaluate.stage import evaluate as run_evaluate  # torch, once the flags and paths are known good

@@ -59,6 +59,7 @@ from alexrepro.data.shards.index import ShardIndex, ShardReader
 from alexrepro.data.shards.manifest import MANIFEST_NAME, Manifest, manifest_sha256, read_manifest
 from alexrepro.data.shards.verify import verify_shards
 from alexrepro.evaluate.config import EvaluateConfig
+from alexrepro.evaluate.reference import ReferenceNetwork, is_reference, reference_checkpoint
 from alexrepro.model.distributed import Ranks, distributed_ranks, ranks_from_env
 from alexrepro.model.inference import CENTRE_VIEW, InferenceNetwork
 
@@ -95,7 +96,9 @@ def _all_gather(obj: Any, ranks: Ranks) -> list[Any]:
 # Reading shards: through the loader (alexrepro.data.loader), which reads by offset with the index prepare persisted
 
 
-def _loader(index: ShardIndex, ranks: Ranks, network: InferenceNetwork, config: EvaluateConfig) -> DataLoader:
+def _loader(
+    index: ShardIndex, ranks: Ranks, network: InferenceNetwork | ReferenceNetwork, config: EvaluateConfig
+) -> DataLoader:
     """Whole images of `index`, each exactly once across ranks and workers; `batch_size` images per rank batch."""
     settings = LoaderSettings(
         config.batch_size * ranks.world_size,
@@ -214,7 +217,7 @@ def merge_nearest(lists: Sequence[Sequence[Neighbour]], k: int) -> list[Neighbou
 
 
 def nearest_training_images(
-    network: InferenceNetwork,
+    network: InferenceNetwork | ReferenceNetwork,
     queries: torch.Tensor,
     shards_dir: Path,
     manifest: Manifest,
@@ -298,12 +301,17 @@ def evaluate(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, 
 def _evaluate_locked(checkpoint: Path, shards: Path, out: Path, config: EvaluateConfig, progress: Progress):
     from alexrepro.model.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(checkpoint)
     manifest = read_manifest(shards)
+    reference = is_reference(checkpoint)  # torchvision's pretrained AlexNet, a known result (evaluate.reference)
+    ckpt = reference_checkpoint(str(checkpoint), manifest) if reference else load_checkpoint(checkpoint)
     check_classes(ckpt["classes"], manifest, checkpoint, shards)
 
     with distributed_ranks(config.devices, int(ckpt["model_config"].get("towers", 2))) as (ranks, devices):
-        network = InferenceNetwork(ckpt, devices, str(checkpoint))
+        network: InferenceNetwork | ReferenceNetwork
+        if reference:
+            network = ReferenceNetwork(ckpt, devices, int(manifest.settings.get("size") or 256))
+        else:
+            network = InferenceNetwork(ckpt, devices, str(checkpoint))
         prepared_size = manifest.settings.get("size")
         if prepared_size is not None and int(prepared_size) != network.size:
             raise EvaluationError(
@@ -407,7 +415,12 @@ def _workers(config: EvaluateConfig) -> int:
 
 
 def _score_split(
-    network: InferenceNetwork, index: ShardIndex, manifest, config: EvaluateConfig, ranks: Ranks, progress: Progress
+    network: InferenceNetwork | ReferenceNetwork,
+    index: ShardIndex,
+    manifest,
+    config: EvaluateConfig,
+    ranks: Ranks,
+    progress: Progress,
 ) -> Predictions:
     """This rank's share of the validation split, scored: top-k of the 10-crop average and of the centre patch."""
     k = min(TOP_K, manifest.num_classes)
@@ -467,7 +480,11 @@ def _metrics(predictions: Predictions, checkpoint: Path, ckpt: dict, shards: Pat
         "10crop": scores(predictions.top10),
         "images": len(predictions.keys),
         "dataset": dataset_name(manifest),
-        "checkpoint": {"path": str(checkpoint), "sha256": sha256_file(checkpoint), "epoch": int(ckpt["epoch"])},
+        "checkpoint": {
+            "path": str(checkpoint),
+            "sha256": ckpt["sha256"] if "reference" in ckpt else sha256_file(checkpoint),  # the weights' own hash
+            "epoch": int(ckpt["epoch"]),
+        },
         "data": {"manifest_sha256": manifest_sha256(shards), "size": manifest.settings.get("size")},
         "switches": _plain(ckpt.get("switches", {})),
     }
