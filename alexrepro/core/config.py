@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_or
 import yaml
 
 from alexrepro.core.errors import ConfigError
+from alexrepro.core.files import read_utf8
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -91,16 +92,7 @@ def config_from_dict(cls: type[C], values: dict[str, Any], source: str) -> C:
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass an existing YAML file to --config")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(
-            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save the file as UTF-8"
-        ) from None
-    except OSError as exc:
-        raise ConfigError(
-            f"{path}: cannot read the config file ({exc.strerror or exc}); check its permissions"
-        ) from None
+    text = read_utf8(path, ConfigError, "config file", "save the file as UTF-8")
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except _DuplicateKey as exc:

@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from alexrepro.core.errors import FormatError
+from alexrepro.core.errors import AlexReproError, FormatError
 
 
 def check_format(data: Any, expected_format: str, expected_version: int, source: str, remedy: str) -> None:
@@ -27,3 +27,16 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_utf8(path: Path, error: type[AlexReproError], what: str, fix: str) -> str:
+    """The text of `path`; a byte that is not UTF-8, or a file that cannot be read, is `error` as one line naming
+    the byte or the cause, and `fix` (what to do about a damaged or mis-encoded file)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); {fix}"
+        ) from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what} ({exc.strerror or exc}); check its permissions") from None

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from alexrepro.core.errors import FormatError
-from alexrepro.core.files import check_format, sha256_file
+from alexrepro.core.files import check_format, read_utf8, sha256_file
 
 FORMAT = "alexrepro-shards"
 # 2: shard sizes and a persisted member index (`<split>-index.npy`) in the manifest; a failed prepare is marked.
@@ -210,15 +210,9 @@ def read_manifest(shards_dir: Path, allow_failed: bool = False) -> Manifest:
     path = Path(shards_dir) / MANIFEST_NAME
     if not path.is_file():
         raise FormatError(f"{path}: no manifest; run `alexrepro prepare SOURCE {shards_dir}` first")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise FormatError(
-            f"{path}: not UTF-8 (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}): the manifest was damaged; "
-            f"rerun `alexrepro prepare SOURCE {shards_dir}`"
-        ) from None
-    except OSError as exc:
-        raise FormatError(f"{path}: cannot read the manifest ({exc.strerror or exc}); check its permissions") from None
+    text = read_utf8(
+        path, FormatError, "manifest", f"the manifest was damaged: rerun `alexrepro prepare SOURCE {shards_dir}`"
+    )
     manifest = Manifest.from_json(text, str(path))
     if manifest.failure is not None and not allow_failed:
         raise FormatError(
