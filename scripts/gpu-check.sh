@@ -99,8 +99,10 @@ done
 # 2. the CUDA tests: each bounded (pytest-timeout where installed, as on the GPU machines), compile tests last
 per_test=()
 "$py" -c "import pytest_timeout" 2>/dev/null && per_test=(-p timeout --timeout 120)
-run_step tests 200 "$py" -m pytest -m "cuda and not compile" -rs -p no:cacheprovider "${per_test[@]}" tests
-run_step tests-compile 150 "$py" -m pytest -m "cuda and compile" -rs -p no:cacheprovider "${per_test[@]}" tests
+# (rehearsed: the same tests' CPU cases, tests/test_devices.py, where the device is the only difference)
+if (( rehearse )); then on_device="device and not cuda"; else on_device="cuda"; fi
+run_step tests 200 "$py" -m pytest -m "$on_device and not compile" -rs -p no:cacheprovider "${per_test[@]}" tests
+run_step tests-compile 150 "$py" -m pytest -m "$on_device and compile" -rs -p no:cacheprovider "${per_test[@]}" tests
 
 # 3. end to end, steady state (a sample written once under $logs/sample)
 for spec in "bf16 workers" "bf16 device" "fp32 workers"; do

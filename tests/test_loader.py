@@ -51,6 +51,31 @@ def test_train_epoch_covers_every_sample_once(shards, world, workers):
         assert [step for step, _ in steps] == list(range(4))  # ceil(27 / 8) steps, in order, on every rank
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_drop_last_leaves_out_only_the_partial_batch(shards, world):
+    """drop_last: 3 full batches of 8 of the 27 images, the same images at the same steps as without it; the 3
+    left out are the epoch's last, different each epoch. Validation still sees every image."""
+    out, manifest = shards
+    assert EpochPlan(27, 8, drop_last=True).steps == 3 and EpochPlan(5, 8, drop_last=True).steps == 1
+    kept = [
+        keys_by_step(train_batches(out, manifest, AUG, 8, seed=1, epoch=0, workers=2, rank=r, world_size=world,
+                                   drop_last=True))
+        for r in range(world)
+    ]  # fmt: skip
+    every = keys_by_step(train_batches(out, manifest, AUG, 8, seed=1, epoch=0, workers=0))
+    merged = [(step, [k for rank in kept for s, keys in rank if s == step for k in keys]) for step in range(3)]
+    assert merged == [(step, list(keys)) for step, keys in every[:3]]
+    assert sum(len(keys) for rank in kept for _, keys in rank) == 24
+    all_keys = {s.key for s in iter_split(out, "train", manifest)}
+    left_out = [
+        all_keys - {k for batch in train_batches(out, manifest, AUG, 8, 1, epoch, drop_last=True) for k in batch.keys}
+        for epoch in (0, 1)
+    ]
+    assert left_out[0] == set(every[3][1]) and len(left_out[1]) == 3 and left_out[0] != left_out[1]
+    val = list(val_batches(out, manifest, 64, 8, drop_last=True))
+    assert sum(len(batch) for batch in val) == 9
+
+
 def test_split_does_not_change_the_global_batches(shards):
     """The ranks' shares at step k together are the single process's batch k, with the same crops."""
     out, manifest = shards

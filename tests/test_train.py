@@ -180,18 +180,6 @@ def test_plateau_schedule_divides_by_ten_and_stops_after_max_drops():
     )
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("devices", ["cuda", "cuda:0,cuda:1"])
-def test_cuda_run_with_bf16_and_channels_last(data, tmp_path, devices):
-    if "," in devices and torch.cuda.device_count() < 2:
-        pytest.skip("needs two GPUs")
-    config = TrainConfig(epochs=2, **{**TINY, "devices": devices, "workers": 2})
-    result = train(*data, tmp_path, config, False, NullProgress())
-    assert all(math.isfinite(row["train_loss"]) for row in result.history)
-    assert load_checkpoint(result.checkpoint_last)["model"]["fc8.weight"].device.type == "cpu"
-
-
 # --- The paper's defaults and their switches ----------------------------------------------------------------------
 
 

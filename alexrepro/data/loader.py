@@ -5,13 +5,14 @@ How an epoch's data is laid out (the same on 1 process or on many):
 1. The epoch's *global sequence*, a permutation of the split's samples: for train, the shards in an order shuffled
    by (seed, epoch), then a shuffle buffer of `shuffle_buffer` samples seeded by (seed, epoch) (webdataset's
    shard-shuffle + buffer-shuffle recipe, applied to sample numbers); for validation, manifest order.
-2. The global sequence is cut into global batches of `batch_size` (the last one may be smaller); the epoch length
-   comes from the manifest's counts, so every process knows every batch's size without reading anything.
+2. The global sequence is cut into global batches of `batch_size` (the last one may be smaller, or left out of a
+   training epoch with `drop_last`); the epoch length comes from the manifest's counts, so every process knows
+   every batch's size without reading anything.
 3. Each global batch is split evenly across ranks (torch.distributed); each rank's share is one *rank batch*;
    a rank's DataLoader worker w builds the rank batches k with k % workers == w, and DataLoader's in-order
    round robin hands them to the training loop in step order.
 
-So no sample is duplicated or dropped, and the union of the ranks' batches at step k is exactly the global batch a
+So no sample is duplicated or dropped (but for a partial last batch that `drop_last` leaves out), and the union of the ranks' batches at step k is exactly the global batch a
 single process sees at step k: a 2-rank run and a 1-rank run with the same global batch train on the same data.
 
 The split is at the sample level, never by shard, so it works whatever the number of shards (the built-in sample has
@@ -76,9 +77,12 @@ class EpochPlan:
     batch_size: int  # global batch
     rank: int = 0
     world_size: int = 1
+    drop_last: bool = False  # leave out the last global batch when it is partial (under batch_size images)
 
     @property
     def steps(self) -> int:
+        if self.drop_last and self.samples >= self.batch_size:
+            return self.samples // self.batch_size
         return -(-self.samples // self.batch_size)
 
     def global_batch(self, step: int) -> tuple[int, int]:
@@ -118,6 +122,9 @@ class LoaderSettings:
     pin_memory: bool = False  # page-locked batches, for non-blocking copies to a CUDA device
     decoder: Decoder = "torchvision"
     decode_on: DecodeOn = "workers"  # "device": workers only read; alexrepro.data.feed decodes the batch
+    # Training epochs only (validation and evaluation see every image): leave out the epoch's last batch when it is
+    # partial, so that a compiled model sees one batch shape (alexrepro.train.config.TrainConfig.drop_last).
+    drop_last: bool = False
     # Seconds the training process waits for a worker's next batch before it gives up on the worker (a frozen
     # process, SIGSTOP, a hung disk): without a bound a stalled worker stalls the run silently. 0: wait forever.
     timeout: float = 0.0
@@ -526,9 +533,14 @@ def train_loader(
 ) -> DataLoader:
     """This rank's batches of training epoch `epoch`, from its `start_step` on (`index`: the train split's, see
     split_index). With `decode_on="device"` the batches hold JPEG bytes, for alexrepro.data.feed to decode on the device."""
-    plan = EpochPlan(len(index), settings.batch_size, settings.rank, settings.world_size)
+    plan = train_plan(len(index), settings)
     dataset = ShardBatches(index, plan, augmentation, epoch, settings.decoder, decode_on=settings.decode_on)
     return _loader(dataset, settings)
+
+
+def train_plan(samples: int, settings: LoaderSettings) -> EpochPlan:
+    """The steps of a training epoch over `samples` images, for this rank."""
+    return EpochPlan(samples, settings.batch_size, settings.rank, settings.world_size, settings.drop_last)
 
 
 def ordered_loader(index: ShardIndex, crop: int | None, settings: LoaderSettings) -> DataLoader:

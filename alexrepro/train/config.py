@@ -71,6 +71,9 @@ class TrainConfig:
     )
     input_scale: float = 1.0  # §2: raw mean-subtracted 0–255 values; smaller is a deviation for quick demos
     shuffle_buffer: int = 2000  # samples in the per-epoch shuffle buffer (not in the paper; shards are shuffled once)
+    # The paper's epoch is a pass over every training image (§5). true: leave out each epoch's partial last batch
+    # (1,281,167 mod 128 = 15 images, different ones each epoch), so that a compiled model sees one batch shape.
+    drop_last: bool = False
     # Machinery (not from the paper)
     devices: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", or "cuda:0,cuda:1" for one tower per GPU
     workers: int = 4  # loader worker processes per rank (0: load in the training process)
@@ -133,6 +136,6 @@ class TrainConfig:
         """Every ablation switch and its value, as recorded in checkpoints and reports."""
         keys: tuple[str, ...] = ("towers", "layer_widths", "activation", "lrn", "overlap_pool", "dropout", "dropout_scaling", "init",
                 "width", "crop", "random_crop", "flip", "pca_lighting", "lighting_scale", "input_scale", "update_rule",
-                "decay_biases", "lr_schedule", "precision", "tf32")  # fmt: skip
+                "decay_biases", "lr_schedule", "drop_last", "precision", "tf32")  # fmt: skip
         keys += tuple(a.name for a in PER_SAMPLE if a.name not in keys)  # an added augmentation is a switch too
         return {k: getattr(self, k) for k in keys}

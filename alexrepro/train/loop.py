@@ -54,6 +54,7 @@ from alexrepro.data.loader import (
     one_line_run_failures,
     ordered_loader,
     train_loader,
+    train_plan,
     verified_index,
 )
 from alexrepro.data.shards.manifest import Manifest, manifest_sha256, read_manifest
@@ -349,7 +350,7 @@ def speed_note(config: TrainConfig, bf16: bool, cores: int) -> str:
     if config.workers < max(1, cores - 2):
         faster.append(f"--workers {max(1, cores - 2)}")
     if not config.compile:
-        faster.append("--set compile=true")
+        faster.append("--set compile=true --set drop_last=true")
     line = (
         f"on CUDA in {arithmetic}, with {config.workers} loader workers (each decodes about 1,200 img/s on a CPU "
         "core); fp32 without TF32 is estimated by its FLOP count to cap an H100 near 15,000 img/s"
@@ -472,8 +473,10 @@ def build_run(
     if config.compile:
         # torch.compile returns an OptimizedModule (a Module) for a Module; its stubs only promise a callable.
         # mode "reduce-overhead" replays the step as CUDA graphs: at batch 128 the step issues a few hundred kernel
-        # launches, about as much host time as a bf16 step's GPU time on a current GPU.
-        model = cast(torch.nn.Module, torch.compile(model, mode=config.compile_mode))
+        # launches, about as much host time as a bf16 step's GPU time on a current GPU. dynamic=False: a batch of
+        # another size (an epoch's partial last batch, unless drop_last) gets its own graph, compiled once, rather
+        # than turning every later step into a graph for any batch size, which specialises less.
+        model = cast(torch.nn.Module, torch.compile(model, mode=config.compile_mode, dynamic=False))
     optimizer = make_optimizer(net, config)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and cuda)
     if cuda:
@@ -494,7 +497,8 @@ def build_run(
                                        progress if ranks.is_main else NullProgress())
                  for split in ("train", "val")},
         loading=LoaderSettings(config.batch_size, config.workers, ranks.rank, ranks.world_size, pin_memory=cuda,
-                               decoder=config.decoder, decode_on=config.decode_on, timeout=config.loader_timeout),
+                               decoder=config.decoder, decode_on=config.decode_on, timeout=config.loader_timeout,
+                               drop_last=config.drop_last),
         devices=devices, net=net, model=model, optimizer=optimizer,
         preprocess=make_preprocess(normalization, config, devices[0], channels_last, input_dtype(bf16, devices)),
         bf16=bf16, base_state=base_state, progress=progress if ranks.is_main else NullProgress(),
@@ -599,7 +603,7 @@ def train_epoch(run: Run, epoch: int, position: Position, stop: StopRequest) -> 
     order = EpochSpec(config.seed, epoch, position.step, config.shuffle_buffer)
     loader = train_loader(run.indexes["train"], config.augmentation(), order, run.loading)
     batches = DeviceFeed(loader, lambda batch: run.preprocess(batch, train=True), device)  # one batch ahead
-    steps = -(-run.manifest.split("train").count // config.batch_size)
+    steps = train_plan(run.manifest.split("train").count, run.loading).steps
     sums = Sums.from_state(position.sums, device) if position.sums else Sums.zeros(device)
     run.model.train()
     run.progress.start(f"epoch {epoch + 1}/{config.epochs}", steps - position.step, unit="step")
