@@ -213,7 +213,8 @@ def torchrun(nproc: int, device: str, shards: Path, stats: Path, out: Path) -> s
 
 
 @pytest.mark.parametrize(
-    ("nproc", "device"), [(1, "cpu"), pytest.param(1, "cuda", marks=needs_cuda), pytest.param(2, "cuda", marks=needs_two_gpus)]
+    ("nproc", "device"),
+    [(1, "cpu"), pytest.param(1, "cuda", marks=needs_cuda), pytest.param(2, "cuda", marks=needs_two_gpus)],
 )
 @pytest.mark.usefixtures("no_tf32")
 def test_ddp_under_torchrun(data, tmp_path, nproc, device):
