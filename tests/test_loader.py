@@ -270,6 +270,9 @@ def test_bench_loader_reports_the_worker_side_and_the_feed():
     assert all("worker_start_cpu_s" in row for row in loaders)
     side = "worker side (read + decode + crop, uint8 out), 1 worker, steady state / torchvision decode, per CPU-second"
     assert side in report.ratios and "loader, 2 workers / 1 worker, wall clock" in report.ratios
+    # webdataset's own pipeline over the same shards (it checks it read every image of both epochs)
+    assert all(rows[f"webdataset pipeline, {n}"]["img_s"] > 0 for n in ("1 worker", "2 workers"))
+    assert report.ratios["training loader / webdataset pipeline, 2 workers, wall clock"] > 0
 
 
 @pytest.mark.parametrize("decode_on", ["workers", "device"])

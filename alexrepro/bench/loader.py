@@ -61,6 +61,7 @@ def bench_loader(
         manifest = write_bench_shards(folder, images, size, seed)
         epochs = _Epochs(folder, manifest, doubled, write_bench_shards(doubled, 2 * images, size, seed), images)
         jpegs = _jpegs(folder, manifest, images)
+        peer_workers = sorted({1, workers}) if _peer_installed() else []
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         measures = (
@@ -71,6 +72,7 @@ def bench_loader(
                 lambda: _index_cost(folder, manifest),
             ]
             + [lambda n=n: _loader_row(epochs, crop, batch_size, n, decoder, seed) for n in sorted({0, 1, workers})]
+            + [lambda n=n: _peer_row(epochs, crop, batch_size, n, seed) for n in peer_workers]
             + [
                 lambda on=on: _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, on, device)
                 for on in ("workers", "device")
@@ -93,6 +95,13 @@ def bench_loader(
         "loader, 1 worker / decode + crop + flip, per CPU-second": loader_one
         / per_cpu["decode + crop + flip + to-tensor (1 core)"],
     }
+    for n in peer_workers:  # wall clock (what a run gets) and per CPU-second (robust to other load)
+        ratios[f"training loader / {PEER} pipeline, {_workers(n)}, wall clock"] = (
+            rate[_loader_name(n)] / rate[_peer_name(n)]
+        )
+        ratios[f"training loader / {PEER} pipeline, {_workers(n)}, per CPU-second"] = (
+            per_cpu[_loader_name(n)] / per_cpu[_peer_name(n)]
+        )
     if workers > 1:
         scaling = rate[_loader_name(workers)] / rate[_loader_name(1)]
         ratios[f"loader, {workers} workers / 1 worker, wall clock"] = scaling
@@ -114,6 +123,13 @@ def bench_loader(
             "that start-up, CPU-seconds per worker (the training process's own in-process)"
         ),
         f"feed: uint8 crops on {device} through alexrepro.data.feed, decoded in the workers or on {device}",
+        (
+            f"{PEER}: webdataset's own pipeline over the same shards (shard shuffle, a 2000-sample shuffle buffer, the "
+            "same torchvision decoder, random crop, flip, batches stacked as uint8) in its WebLoader; steady state "
+            "as for the training loader"
+            if peer_workers
+            else f"{PEER}: not installed, no peer row (pip install -e '.[test]')"
+        ),
         "workers share the machine's cores with the training process and anything else running",
         f"each figure is the best of {rounds} rounds (the machine may be shared)",
     ]
@@ -125,16 +141,21 @@ def bench_loader(
 DISTINCT_PICTURES = 256
 
 
+# Shards per bench epoch: webdataset's pipeline gives each worker whole shards, so it needs a few per worker.
+BENCH_SHARDS = 8
+
+
 def write_bench_shards(folder: Path, images: int, size: int, seed: int) -> Manifest:
-    """`images` photo-like size×size JPEGs (q90, as `prepare` writes them; DISTINCT_PICTURES of them cycled) in one
-    train shard and a manifest."""
+    """`images` photo-like size×size JPEGs (q90, as `prepare` writes them; DISTINCT_PICTURES of them cycled) in
+    BENCH_SHARDS train shards and a manifest."""
     from alexrepro.bench.data import photo_like_jpeg
 
     rng = np.random.default_rng(seed)
     bank = [photo_like_jpeg(rng, size, size, quality=90) for _ in range(min(images, DISTINCT_PICTURES))]
     samples = [Sample(f"bench_{i:06d}", bank[i % len(bank)], i % 10) for i in range(images)]
     classes = [ClassInfo(i, f"n{i:08d}", None, f"class {i}") for i in range(10)]
-    return write_prepared_folder(folder, classes, {"train": [samples], "val": []}, {"size": size})
+    per_shard = -(-images // BENCH_SHARDS)
+    return write_prepared_folder(folder, classes, {"train": in_shards(samples, per_shard), "val": []}, {"size": size})
 
 
 def _jpegs(folder: Path, manifest: Manifest, limit: int) -> list[bytes]:
@@ -266,6 +287,83 @@ def _loader_epoch(folder, manifest, crop, batch_size, workers, decoder, seed) ->
     main_after, children_after = _cpu_seconds()
     return {"img_s": count / seconds if count else math.nan, "main_cpu": main_after - main,
             "workers_cpu": children_after - children}  # fmt: skip
+
+
+PEER = "webdataset"
+
+
+def _workers(n: int) -> str:
+    return f"{n} worker{'s' if n != 1 else ''}"
+
+
+def _peer_name(workers: int) -> str:
+    return f"{PEER} pipeline, {_workers(workers)}"
+
+
+def _peer_installed() -> bool:
+    """webdataset is a test dependency, not a runtime one (the GPU machines lack it): its row where it imports."""
+    try:
+        import webdataset  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _peer_row(epochs: _Epochs, crop: int, batch_size: int, workers: int, seed: int) -> dict:
+    """webdataset's own pipeline over the same shards, an epoch of N and one of 2N: its steady state, as the
+    training loader's row measures it."""
+    whole_n = _peer_epoch(epochs.once, crop, batch_size, workers, seed)
+    whole_2n = _peer_epoch(epochs.twice, crop, batch_size, workers, seed)
+    n = epochs.images
+    if (whole_n["images"], whole_2n["images"]) != (n, 2 * n):
+        raise RuntimeError(f"{PEER} read {whole_n['images']} and {whole_2n['images']} images, not {n} and {2 * n}")
+    total_n, total_2n = (whole["main_cpu"] + whole["workers_cpu"] for whole in (whole_n, whole_2n))
+    rate = whole_2n["img_s"]
+    return {"name": _peer_name(workers), "img_s": rate, "img_per_cpu_s": _rate(n, total_2n - total_n),
+            "workers": workers, "img_s_per_worker": rate / max(workers, 1)}  # fmt: skip
+
+
+def _peer_epoch(folder: Path, crop: int, batch_size: int, workers: int, seed: int) -> dict:
+    """One epoch of webdataset's pipeline as its documentation builds one: wall img/s from the first batch on, CPU
+    of this process and of the workers."""
+    import webdataset
+
+    from alexrepro.data.loader import decode_torchvision
+
+    rng = random.Random(seed)
+
+    def crop_flip(sample: dict) -> tuple[torch.Tensor, int]:
+        image = decode_torchvision(sample["jpg"])
+        y, x = rng.randrange(image.shape[1] - crop + 1), rng.randrange(image.shape[2] - crop + 1)
+        view = image[:, y : y + crop, x : x + crop]
+        return (view.flip(-1) if rng.random() < 0.5 else view).contiguous(), int(sample["cls"])
+
+    def stack(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = zip(*samples, strict=True)
+        return torch.stack(images), torch.tensor(labels)
+
+    urls = sorted(str(path) for path in folder.glob("train-*.tar"))
+    pipeline = (
+        webdataset.WebDataset(urls, shardshuffle=len(urls), seed=seed, empty_check=False)
+        .shuffle(2000)
+        .map(crop_flip)
+        .batched(batch_size, collation_fn=stack, partial=True)
+    )
+    loader = webdataset.WebLoader(pipeline, batch_size=None, num_workers=workers)
+    first = None
+    count = total = 0
+    main, children = _cpu_seconds()
+    for images, _ in loader:
+        total += len(images)
+        if first is None:
+            first = time.perf_counter()  # steady state: from the first batch on
+            continue
+        count += len(images)
+    seconds = time.perf_counter() - first if first is not None else math.nan
+    del loader
+    main_after, children_after = _cpu_seconds()
+    return {"img_s": count / seconds if count else math.nan, "main_cpu": main_after - main,
+            "workers_cpu": children_after - children, "images": total}  # fmt: skip
 
 
 def _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, decode_on, device) -> dict:
