@@ -33,12 +33,14 @@ def bench_train(
     compile: bool = False,
     channels_last: bool = True,
     warmup: int = 2,
+    compile_backend: str = "inductor",
 ) -> BenchReport:
     """Training-step img/s (forward, backward, SGD step) of AlexNet(ModelConfig()) and torchvision's alexnet.
 
     steps: timed steps per model (on CUDA each timed unit is 10 steps, the median of the units is reported).
     precision: "fp32" (the paper's: no TF32 anywhere), "tf32" (TF32 matmuls and convolutions) or "bf16" (autocast;
-    LRN stays in fp32). compile: also time both models under torch.compile.
+    LRN stays in fp32). compile: also time both models under torch.compile, with `compile_backend` ("aot_eager"
+    traces the models without generating kernels: what the CPU rehearsal of the GPU check runs, in seconds).
     channels_last: memory format of input and weights (default True: cuDNN's fast layout, and on a CPU max-pooling
     runs about 10× faster in it than in NCHW, for both models).
     """
@@ -47,7 +49,7 @@ def bench_train(
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     with _arithmetic(precision, cuda):
-        return _bench_train(dev, batch_size, steps, precision, compile, channels_last, warmup)
+        return _bench_train(dev, batch_size, steps, precision, compile, channels_last, warmup, compile_backend)
 
 
 @contextlib.contextmanager
@@ -66,7 +68,14 @@ def _arithmetic(precision: str, cuda: bool):
 
 
 def _bench_train(
-    dev: torch.device, batch_size: int, steps: int, precision: str, compile: bool, channels_last: bool, warmup: int
+    dev: torch.device,
+    batch_size: int,
+    steps: int,
+    precision: str,
+    compile: bool,
+    channels_last: bool,
+    warmup: int,
+    compile_backend: str = "inductor",
 ) -> BenchReport:
     cuda = dev.type == "cuda"
     unit = 10 if cuda else 1
@@ -82,7 +91,7 @@ def _bench_train(
             dev,
             precision,
             channels_last,
-            compiled,
+            compile_backend if compiled else None,
         )
         reference = _TrainStep(
             torchvision.models.alexnet(weights=None).to(dev),
@@ -91,13 +100,13 @@ def _bench_train(
             dev,
             precision,
             channels_last,
-            compiled,
+            compile_backend if compiled else None,
         )
         for step in (paper, reference):
             for _ in range(warmup):
                 step()
         times, cpu_times = _interleaved({"paper": paper, "torchvision": reference}, steps, unit, cuda)
-        suffix = ", compiled" if compiled else ""
+        suffix = (", compiled" + ("" if compile_backend == "inductor" else f" ({compile_backend})")) if compiled else ""
         for name, label in (("paper", "paper AlexNet (2 towers, LRN)"), ("torchvision", "torchvision alexnet")):
             median = statistics.median(times[name]) / unit
             rows.append(
@@ -132,10 +141,10 @@ def _bench_train(
 class _TrainStep:
     """One SGD training step of `model` on a fixed synthetic batch; calling it runs one step."""
 
-    def __init__(self, model, crop, batch_size, device, precision, channels_last, compiled):
+    def __init__(self, model, crop, batch_size, device, precision, channels_last, backend: str | None):
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(memory_format=memory_format).train()
-        self.forward: Callable = torch.compile(self.model) if compiled else self.model
+        self.forward: Callable = torch.compile(self.model, backend=backend) if backend else self.model
         self.optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         generator = torch.Generator().manual_seed(0)
         # Mean-subtracted 0–255 pixels have a standard deviation of about 60 (REFERENCE.md §2).

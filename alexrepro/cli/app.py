@@ -847,6 +847,9 @@ def bench_train(
         "auto", help="fp32 (the paper's: no TF32), tf32, bf16, or auto (bf16 on cuda, fp32 on cpu)."
     ),
     compile: bool = typer.Option(False, "--compile", metavar="", help="Also time torch.compile'd models."),
+    compile_backend: str = typer.Option(
+        "inductor", help="torch.compile's backend: inductor (generates kernels), or aot_eager (traces only: quick)."
+    ),
     as_json: bool = JsonOption,
 ) -> None:
     """Training-step img/s of the paper's model vs torchvision's AlexNet on the same batch.
@@ -858,7 +861,8 @@ def bench_train(
 
         if precision == "auto":
             precision = "bf16" if devices.startswith("cuda") else "fp32"
-        report = run(device=devices, batch_size=batch_size, steps=steps, precision=precision, compile=compile)
+        report = run(device=devices, batch_size=batch_size, steps=steps, precision=precision, compile=compile,
+                     compile_backend=compile_backend)  # fmt: skip
     _print_bench(report, as_json)
 
 
@@ -869,6 +873,7 @@ def bench_loader(
     device: str = typer.Option(
         "cpu", help="Device the feed rows bring the crops to (cpu, cuda), decoded in the workers or on it."
     ),
+    batch_size: int = typer.Option(128, help="Images per batch (128 = the paper's)."),
     as_json: bool = JsonOption,
 ) -> None:
     """Loader img/s per worker vs plain decode of the same shard JPEGs.
@@ -878,7 +883,7 @@ def bench_loader(
     with _stage(quiet=True):
         from alexrepro.bench.loader import bench_loader as run
 
-        report = run(images=images, workers=workers, device=device)
+        report = run(images=images, workers=workers, device=device, batch_size=batch_size)
     _print_bench(report, as_json)
 
 
