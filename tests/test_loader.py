@@ -201,7 +201,8 @@ def test_device_decoding_of_uncropped_and_centre_cropped_val(shards):
 
 def test_feed_prepares_each_batch_once_and_in_order(shards):
     """DeviceFeed on the CPU: the loader's batches in order, each with `prepare`'s output and its labels attached,
-    and batch k+1 prepared before batch k is handed over (one batch ahead)."""
+    batch k prepared before it is handed over and batch k+1 at most (it is prepared on the feed's own thread while
+    the model works on batch k)."""
     from alexrepro.data.feed import DeviceFeed
 
     out, manifest = shards
@@ -215,7 +216,7 @@ def test_feed_prepares_each_batch_once_and_in_order(shards):
     fed = []
     for batch in DeviceFeed(train_batches(out, manifest, AUG, 8, seed=1, epoch=0, workers=2), prepare, "cpu"):
         fed.append(batch.step)
-        assert prepared[-1] == min(batch.step + 1, 3)  # the next batch is already prepared
+        assert prepared[-1] in (batch.step, min(batch.step + 1, 3))  # this batch is prepared, at most one more
         assert torch.equal(batch.inputs, expected[batch.step]) and torch.equal(batch.targets, batch.labels)
         assert batch.images is None and batch.slot is None  # released: the worker refills that buffer
     assert fed == prepared == [0, 1, 2, 3]
