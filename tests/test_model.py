@@ -434,20 +434,22 @@ def test_lrn_runs_in_float32_under_bf16_autocast():
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_both_lrn_window_sums_agree(channels_last):
-    """The GPU's matrix product and the CPU's shifted adds compute the same window sums."""
-    from alexrepro.model.network import _window_sums_by_matmul, _window_sums_by_shifts
+def test_lrn_window_sums_are_the_papers_in_float64(channels_last):
+    """The shifted adds are §3.3's sum, term for term: exact in float64, cut at each tower's edge, in x's layout."""
+    from alexrepro.model.network import _window_sums
 
-    x = torch.rand(3, 12, 5, 4) * 100
+    torch.manual_seed(0)
+    x = torch.rand(3, 12, 5, 4, dtype=torch.float64) * 100
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    by_shifts = _window_sums_by_shifts(x * x, 2, scale=1e-4, offset=2.0)
-    by_matmul = _window_sums_by_matmul(x * x, 2, scale=1e-4, offset=2.0)
-    torch.testing.assert_close(by_shifts, by_matmul)
-    for sums in (by_shifts, by_matmul):
-        assert sums.is_contiguous(memory_format=torch.channels_last) == channels_last
-        lrn = x * sums**-0.75  # b = a (k + α Σ a²)^-β
-        torch.testing.assert_close(lrn.double(), paper_lrn(x.double(), 2), rtol=1e-5, atol=1e-6)
+    sums = _window_sums(x * x, 2, scale=1e-4, offset=2.0)
+    assert sums.is_contiguous(memory_format=torch.channels_last) == channels_last
+    towers = x.view(3, 2, 6, 5, 4)  # the window of channel i is i-2…i+2 within its tower of 6
+    window = [range(max(0, i - 2), min(6, i + 3)) for i in range(6)]
+    expected = torch.stack([2.0 + 1e-4 * sum(towers[:, :, j] ** 2 for j in window[i]) for i in range(6)], 2)
+    torch.testing.assert_close(sums, expected.reshape(3, 12, 5, 4), rtol=1e-12, atol=0)  # float64 rounding
+    assert window[5] == range(3, 6)  # channels 5 and 6 are neighbours across the tower boundary, not in a window
+    torch.testing.assert_close(x * sums**-0.75, paper_lrn(x, 2), rtol=1e-12, atol=0)  # b = a (k + α Σ a²)^-β
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -467,6 +469,24 @@ def test_lrn_matches_torch_per_tower_in_both_memory_formats(channels_last):
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.compile
+@pytest.mark.slow
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_compiled_model_gives_the_eager_outputs_and_gradients(memory_format):
+    """torch.compile traces LRN's hand-written forward and backward (in-place adds included) on the CPU."""
+    torch.manual_seed(0)
+    model = AlexNet(ModelConfig(**SMALL, init="he")).to(memory_format=memory_format).eval()  # eval: no dropout
+    x = (torch.randn(2, 3, 99, 99) * 50).contiguous(memory_format=memory_format)
+    target = torch.tensor([1, 2])
+    runs = []
+    for forward in (model, torch.compile(model)):
+        model.zero_grad()
+        logits = forward(x)
+        F.cross_entropy(logits, target).backward()
+        runs.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert_same_run(*runs)
 
 
 # --- CUDA ---------------------------------------------------------------------------------------------------------

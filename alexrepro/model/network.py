@@ -93,14 +93,19 @@ class _LocalResponseNorm(torch.autograd.Function):
 
 def _window_sums(x: Tensor, groups: int, scale: float, offset: float = 0.0) -> Tensor:
     """offset + scale · Σ of x over each channel's LRN window (n=5, cut at the edges of its tower), in x's memory
-    format. Two equivalent ways, each the fastest measured where it is used: on a CPU, shifted adds (a 5-tap sum
-    does 5 multiply-adds per value, a matrix product with the band matrix 48–128); on a GPU, one matrix product per
-    tower (a single pass through memory, where the adds take five; in fp32 unless TF32 matmuls are switched on)."""
-    sums = _window_sums_by_matmul if x.is_cuda else _window_sums_by_shifts
-    return sums(x, groups, scale, offset)
+    format: five shifted adds into one output, the one formulation on every device, eager and compiled.
 
-
-def _window_sums_by_shifts(x: Tensor, groups: int, scale: float, offset: float = 0.0) -> Tensor:
+    Why this one (docs/benchmarks.md, "LRN: one exact formulation on both devices"): each sum has at most five terms
+    (all positive in the forward pass), so nothing cancels, where a cumulative sum over channels would subtract two
+    large running totals in float32. It does 5 multiply-adds per value; the product with the tower's band matrix,
+    formerly used on CUDA, did 48 (conv1) or 128 (conv2), over 90% of them with zeros (19 GFLOP a step at batch
+    128, in fp32), as a matrix-multiply call that torch.compile cannot fuse with the elementwise work around it.
+    The price is memory traffic: eagerly, five passes over the output where the product makes one. On a 2-core CPU
+    (AVX-512) LRN's forward and backward take the time they took before (these adds were already the CPU's path),
+    and the band product, for comparison, 0.77-0.93× of it. Compiled on that CPU, LRN is slower than eager (2.1× at
+    conv1's shape, 8× at conv2's; written as five slices of a zero-padded copy, 2.1× and 2.8×); compiled on a GPU
+    it is unmeasured, so there is no separate form for compiling until a measurement asks for one.
+    """
     out = torch.empty_like(x)
     maps, total = _channels_view(x, groups), _channels_view(out, groups)
     size = maps.shape[2]
@@ -108,18 +113,6 @@ def _window_sums_by_shifts(x: Tensor, groups: int, scale: float, offset: float =
     for shift in range(1, LRN_SIZE // 2 + 1):  # the neighbours `shift` channels away, within the tower
         total.narrow(2, shift, size - shift).add_(maps.narrow(2, 0, size - shift), alpha=scale)
         total.narrow(2, 0, size - shift).add_(maps.narrow(2, shift, size - shift), alpha=scale)
-    return out.add_(offset) if offset else out
-
-
-def _window_sums_by_matmul(x: Tensor, groups: int, scale: float, offset: float = 0.0) -> Tensor:
-    size = x.shape[1] // groups
-    index = torch.arange(size, device=x.device)
-    band = ((index[:, None] - index[None, :]).abs() <= LRN_SIZE // 2).to(x.dtype) * scale  # symmetric
-    out = torch.empty_like(x)
-    if _memory_format(x) == torch.channels_last:  # (pixels·towers × channels) @ band
-        torch.mm(_channels_view(x, groups).flatten(0, 1), band, out=_channels_view(out, groups).flatten(0, 1))
-    else:  # band @ (channels × pixels), for each image and tower
-        torch.matmul(band, _channels_view(x, groups), out=_channels_view(out, groups))
     return out.add_(offset) if offset else out
 
 
