@@ -26,11 +26,11 @@ from alexrepro.data.feed import DeviceFeed
 from alexrepro.data.shards.manifest import read_manifest
 from alexrepro.model.checkpoint import load_checkpoint
 from alexrepro.model.config import ModelConfig
-from alexrepro.model.network import AlexNet
+from alexrepro.model.network import AlexNet, local_response_norm
 from alexrepro.train.config import TrainConfig
 from alexrepro.train.loop import make_preprocess, normalization_from_stats, train
 from helpers.train import make_shards, make_stats, val_batches
-from test_model import SMALL, assert_same_run, run
+from test_model import SMALL, assert_same_run, paper_lrn, run
 
 pytestmark = pytest.mark.device
 needs_cuda = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -93,6 +93,27 @@ def test_training_on_one_device_or_a_tower_per_device(data, tmp_path, devices, p
     assert load_checkpoint(result.checkpoint_last)["model"]["fc8.weight"].device.type == "cpu"
 
 
+def test_bf16_autocast_keeps_lrn_in_float32(device):
+    """Under bf16 autocast the network runs in bf16 but each LRN computes in float32 and rounds once (§3.3's
+    constants in bf16 would lose k + α Σ a² to rounding), on the window sums of `device` (a pooled window on CUDA,
+    shifted adds on the CPU)."""
+    torch.manual_seed(0)
+    model = AlexNet(ModelConfig(**SMALL), devices=[device])
+    seen = []
+    handle = model.norm.register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, o.dtype)))
+    x = torch.randn(2, 3, 99, 99, device=device) * 50
+    with torch.autocast(device, dtype=torch.bfloat16):
+        logits = model(x)
+    handle.remove()
+    assert logits.dtype == torch.bfloat16 and seen == [(torch.bfloat16, torch.bfloat16)] * 2
+    a = (torch.relu(torch.randn(2, 16, 4, 4, device=device)) * 100).bfloat16()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        y = local_response_norm(a, 2)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, local_response_norm(a.float(), 2).bfloat16())  # computed in float32, rounded once
+    torch.testing.assert_close(y.double().cpu(), paper_lrn(a.double().cpu(), 2), rtol=1e-2, atol=1e-2)
+
+
 # ------------------------------------------------------------------------------------------- the device feed
 
 
@@ -151,12 +172,15 @@ def test_feed_prepares_off_the_training_thread_and_raises_its_errors_in_order(da
 
 @pytest.mark.compile
 @pytest.mark.usefixtures("no_tf32")
-def test_compiled_model_matches_eager(device):
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_compiled_model_matches_eager(device, memory_format):
+    """torch.compile traces LRN's hand-written forward and backward (in-place adds or the pooled window) and the
+    towers: the compiled model's outputs and gradients are the eager model's."""
     torch.manual_seed(0)
     model = AlexNet(ModelConfig(**SMALL, dropout=0.0, init="he"), devices=[device])
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=memory_format)
     compiled = torch.compile(model, dynamic=False)
-    x = (torch.randn(4, 3, 99, 99, device=device) * 50).contiguous(memory_format=torch.channels_last)
+    x = (torch.randn(4, 3, 99, 99, device=device) * 50).contiguous(memory_format=memory_format)
     eager_out = model(x)
     eager_grads = torch.autograd.grad(eager_out.square().sum(), list(model.parameters()))
     out = compiled(x)

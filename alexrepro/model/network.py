@@ -93,19 +93,23 @@ class _LocalResponseNorm(torch.autograd.Function):
 
 def _window_sums(x: Tensor, groups: int, scale: float, offset: float = 0.0) -> Tensor:
     """offset + scale · Σ of x over each channel's LRN window (n=5, cut at the edges of its tower), in x's memory
-    format: five shifted adds into one output, the one formulation on every device, eager and compiled.
+    format. Two exact formulations, each chosen for where it runs (docs/benchmarks.md, "LRN: exact window sums, a
+    formulation for each device"): on a CPU five shifted adds, measured fastest there; on a GPU a pooled window over
+    the channels, chosen by its counts of FLOPs and bytes (no GPU has timed it yet).
 
-    Why this one (docs/benchmarks.md, "LRN: one exact formulation on both devices"): each sum has at most five terms
-    (all positive in the forward pass), so nothing cancels, where a cumulative sum over channels would subtract two
-    large running totals in float32. It does 5 multiply-adds per value; the product with the tower's band matrix,
-    formerly used on CUDA, did 48 (conv1) or 128 (conv2), over 90% of them with zeros (19 GFLOP a step at batch
-    128, in fp32), as a matrix-multiply call that torch.compile cannot fuse with the elementwise work around it.
-    The price is memory traffic: eagerly, five passes over the output where the product makes one. On a 2-core CPU
-    (AVX-512) LRN's forward and backward take the time they took before (these adds were already the CPU's path),
-    and the band product, for comparison, 0.77-0.93× of it. Compiled on that CPU, LRN is slower than eager (2.1× at
-    conv1's shape, 8× at conv2's; written as five slices of a zero-padded copy, 2.1× and 2.8×); compiled on a GPU
-    it is unmeasured, so there is no separate form for compiling until a measurement asks for one.
+    Neither is the band-matrix product used on CUDA before: 48 (conv1) or 128 (conv2) multiply-adds per value, over
+    90% of them with zeros (19 GFLOP a step at batch 128, in fp32), in a matmul call that torch.compile cannot fuse.
+    Nor a cumulative sum over channels, which would subtract two large running totals in float32: each sum here has
+    at most five terms (all positive in the forward pass), so nothing cancels.
     """
+    sums = _window_sums_by_pooling if x.is_cuda else _window_sums_by_shifts
+    return sums(x, groups, scale, offset)
+
+
+def _window_sums_by_shifts(x: Tensor, groups: int, scale: float, offset: float = 0.0) -> Tensor:
+    """Five shifted in-place adds into one output: 5 multiply-adds per value and five passes through memory. On a
+    2-core CPU (AVX-512) the band product was 0.77-0.93× of its time and a pooled window 2.7-3.1×; compiled there,
+    LRN is slower than eager (2.1× at conv1's shape, 8× at conv2's), so the CPU keeps this eager form."""
     out = torch.empty_like(x)
     maps, total = _channels_view(x, groups), _channels_view(out, groups)
     size = maps.shape[2]
@@ -114,6 +118,27 @@ def _window_sums(x: Tensor, groups: int, scale: float, offset: float = 0.0) -> T
         total.narrow(2, shift, size - shift).add_(maps.narrow(2, 0, size - shift), alpha=scale)
         total.narrow(2, 0, size - shift).add_(maps.narrow(2, shift, size - shift), alpha=scale)
     return out.add_(offset) if offset else out
+
+
+def _window_sums_by_pooling(x: Tensor, groups: int, scale: float, offset: float = 0.0) -> Tensor:
+    """A pooled sum over a window of 5 channels, zero-padded at each tower's edges (average pooling with divisor 1:
+    the plain sum of the window's terms), then offset + scale · sum in one pass. Two kernels that each read and
+    write once, where the shifted adds pass through memory about five times: about 2 GB a step at batch 128 against
+    their 7, and 0.7 GFLOP against the band product's 19 (docs/benchmarks.md)."""
+    n, c, h, w = x.shape
+    size, pad = c // groups, LRN_SIZE // 2
+    if _memory_format(x) == torch.channels_last:  # each pixel's tower: a row of `size` channels
+        rows = _channels_view(x, groups).reshape(n * h * w * groups, 1, 1, size)
+        sums = F.avg_pool2d(rows, (1, LRN_SIZE), stride=1, padding=(0, pad), divisor_override=1)
+        out = sums.view(n, h, w, c).permute(0, 3, 1, 2)
+    else:  # each image's tower: a volume of `size` maps
+        maps = x.view(n * groups, 1, size, h, w)
+        sums = F.avg_pool3d(maps, (LRN_SIZE, 1, 1), stride=1, padding=(pad, 0, 0), divisor_override=1)
+        out = sums.view(n, c, h, w)
+    if not offset:
+        return out.mul_(scale)
+    # offset + scale · sums in place, in one pass (a CPU scalar tensor needs no copy to the device)
+    return torch.add(torch.tensor(offset, dtype=torch.float64), out, alpha=scale, out=out)
 
 
 def _channels_view(x: Tensor, groups: int) -> Tensor:
