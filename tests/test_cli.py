@@ -289,7 +289,7 @@ def test_train_off_a_terminal_prints_plain_interval_and_epoch_lines(tiny_data, t
     assert not any(c in result.stderr for c in "\r\x1b━─│"), result.stderr  # no bar debris, no escape codes
     epoch_lines = [line for line in lines if re.match(r"epoch \d/2: train loss", line)]
     assert len(epoch_lines) == 2 and all("val loss" in line and "img/s" in line for line in epoch_lines), lines
-    interval = [line for line in lines if re.match(r"epoch \d/2 \[5/5 step\]", line)]
+    interval = [line for line in lines if re.match(r"epoch \d/2 \[5/5 steps\]", line)]
     assert len(interval) == 2, lines
     for read_out, epoch in zip(interval, epoch_lines, strict=True):
         shown = float(re.search(r"loss (\d+\.\d+)", read_out).group(1))

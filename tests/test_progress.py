@@ -34,17 +34,17 @@ def test_bars_fit_the_terminal_and_finished_phases_are_one_line_each(width):
     lines = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", line) for line in re.split(r"[\r\n]", output)]
     lines = [line.rstrip() for line in lines if line.strip()]
     assert max(len(line) for line in lines) <= width, max(lines, key=len)
-    live = [line for line in lines if re.search(r"\b[1-9][0-9,]*/1,250 step", line)]
+    live = [line for line in lines if re.search(r"\b[1-9][0-9,]*/1,250 steps", line)]
     assert live, "no live bar was drawn"
     for line in live:  # the figures that matter are whole: count, rate, elapsed, ETA
-        assert "…" not in line.split("step")[0], line
-        assert re.search(r"\d+/1,250 step", line) and "12,345 img/s" in line, line
+        assert "…" not in line.split("steps")[0], line
+        assert re.search(r"\d+/1,250 steps", line) and "12,345 img/s" in line, line
         assert re.search(r"\d:\d\d:\d\d", line), line
     summaries = [
-        line for line in lines if re.fullmatch(r"epoch \d+/30: 1,250 step in \d:\d\d:\d\d  12,345 img/s", line)
+        line for line in lines if re.fullmatch(r"epoch \d+/30: 1,250 steps in \d:\d\d:\d\d  12,345 img/s", line)
     ]
     assert len(summaries) == 30, summaries[:3]
-    assert any(line.startswith("checking shards: 12 shard in ") for line in lines)
+    assert any(line.startswith("checking shards: 12 shards in ") for line in lines)
 
 
 def test_a_long_label_is_cut_not_wrapped():

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -308,6 +309,41 @@ def test_live_metrics_are_logged_each_epoch(data, tmp_path):
     scalars = events.Scalars("val_top1_error")
     assert [s.step for s in scalars] == [1, 2]
     assert scalars[-1].value == pytest.approx(result.history[-1]["val_top1_error"], rel=1e-6)
+
+
+def test_dvclive_leaves_no_colour_reset_for_the_progress_bar(tmp_path):
+    """Importing DVCLive runs DVC's colorama set-up, which would write an ANSI reset at exit to the stdout of the
+    moment: under the command line's live bar, the bar's proxy, which prints it as text ("[0m"). A process whose
+    stdout is such a proxy while the live log opens must get nothing from it at exit."""
+    pytest.importorskip("dvclive")
+    code = textwrap.dedent("""
+        import sys
+        from pathlib import Path
+
+        class Proxy:  # stands for the live bar's stdout proxy, which is a terminal's
+            closed = False
+
+            def isatty(self):
+                return True
+
+            def write(self, text):
+                sys.__stdout__.write(text.replace("\\x1b", "<ESC>"))
+                return len(text)
+
+            def flush(self):
+                sys.__stdout__.flush()
+
+        sys.stdout = Proxy()
+        from alexrepro.train.live import open_epoch_log
+
+        log = open_epoch_log("dvclive", Path(sys.argv[1]), False)
+        log.epoch({"epoch": 1, "val_loss": 1.0})
+        log.close()
+        print("closed")
+    """)
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("closed") and "<ESC>" not in run.stdout, run.stdout
 
 
 def test_process_wide_backend_flags_are_restored_after_a_run():

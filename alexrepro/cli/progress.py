@@ -15,19 +15,20 @@ from rich.progress import TimeRemainingColumn as _TimeRemainingColumn
 from rich.table import Column
 from rich.text import Text
 
-from alexrepro.core.progress import format_fields, format_seconds
+from alexrepro.core.progress import format_fields, format_seconds, units
 
 DESCRIPTION_WIDTH = 24  # labels are short ("epoch 12/90", "checking shards"); a longer one is cut with "…"
 WIDE = 120  # at this width or more the bar is 20 cells, else 10
-# The columns other than the live figures, at their widest: description, bar, "12,345/12,345 step", "12,345 img/s",
+# The columns other than the live figures, at their widest: description, bar, "12,345/12,345 shards", "12,345 img/s",
 # elapsed, "ETA 0:00:00", and the spaces between them.
-RESERVED = DESCRIPTION_WIDTH + 20 + 19 + 13 + 7 + 11 + 6
+RESERVED = DESCRIPTION_WIDTH + 20 + 20 + 13 + 7 + 11 + 6
 
 
 class _CountColumn(ProgressColumn):
     def render(self, task) -> Text:
         total = f"{task.total:,.0f}" if task.total is not None else "?"
-        return Text(f"{task.completed:,.0f}/{total} {task.fields.get('unit', 'img')}")
+        unit = units(task.total if task.total is not None else task.completed, task.fields.get("unit", "img"))
+        return Text(f"{task.completed:,.0f}/{total} {unit}")
 
 
 class _RateColumn(ProgressColumn):
@@ -114,4 +115,5 @@ class RichProgress:
             rate = task.fields.get("img_s")
             speed = f"  {rate:,.0f} img/s" if rate is not None else ""
             elapsed = task.finished_time if task.finished_time is not None else task.elapsed or 0.0
-            self.log(f"{task.description}: {task.completed:,.0f} {unit} in {format_seconds(elapsed)}{speed}")
+            counted = f"{task.completed:,.0f} {units(task.completed, unit)}"
+            self.log(f"{task.description}: {counted} in {format_seconds(elapsed)}{speed}")

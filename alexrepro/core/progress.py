@@ -66,6 +66,11 @@ def format_fields(fields: dict[str, object]) -> str:
     return "  ".join(parts)
 
 
+def units(count: float, unit: str) -> str:
+    """The unit for `count` of it: "47 steps", "1 shard"; "img" stays as it is (an abbreviation)."""
+    return unit if unit == "img" or round(count) == 1 else unit + "s"
+
+
 def format_seconds(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -133,7 +138,7 @@ class LineProgress:
             return
         elapsed = time.perf_counter() - self._started
         total = f"/{self._total:,}" if self._total is not None else ""
-        parts = [f"{self._description} [{self._done:,}{total} {self._unit}]"]
+        parts = [f"{self._description} [{self._done:,}{total} {units(self._total or self._done, self._unit)}]"]
         figures = format_fields(self._fields)
         if not figures and elapsed > 0 and self._unit == "img":
             figures = f"{self._done / elapsed:,.0f} img/s"

@@ -17,6 +17,7 @@ same results must leave tracked files unchanged.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,6 +51,7 @@ class DvcLiveLog:
     def __init__(self, folder: Path, resume: bool):
         from dvclive import Live
 
+        _no_colour_reset_at_exit()
         # dvc.yaml declares the stage's outputs, so DVCLive must not write a dvc.yaml of its own; a report and the
         # experiment commit are DVC's job (`dvc exp run` commits the outputs).
         self._live = Live(str(folder), resume=resume, dvcyaml=None, save_dvc_exp=False, report=None)
@@ -63,6 +65,18 @@ class DvcLiveLog:
 
     def close(self) -> None:
         self._live.end()
+
+
+def _no_colour_reset_at_exit() -> None:
+    """Importing DVCLive runs DVC's logging set-up, whose `colorama.init()` registers an exit handler that writes an
+    ANSI reset to sys.stdout as it was then: under the command line's live progress bar, the bar's stdout proxy,
+    which prints it as text ("[0m" under the last line of a run in a terminal). The reset is for Windows consoles;
+    take the handler back."""
+    try:
+        from colorama import initialise
+    except ImportError:
+        return
+    atexit.unregister(initialise.reset_all)
 
 
 class TensorBoardLog:
