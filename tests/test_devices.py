@@ -172,10 +172,18 @@ def test_feed_prepares_off_the_training_thread_and_raises_its_errors_in_order(da
 
 @pytest.mark.compile
 @pytest.mark.usefixtures("no_tf32")
-@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize(
+    ("device", "memory_format"),
+    [
+        ("cpu", torch.contiguous_format),  # the CPU trains in NCHW
+        ("cpu", torch.channels_last),
+        pytest.param("cuda", torch.channels_last, marks=needs_cuda),  # CUDA trains in channels_last
+    ],
+)
 def test_compiled_model_matches_eager(device, memory_format):
     """torch.compile traces LRN's hand-written forward and backward (in-place adds or the pooled window) and the
-    towers: the compiled model's outputs and gradients are the eager model's."""
+    towers: the compiled model's outputs and gradients are the eager model's, in each layout a device trains in
+    (one compile per case: the GPU check's time is spent where the GPU runs)."""
     torch.manual_seed(0)
     model = AlexNet(ModelConfig(**SMALL, dropout=0.0, init="he"), devices=[device])
     model = model.to(memory_format=memory_format)
