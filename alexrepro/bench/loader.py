@@ -20,15 +20,16 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from alexrepro.bench.report import BenchReport, machine_description
+from alexrepro.core.progress import units
 from alexrepro.data.config import StatsConfig
 from alexrepro.data.loader import (
     Augmentation,
@@ -36,6 +37,7 @@ from alexrepro.data.loader import (
     LoaderSettings,
     ShardIndex,
     decode_pil,
+    decode_torchvision,
     split_index,
     train_loader,
 )
@@ -210,11 +212,12 @@ def _per_image(name: str, jpegs: list[bytes], work: Callable[[bytes], object]) -
     return {"name": name, "img_s": n / seconds, "img_per_cpu_s": n / cpu, "workers": 1, "img_s_per_worker": n / seconds}
 
 
-def _crop_flip(crop: int) -> Callable[[bytes], torch.Tensor]:
-    rng = random.Random(0)
+def _crop_flip(crop: int, decode: Callable[[bytes], torch.Tensor] = decode_pil, seed: int = 0):
+    """Decode, a random crop and a random reflection, uint8: what any loader does per image."""
+    rng = random.Random(seed)
 
     def work(data: bytes) -> torch.Tensor:
-        image = decode_pil(data)
+        image = decode(data)
         y, x = rng.randrange(image.shape[1] - crop + 1), rng.randrange(image.shape[2] - crop + 1)
         view = image[:, y : y + crop, x : x + crop]
         return (view.flip(-1) if rng.random() < 0.5 else view).contiguous()
@@ -231,8 +234,12 @@ def _index_cost(folder: Path, manifest: Manifest) -> dict:
             "img_per_cpu_s": count / cpu, "workers": 1, "img_s_per_worker": count / seconds}  # fmt: skip
 
 
+def _workers(n: int) -> str:
+    return f"{n} {units(n, 'worker')}"
+
+
 def _loader_name(workers: int) -> str:
-    return f"training loader, {workers} worker{'s' if workers != 1 else ''}" + (" (in-process)" if workers == 0 else "")
+    return f"training loader, {_workers(workers)}" + (" (in-process)" if workers == 0 else "")
 
 
 @dataclass(frozen=True)
@@ -267,33 +274,40 @@ def _rate(images: int, seconds: float) -> float:
 
 def _loader_epoch(folder, manifest, crop, batch_size, workers, decoder, seed) -> dict:
     """One epoch of the training loader: wall img/s from the first batch on, CPU of this process and of the workers."""
-    loader = train_loader(
-        split_index(folder, manifest, "train"),
-        Augmentation(crop),
-        EpochSpec(seed, 0, shuffle_buffer=2000),
-        LoaderSettings(batch_size, workers, decoder=decoder),
+    settings = LoaderSettings(batch_size, workers, decoder=decoder)
+    index = split_index(folder, manifest, "train")
+    return _timed_epoch(
+        train_loader(index, Augmentation(crop), EpochSpec(seed, 0, shuffle_buffer=2000), settings), _released
     )
+
+
+def _released(batch) -> int:
+    batch.release()  # as the training loop does once the batch is preprocessed: the worker reuses the buffer
+    return len(batch)
+
+
+def _timed_epoch(loader: Iterable, images_in: Callable[[Any], int]) -> dict:
+    """One epoch of `loader` (the caller keeps no reference to it): wall img/s from the first batch on (steady
+    state), the images in all, and the CPU time of this process and of the loader's workers. `images_in(batch)`
+    counts a batch's images, doing whatever the consumer does with it."""
     first = None
-    count = 0
+    count = total = 0
     main, children = _cpu_seconds()
     for batch in loader:
-        batch.release()  # as the training loop does once the batch is preprocessed: the worker reuses the buffer
+        images = images_in(batch)
+        total += images
         if first is None:
             first = time.perf_counter()  # steady state: from the first batch on
             continue
-        count += len(batch)
+        count += images
     seconds = time.perf_counter() - first if first is not None else math.nan
     del loader  # the workers have exited once the epoch ends; their CPU time is now counted
     main_after, children_after = _cpu_seconds()
     return {"img_s": count / seconds if count else math.nan, "main_cpu": main_after - main,
-            "workers_cpu": children_after - children}  # fmt: skip
+            "workers_cpu": children_after - children, "images": total}  # fmt: skip
 
 
 PEER = "webdataset"
-
-
-def _workers(n: int) -> str:
-    return f"{n} worker{'s' if n != 1 else ''}"
 
 
 def _peer_name(workers: int) -> str:
@@ -328,15 +342,10 @@ def _peer_epoch(folder: Path, crop: int, batch_size: int, workers: int, seed: in
     of this process and of the workers."""
     import webdataset
 
-    from alexrepro.data.loader import decode_torchvision
+    crop_flip = _crop_flip(crop, decode_torchvision, seed)
 
-    rng = random.Random(seed)
-
-    def crop_flip(sample: dict) -> tuple[torch.Tensor, int]:
-        image = decode_torchvision(sample["jpg"])
-        y, x = rng.randrange(image.shape[1] - crop + 1), rng.randrange(image.shape[2] - crop + 1)
-        view = image[:, y : y + crop, x : x + crop]
-        return (view.flip(-1) if rng.random() < 0.5 else view).contiguous(), int(sample["cls"])
+    def sample_of(sample: dict) -> tuple[torch.Tensor, int]:
+        return crop_flip(sample["jpg"]), int(sample["cls"])
 
     def stack(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = zip(*samples, strict=True)
@@ -346,24 +355,10 @@ def _peer_epoch(folder: Path, crop: int, batch_size: int, workers: int, seed: in
     pipeline = (
         webdataset.WebDataset(urls, shardshuffle=len(urls), seed=seed, empty_check=False)
         .shuffle(2000)
-        .map(crop_flip)
+        .map(sample_of)
         .batched(batch_size, collation_fn=stack, partial=True)
     )
-    loader = webdataset.WebLoader(pipeline, batch_size=None, num_workers=workers)
-    first = None
-    count = total = 0
-    main, children = _cpu_seconds()
-    for images, _ in loader:
-        total += len(images)
-        if first is None:
-            first = time.perf_counter()  # steady state: from the first batch on
-            continue
-        count += len(images)
-    seconds = time.perf_counter() - first if first is not None else math.nan
-    del loader
-    main_after, children_after = _cpu_seconds()
-    return {"img_s": count / seconds if count else math.nan, "main_cpu": main_after - main,
-            "workers_cpu": children_after - children, "images": total}  # fmt: skip
+    return _timed_epoch(webdataset.WebLoader(pipeline, batch_size=None, num_workers=workers), lambda b: len(b[0]))
 
 
 def _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, decode_on, device) -> dict:

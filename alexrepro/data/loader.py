@@ -12,8 +12,9 @@ How an epoch's data is laid out (the same on 1 process or on many):
    a rank's DataLoader worker w builds the rank batches k with k % workers == w, and DataLoader's in-order
    round robin hands them to the training loop in step order.
 
-So no sample is duplicated or dropped (but for a partial last batch that `drop_last` leaves out), and the union of the ranks' batches at step k is exactly the global batch a
-single process sees at step k: a 2-rank run and a 1-rank run with the same global batch train on the same data.
+So no sample is duplicated or dropped (but for a partial last batch that `drop_last` leaves out), and the union of
+the ranks' batches at step k is exactly the global batch a single process sees at step k: a 2-rank run and a 1-rank
+run with the same global batch train on the same data.
 
 The split is at the sample level, never by shard, so it works whatever the number of shards (the built-in sample has
 a handful) and whatever ranks × workers. What makes that cheap is the `ShardIndex` that prepare persisted: the byte
