@@ -184,6 +184,7 @@ def test_pillow_build_names_the_build():
     assert ("post" in build) == build.startswith("Pillow-SIMD")
 
 
+@pytest.mark.peers
 def test_bench_prepare_reports_steady_state_and_whole_run_figures():
     from alexrepro.bench.data import bench_prepare
 
@@ -193,23 +194,13 @@ def test_bench_prepare_reports_steady_state_and_whole_run_figures():
     assert {"prepare, 1 worker, whole run of 4", "prepare, 1 worker, whole run of 8"} <= set(names)
     assert "prepare (1 worker) / plain decode, per core, steady state" in report.ratios
     assert all(value > 0 for name, value in report.ratios.items() if name.startswith("whole run"))
-    # webdataset's own ShardWriter fed by a process pool, timed beside prepare in the same run
-    pytest.importorskip("webdataset")
-    peer = "webdataset ShardWriter + pool"
-    assert {f"{peer}, 1 worker, steady state", f"{peer}, 2 workers, whole run of 8"} <= set(names)
-    assert "whole run of 4: prepare / webdataset ShardWriter + pool, 2 workers (wall clock)" in report.ratios
+    # each installed peer writer fed by a process pool, timed beside prepare in the same run
+    from alexrepro.bench.peers import WRITERS, installed
 
-
-def test_the_peer_writer_writes_readable_webdataset_shards(tmp_path):
-    """The peer row measures a real writer: its shards hold every image, resized like prepare's."""
-    webdataset = pytest.importorskip("webdataset")
-
-    from alexrepro.bench.data import photo_like_jpegs, webdataset_writer, write_image_folder
-
-    write_image_folder(tmp_path / "src", photo_like_jpegs(6, 0))
-    assert webdataset_writer(tmp_path / "src", tmp_path / "out", 2, 4, 32, 90) == 6
-    samples = list(webdataset.WebDataset(sorted(map(str, (tmp_path / "out").glob("*.tar"))), shardshuffle=False))
-    assert len(samples) == 6 and all(decode_rgb(s["jpg"]).shape == (32, 32, 3) for s in samples)
+    for peer in WRITERS:
+        rows = {f"{peer.name}, 1 worker, steady state", f"{peer.name}, 2 workers, whole run of 8"}
+        assert (rows <= set(names)) == installed(peer), peer.name
+        assert (f"whole run of 4: prepare / {peer.name}, 2 workers (wall clock)" in report.ratios) == installed(peer)
 
 
 def _cut_with_eoi(data):

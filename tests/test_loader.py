@@ -258,6 +258,7 @@ def test_training_with_device_decoding_matches_worker_decoding(tmp_path):
     assert row_a["val_loss"] == row_b["val_loss"] and row_a["train_loss"] == row_b["train_loss"]
 
 
+@pytest.mark.peers
 def test_bench_loader_reports_the_worker_side_and_the_feed():
     from alexrepro.bench.loader import bench_loader
 
@@ -271,9 +272,13 @@ def test_bench_loader_reports_the_worker_side_and_the_feed():
     assert all("worker_start_cpu_s" in row for row in loaders)
     side = "worker side (read + decode + crop, uint8 out), 1 worker, steady state / torchvision decode, per CPU-second"
     assert side in report.ratios and "loader, 2 workers / 1 worker, wall clock" in report.ratios
-    # webdataset's own pipeline over the same shards (it checks it read every image of both epochs)
-    assert all(rows[f"webdataset pipeline, {n}"]["img_s"] > 0 for n in ("1 worker", "2 workers"))
-    assert report.ratios["training loader / webdataset pipeline, 2 workers, wall clock"] > 0
+    # each installed peer's reader over the same images (each checks it read every image of both epochs)
+    from alexrepro.bench.peers import READERS, installed
+
+    for peer in filter(installed, READERS):
+        assert all(rows[f"{peer.name} pipeline, {n}"]["img_s"] > 0 for n in ("1 worker", "2 workers"))
+        assert report.ratios[f"training loader / {peer.name} pipeline, 2 workers, wall clock"] > 0
+    assert all(peer.name in " ".join(report.notes) for peer in READERS if not installed(peer))
 
 
 @pytest.mark.parametrize("decode_on", ["workers", "device"])

@@ -52,6 +52,38 @@ def test_index_is_one_file_named_with_its_hash_in_the_manifest(tmp_path):
     assert [index.only(1).key(i) for i in range(2)] == [s.key for s in SAMPLES[3:]]
 
 
+def _tarfile_shard(samples) -> bytes:
+    """The shard as the standard library's tarfile writes it (the format write_shard promises), the reference."""
+    import io
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.USTAR_FORMAT) as tar:
+        for sample in samples:
+            for name, data in ((f"{sample.key}.jpg", sample.jpeg), (f"{sample.key}.cls", str(sample.label).encode())):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                    len(data), 0, 0o444, 0, 0, "", "")  # fmt: skip
+                tar.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("key_bytes", [1, 9, 95])  # 95: the longest key, whose ".jpg" name fills 99 of 100 bytes
+@pytest.mark.parametrize("count", [0, 1, 7, 40])  # 0: an empty shard is one record of zeros; 40 spans records
+def test_shards_are_byte_for_byte_what_tarfile_writes(tmp_path, key_bytes, count):
+    """write_shard builds its USTAR headers itself (faster); every byte must still be tarfile's."""
+    sizes = [0, 1, 511, 512, 513, 1024, 20_000]
+    samples = [Sample(f"{i:03d}".rjust(key_bytes, "k")[-key_bytes:] if key_bytes >= 3 else "k" * key_bytes,
+                      bytes([i % 251]) * sizes[i % len(sizes)], label=i * 37) for i in range(count)]  # fmt: skip
+    samples = list({s.key: s for s in samples}.values())  # keys unique, as in a shard
+    info = write_shard(tmp_path / "a.tar", samples)
+    written = (tmp_path / "a.tar").read_bytes()
+    assert written == _tarfile_shard(samples)
+    assert info.size == len(written) and info.sha256 == hashlib.sha256(written).hexdigest()
+    with tarfile.open(tmp_path / "a.tar") as tar:  # and the offsets recorded for the index are the members'
+        offsets = {m.name: (m.offset_data, m.size) for m in tar}
+    assert [m[1:] for m in info.members] == [(*offsets[f"{s.key}.jpg"], *offsets[f"{s.key}.cls"]) for s in samples]
+
+
 def test_same_samples_give_identical_bytes(tmp_path):
     a = write_shard(tmp_path / "a.tar", SAMPLES)
     b = write_shard(tmp_path / "b.tar", SAMPLES)

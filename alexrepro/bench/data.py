@@ -19,8 +19,6 @@ round of each counts: the ratios then compare each pipeline at its least disturb
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import io
 import itertools
 import json
@@ -37,6 +35,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from alexrepro.bench.peers import WRITERS, WriterPeer, installed, missing_note
 from alexrepro.bench.report import BenchReport, machine_description
 from alexrepro.core.progress import NullProgress, Progress
 from alexrepro.data import imaging
@@ -153,15 +152,23 @@ def bench_prepare(
             ),
         }
         whole = _whole_runs("prepare", _worker_counts(workers), images, run_prepare)
-        peers = {}
-        if importlib.util.find_spec("webdataset") is not None:
+        # Each peer writer cuts shards as prepare does: by count (webdataset) or by bytes (MosaicML), the bytes of
+        # as many resized images, measured on a few.
+        mean_output = np.mean([len(imaging.resize_square_jpeg(d, size, quality)) for d in data[:16]])
+        peers: dict[str, _Pipeline] = {}
+        for peer in (p for p in WRITERS if installed(p)):
 
-            def run_peer(n: int, count: int) -> Callable[[], object]:
+            def run_peer(n: int, count: int, peer: WriterPeer = peer) -> Callable[[], object]:
                 shard_size = _shard_size(images, n)
-                args = (tmp / f"source-{count}", tmp / f"peer-{next(runs)}", n, shard_size, size, quality)
-                return lambda: _timed_in_child(webdataset_writer, args)
 
-            peers = _whole_runs(PEER, _worker_counts(workers), images, run_peer)
+                def run() -> Measured:  # a fresh output folder every time, as for prepare
+                    args = (tmp / f"source-{count}", tmp / f"peer-{next(runs)}", n, shard_size,
+                            int(shard_size * mean_output), size, quality)  # fmt: skip
+                    return _timed_in_child(peer, args)
+
+                return run
+
+            peers |= _whole_runs(peer.name, _worker_counts(workers), images, run_peer)
         seconds = _best_of({**baselines, **whole, **peers}, rounds, progress)
 
     rows, core = _rates(baselines, seconds)
@@ -180,17 +187,17 @@ def bench_prepare(
         f"whole run of {images}: prepare {many} / 1 worker (wall clock)": seconds[whole_one]["wall"]
         / seconds[whole_many]["wall"],
     }
-    if peers:
-        peer_rows, peer_steady = _steady_state(PEER, _worker_counts(workers), images, seconds)
+    for peer in (p for p in WRITERS if installed(p)):
+        peer_rows, peer_steady = _steady_state(peer.name, _worker_counts(workers), images, seconds)
         steady_rows += peer_rows
-        whole_rows += _rates(peers, seconds)[0]
-        for name in (one, many):
-            ratios[f"prepare / {PEER}, {name} (wall clock), steady state"] = (
+        whole_rows += _rates({k: v for k, v in peers.items() if k.startswith(f"{peer.name}, ")}, seconds)[0]
+        for n in _worker_counts(workers):
+            name = _workers_name(n)
+            ratios[f"prepare / {peer.name}, {name} (wall clock), steady state"] = (
                 steady[name]["wall"] / peer_steady[name]["wall"]
             )
-            peer_whole = seconds[_whole_name(PEER, 1 if name == one else workers, images)]["wall"]
-            mine = seconds[_whole_name("prepare", 1 if name == one else workers, images)]["wall"]
-            ratios[f"whole run of {images}: prepare / {PEER}, {name} (wall clock)"] = peer_whole / mine
+            mine, theirs = (seconds[_whole_name(stage, n, images)]["wall"] for stage in ("prepare", peer.name))
+            ratios[f"whole run of {images}: prepare / {peer.name}, {name} (wall clock)"] = theirs / mine
     notes = [
         f"machine: {machine_description()}",
         f"Pillow build: {imaging.pillow_build()}",
@@ -200,6 +207,12 @@ def bench_prepare(
         ),
         f"best of {rounds} interleaved rounds; per-core figures from CPU time, the workers ratio from wall time",
         _steady_note(images),
+        (
+            "peer writers: a forked pool runs the same resize function and the library's writer stores the results "
+            f"(alexrepro.bench.peers); MosaicML's shards are cut at {mean_output * _shard_size(images, 1) / 1e3:.0f} "
+            "KB at 1 worker, the bytes of as many resized images as prepare's shards hold"
+        ),
+        *filter(None, [missing_note(WRITERS)]),
         _load_note(),
     ]
     return BenchReport("bench prepare", rows + steady_rows + whole_rows, ratios, notes)
@@ -266,33 +279,6 @@ def _each(items: list[bytes], work: Callable[[bytes], object]) -> None:
         work(item)
 
 
-PEER = "webdataset ShardWriter + pool"
-
-
-def webdataset_writer(source: Path, out: Path, workers: int, shard_size: int, size: int, quality: int) -> int:
-    """The peer: webdataset's own `ShardWriter` fed by a `multiprocessing` pool running the same resize function
-    (`imaging.resize_square_jpeg`) over the same ImageFolder, in file order, as a user of webdataset would write
-    it. No manifest, no member index, no resume, no rejected list: what prepare adds on top is in its own rows."""
-    import multiprocessing
-
-    import webdataset
-
-    source, out = Path(source), Path(out)
-    files = sorted(p for p in source.rglob("*.JPEG"))
-    classes = {name: i for i, name in enumerate(sorted({p.parent.name for p in files}))}
-    out.mkdir(parents=True, exist_ok=True)
-    resize = functools.partial(_resized_file, size=size, quality=quality)
-    written = 0
-    with (
-        multiprocessing.get_context("fork").Pool(workers) as pool,
-        webdataset.ShardWriter(str(out / "train-%06d.tar"), maxcount=shard_size, verbose=0) as sink,
-    ):
-        for path, jpeg in pool.imap(resize, files, chunksize=4):
-            sink.write({"__key__": path.stem, "jpg": jpeg, "cls": classes[path.parent.name]})
-            written += 1
-    return written
-
-
 class Measured(NamedTuple):
     """Seconds a pipeline timed itself (wall, and CPU of the process that ran it)."""
 
@@ -300,30 +286,28 @@ class Measured(NamedTuple):
     cpu: float
 
 
-def _timed_in_child(function: Callable, args: tuple) -> Measured:
-    """Run `function(*args)` in a fresh interpreter and return its own timing, imports excluded.
+def _timed_in_child(peer: WriterPeer, args: tuple) -> Measured:
+    """Run `peer.write(*args)` in a fresh interpreter and return its own timing, imports excluded.
 
-    The peer runs apart because `import webdataset` imports torch, whose thread would make this process unsafe to
-    fork: prepare's pools would then start a fork server, which the `prepare` command does not need (it imports
-    no torch). Each side is timed from its work's start, its imports already paid, as in a long-running program."""
+    A peer runs apart because its library imports torch, whose threads would make this process unsafe to fork:
+    prepare's pools would then start a fork server, which the `prepare` command does not need (it imports no
+    torch). Each side is timed from its work's start, its imports already paid, as in a long-running program."""
     code = (
         "import json, sys, time\n"
-        f"from {function.__module__} import {function.__name__} as work\n"
-        "import webdataset\n"
+        f"from {peer.write.__module__} import {peer.write.__name__} as work\n"
+        f"import {peer.module}\n"
         "args = json.loads(sys.argv[1])\n"
         "wall, cpu = time.perf_counter(), time.process_time()\n"
         "work(*args)\n"
         "print(json.dumps([time.perf_counter() - wall, time.process_time() - cpu]))\n"
     )
     plain = [str(a) if isinstance(a, Path) else a for a in args]
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(plain)], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(plain)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{peer.name} failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
     wall, _ = json.loads(done.stdout.strip().splitlines()[-1])
     # The work runs in the child's pool, whose CPU time the child does not see: its per-core figure is wall time.
     return Measured(wall, wall)
-
-
-def _resized_file(path: Path, size: int, quality: int) -> tuple[Path, bytes]:
-    return path, imaging.resize_square_jpeg(path.read_bytes(), size, quality)
 
 
 def _worker_counts(workers: int) -> list[int]:

@@ -16,18 +16,19 @@ one thread). Also measured: loading the member index that prepare persisted, pai
 from __future__ import annotations
 
 import math
-import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
+from alexrepro.bench.epochs import cpu_seconds, crop_flip, timed_epoch
+from alexrepro.bench.peers import READERS, ReaderPeer, installed, missing_note
 from alexrepro.bench.report import BenchReport, machine_description
 from alexrepro.core.progress import units
 from alexrepro.data.config import StatsConfig
@@ -37,7 +38,6 @@ from alexrepro.data.loader import (
     LoaderSettings,
     ShardIndex,
     decode_pil,
-    decode_torchvision,
     split_index,
     train_loader,
 )
@@ -63,18 +63,23 @@ def bench_loader(
         manifest = write_bench_shards(folder, images, size, seed)
         epochs = _Epochs(folder, manifest, doubled, write_bench_shards(doubled, 2 * images, size, seed), images)
         jpegs = _jpegs(folder, manifest, images)
-        peer_workers = sorted({1, workers}) if _peer_installed() else []
+        readers = [peer for peer in READERS if installed(peer)]
+        stored = {peer.name: _Stored.of(peer, epochs, Path(tmp) / "peers") for peer in readers}
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         measures = (
             [
                 lambda: _per_image("Pillow decode only (1 core)", jpegs, decode_pil),
                 lambda: _per_image("torchvision decode only (1 core)", jpegs, _plain_decode_jpeg()),
-                lambda: _per_image("decode + crop + flip + to-tensor (1 core)", jpegs, _crop_flip(crop)),
+                lambda: _per_image("decode + crop + flip + to-tensor (1 core)", jpegs, crop_flip(crop)),
                 lambda: _index_cost(folder, manifest),
             ]
             + [lambda n=n: _loader_row(epochs, crop, batch_size, n, decoder, seed) for n in sorted({0, 1, workers})]
-            + [lambda n=n: _peer_row(epochs, crop, batch_size, n, seed) for n in peer_workers]
+            + [
+                lambda peer=peer, n=n: _peer_row(peer, stored[peer.name], crop, batch_size, n, seed)
+                for peer in readers
+                for n in sorted({1, workers})
+            ]
             + [
                 lambda on=on: _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, on, device)
                 for on in ("workers", "device")
@@ -97,13 +102,11 @@ def bench_loader(
         "loader, 1 worker / decode + crop + flip, per CPU-second": loader_one
         / per_cpu["decode + crop + flip + to-tensor (1 core)"],
     }
-    for n in peer_workers:  # wall clock (what a run gets) and per CPU-second (robust to other load)
-        ratios[f"training loader / {PEER} pipeline, {_workers(n)}, wall clock"] = (
-            rate[_loader_name(n)] / rate[_peer_name(n)]
-        )
-        ratios[f"training loader / {PEER} pipeline, {_workers(n)}, per CPU-second"] = (
-            per_cpu[_loader_name(n)] / per_cpu[_peer_name(n)]
-        )
+    for peer in readers:  # wall clock (what a run gets) and per CPU-second (robust to other load)
+        for n in sorted({1, workers}):
+            mine, theirs = _loader_name(n), _peer_name(peer, n)
+            ratios[f"training loader / {theirs}, wall clock"] = rate[mine] / rate[theirs]
+            ratios[f"training loader / {theirs}, per CPU-second"] = per_cpu[mine] / per_cpu[theirs]
     if workers > 1:
         scaling = rate[_loader_name(workers)] / rate[_loader_name(1)]
         ratios[f"loader, {workers} workers / 1 worker, wall clock"] = scaling
@@ -126,12 +129,10 @@ def bench_loader(
         ),
         f"feed: uint8 crops on {device} through alexrepro.data.feed, decoded in the workers or on {device}",
         (
-            f"{PEER}: webdataset's own pipeline over the same shards (shard shuffle, a 2000-sample shuffle buffer, the "
-            "same torchvision decoder, random crop, flip, batches stacked as uint8) in its WebLoader; steady state "
-            "as for the training loader"
-            if peer_workers
-            else f"{PEER}: not installed, no peer row (pip install -e '.[test]')"
+            "peers: each library's reader over the same images in its own format (alexrepro.bench.peers), with the "
+            "same torchvision decoder, random crop, flip and uint8 batches; steady state as for the training loader"
         ),
+        *filter(None, [missing_note(READERS)]),
         "workers share the machine's cores with the training process and anything else running",
         f"each figure is the best of {rounds} rounds (the machine may be shared)",
     ]
@@ -182,14 +183,6 @@ def _best_of(runs: list[dict]) -> dict:
     return best
 
 
-def _cpu_seconds() -> tuple[float, float]:
-    """CPU time of this process, and of its children that have exited (the DataLoader workers)."""
-    import resource
-
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time(), children.ru_utime + children.ru_stime
-
-
 def _plain_decode_jpeg() -> Callable[[bytes], torch.Tensor]:
     """The baseline: torchvision.io.decode_jpeg as its documentation shows it, bytes → tensor → RGB image."""
     import warnings
@@ -210,19 +203,6 @@ def _per_image(name: str, jpegs: list[bytes], work: Callable[[bytes], object]) -
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     n = len(jpegs)
     return {"name": name, "img_s": n / seconds, "img_per_cpu_s": n / cpu, "workers": 1, "img_s_per_worker": n / seconds}
-
-
-def _crop_flip(crop: int, decode: Callable[[bytes], torch.Tensor] = decode_pil, seed: int = 0):
-    """Decode, a random crop and a random reflection, uint8: what any loader does per image."""
-    rng = random.Random(seed)
-
-    def work(data: bytes) -> torch.Tensor:
-        image = decode(data)
-        y, x = rng.randrange(image.shape[1] - crop + 1), rng.randrange(image.shape[2] - crop + 1)
-        view = image[:, y : y + crop, x : x + crop]
-        return (view.flip(-1) if rng.random() < 0.5 else view).contiguous()
-
-    return work
 
 
 def _index_cost(folder: Path, manifest: Manifest) -> dict:
@@ -276,7 +256,7 @@ def _loader_epoch(folder, manifest, crop, batch_size, workers, decoder, seed) ->
     """One epoch of the training loader: wall img/s from the first batch on, CPU of this process and of the workers."""
     settings = LoaderSettings(batch_size, workers, decoder=decoder)
     index = split_index(folder, manifest, "train")
-    return _timed_epoch(
+    return timed_epoch(
         train_loader(index, Augmentation(crop), EpochSpec(seed, 0, shuffle_buffer=2000), settings), _released
     )
 
@@ -286,79 +266,37 @@ def _released(batch) -> int:
     return len(batch)
 
 
-def _timed_epoch(loader: Iterable, images_in: Callable[[Any], int]) -> dict:
-    """One epoch of `loader` (the caller keeps no reference to it): wall img/s from the first batch on (steady
-    state), the images in all, and the CPU time of this process and of the loader's workers. `images_in(batch)`
-    counts a batch's images, doing whatever the consumer does with it."""
-    first = None
-    count = total = 0
-    main, children = _cpu_seconds()
-    for batch in loader:
-        images = images_in(batch)
-        total += images
-        if first is None:
-            first = time.perf_counter()  # steady state: from the first batch on
-            continue
-        count += images
-    seconds = time.perf_counter() - first if first is not None else math.nan
-    del loader  # the workers have exited once the epoch ends; their CPU time is now counted
-    main_after, children_after = _cpu_seconds()
-    return {"img_s": count / seconds if count else math.nan, "main_cpu": main_after - main,
-            "workers_cpu": children_after - children, "images": total}  # fmt: skip
+@dataclass(frozen=True)
+class _Stored:
+    """A peer's copy of the bench epochs, in its own format: N images, and 2N (the same ones first)."""
+
+    once: Path
+    twice: Path
+    images: int
+
+    @classmethod
+    def of(cls, peer: ReaderPeer, epochs: _Epochs, folder: Path) -> _Stored:
+        once = peer.store(epochs.once, epochs.once_manifest, folder / f"{peer.module}-once")
+        twice = peer.store(epochs.twice, epochs.twice_manifest, folder / f"{peer.module}-twice")
+        return cls(once, twice, epochs.images)
 
 
-PEER = "webdataset"
+def _peer_name(peer: ReaderPeer, workers: int) -> str:
+    return f"{peer.name} pipeline, {_workers(workers)}"
 
 
-def _peer_name(workers: int) -> str:
-    return f"{PEER} pipeline, {_workers(workers)}"
-
-
-def _peer_installed() -> bool:
-    """webdataset is a test dependency, not a runtime one (the GPU machines lack it): its row where it imports."""
-    try:
-        import webdataset  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _peer_row(epochs: _Epochs, crop: int, batch_size: int, workers: int, seed: int) -> dict:
-    """webdataset's own pipeline over the same shards, an epoch of N and one of 2N: its steady state, as the
+def _peer_row(peer: ReaderPeer, stored: _Stored, crop: int, batch_size: int, workers: int, seed: int) -> dict:
+    """A peer's reader over its copy of the bench images, an epoch of N and one of 2N: its steady state, as the
     training loader's row measures it."""
-    whole_n = _peer_epoch(epochs.once, crop, batch_size, workers, seed)
-    whole_2n = _peer_epoch(epochs.twice, crop, batch_size, workers, seed)
-    n = epochs.images
+    whole_n = peer.epoch(stored.once, crop, batch_size, workers, seed)
+    whole_2n = peer.epoch(stored.twice, crop, batch_size, workers, seed)
+    n = stored.images
     if (whole_n["images"], whole_2n["images"]) != (n, 2 * n):
-        raise RuntimeError(f"{PEER} read {whole_n['images']} and {whole_2n['images']} images, not {n} and {2 * n}")
+        raise RuntimeError(f"{peer.name} read {whole_n['images']} and {whole_2n['images']} images, not {n} and {2 * n}")
     total_n, total_2n = (whole["main_cpu"] + whole["workers_cpu"] for whole in (whole_n, whole_2n))
     rate = whole_2n["img_s"]
-    return {"name": _peer_name(workers), "img_s": rate, "img_per_cpu_s": _rate(n, total_2n - total_n),
+    return {"name": _peer_name(peer, workers), "img_s": rate, "img_per_cpu_s": _rate(n, total_2n - total_n),
             "workers": workers, "img_s_per_worker": rate / max(workers, 1)}  # fmt: skip
-
-
-def _peer_epoch(folder: Path, crop: int, batch_size: int, workers: int, seed: int) -> dict:
-    """One epoch of webdataset's pipeline as its documentation builds one: wall img/s from the first batch on, CPU
-    of this process and of the workers."""
-    import webdataset
-
-    crop_flip = _crop_flip(crop, decode_torchvision, seed)
-
-    def sample_of(sample: dict) -> tuple[torch.Tensor, int]:
-        return crop_flip(sample["jpg"]), int(sample["cls"])
-
-    def stack(samples: list) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = zip(*samples, strict=True)
-        return torch.stack(images), torch.tensor(labels)
-
-    urls = sorted(str(path) for path in folder.glob("train-*.tar"))
-    pipeline = (
-        webdataset.WebDataset(urls, shardshuffle=len(urls), seed=seed, empty_check=False)
-        .shuffle(2000)
-        .map(sample_of)
-        .batched(batch_size, collation_fn=stack, partial=True)
-    )
-    return _timed_epoch(webdataset.WebLoader(pipeline, batch_size=None, num_workers=workers), lambda b: len(b[0]))
 
 
 def _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, decode_on, device) -> dict:
@@ -379,7 +317,7 @@ def _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, decode
 
     first = None
     count = total = 0
-    main, children = _cpu_seconds()
+    main, children = cpu_seconds()
     for batch in DeviceFeed(loader, crops, device):
         total += len(batch)
         if cuda:
@@ -390,7 +328,7 @@ def _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, decode
         count += len(batch)
     seconds = time.perf_counter() - first if first is not None else float("nan")
     del loader
-    main_after, children_after = _cpu_seconds()
+    main_after, children_after = cpu_seconds()
     rate = count / seconds if count else float("nan")
     cpu = main_after - main + children_after - children
     name = f"feed to {device}, decode on {decode_on}, {workers} worker{'s' if workers != 1 else ''}"
