@@ -201,6 +201,8 @@ def test_bench_prepare_reports_steady_state_and_whole_run_figures():
         rows = {f"{peer.name}, 1 worker, steady state", f"{peer.name}, 2 workers, whole run of 8"}
         assert (rows <= set(names)) == installed(peer), peer.name
         assert (f"whole run of 4: prepare / {peer.name}, 2 workers (wall clock)" in report.ratios) == installed(peer)
+        per_cpu = f"whole run of 4: prepare / {peer.name}, 1 worker, per CPU-second"
+        assert report.ratios.get(per_cpu, 1) > 0 and (per_cpu in report.ratios) == installed(peer)
 
 
 def _cut_with_eoi(data):

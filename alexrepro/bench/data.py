@@ -196,8 +196,15 @@ def bench_prepare(
             ratios[f"prepare / {peer.name}, {name} (wall clock), steady state"] = (
                 steady[name]["wall"] / peer_steady[name]["wall"]
             )
-            mine, theirs = (seconds[_whole_name(stage, n, images)]["wall"] for stage in ("prepare", peer.name))
-            ratios[f"whole run of {images}: prepare / {peer.name}, {name} (wall clock)"] = theirs / mine
+            mine, theirs = (seconds[_whole_name(stage, n, images)] for stage in ("prepare", peer.name))
+            ratios[f"whole run of {images}: prepare / {peer.name}, {name} (wall clock)"] = theirs["wall"] / mine["wall"]
+        # At "1 worker" a peer is two processes (the pool's worker resizes, the main process writes), prepare one:
+        # images per CPU-second, all of a peer's processes counted, compare the work each does.
+        ratios[f"prepare / {peer.name}, 1 worker, per CPU-second, steady state"] = (
+            steady[one]["core"] / peer_steady[one]["core"]
+        )
+        mine, theirs = (seconds[_whole_name(stage, 1, images)]["cpu"] for stage in ("prepare", peer.name))
+        ratios[f"whole run of {images}: prepare / {peer.name}, 1 worker, per CPU-second"] = theirs / mine
     notes = [
         f"machine: {machine_description()}",
         f"Pillow build: {imaging.pillow_build()}",
@@ -209,7 +216,7 @@ def bench_prepare(
         _steady_note(images),
         (
             "peer writers: a forked pool runs the same resize function and the library's writer stores the results "
-            f"(alexrepro.bench.peers); MosaicML's shards are cut at {mean_output * _shard_size(images, 1) / 1e3:.0f} "
+            "(alexrepro.bench.peers); their CPU time counts the pool's processes too; MosaicML's shards are cut at {mean_output * _shard_size(images, 1) / 1e3:.0f} "
             "KB at 1 worker, the bytes of as many resized images as prepare's shards hold"
         ),
         *filter(None, [missing_note(WRITERS)]),
@@ -287,27 +294,30 @@ class Measured(NamedTuple):
 
 
 def _timed_in_child(peer: WriterPeer, args: tuple) -> Measured:
-    """Run `peer.write(*args)` in a fresh interpreter and return its own timing, imports excluded.
+    """Run `peer.write(*args)` in a fresh interpreter and return its own timing, imports excluded: wall time, and
+    the CPU time of the child and of its pool's processes (reaped when the pool closes).
 
     A peer runs apart because its library imports torch, whose threads would make this process unsafe to fork:
     prepare's pools would then start a fork server, which the `prepare` command does not need (it imports no
     torch). Each side is timed from its work's start, its imports already paid, as in a long-running program."""
     code = (
-        "import json, sys, time\n"
+        "import json, resource, sys, time\n"
         f"from {peer.write.__module__} import {peer.write.__name__} as work\n"
         f"import {peer.module}\n"
+        "def cpu():\n"
+        "    own, pool = (resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))\n"
+        "    return own.ru_utime + own.ru_stime + pool.ru_utime + pool.ru_stime\n"
         "args = json.loads(sys.argv[1])\n"
-        "wall, cpu = time.perf_counter(), time.process_time()\n"
+        "wall, cpu_start = time.perf_counter(), cpu()\n"
         "work(*args)\n"
-        "print(json.dumps([time.perf_counter() - wall, time.process_time() - cpu]))\n"
+        "print(json.dumps([time.perf_counter() - wall, cpu() - cpu_start]))\n"
     )
     plain = [str(a) if isinstance(a, Path) else a for a in args]
     done = subprocess.run([sys.executable, "-c", code, json.dumps(plain)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{peer.name} failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
-    wall, _ = json.loads(done.stdout.strip().splitlines()[-1])
-    # The work runs in the child's pool, whose CPU time the child does not see: its per-core figure is wall time.
-    return Measured(wall, wall)
+    wall, cpu = json.loads(done.stdout.strip().splitlines()[-1])
+    return Measured(wall, cpu)
 
 
 def _worker_counts(workers: int) -> list[int]:

@@ -808,7 +808,10 @@ def bench_prepare(
     workers: int = typer.Option(2, help="Worker processes for the parallel measurement."),
     as_json: bool = JsonOption,
 ) -> None:
-    """prepare vs plain decode, vs the obvious way, and 2 workers vs 1.
+    """prepare vs plain decode, the obvious way and the peer libraries' writers; 2 workers vs 1.
+
+    The peers' rows: webdataset where it is installed (the tests install it), MosaicML streaming under
+    .venv-peers/bin/python (scripts/install-bench-peers.sh).
 
     Example: alexrepro bench prepare --images 300
     """
@@ -876,7 +879,10 @@ def bench_loader(
     batch_size: int = typer.Option(128, help="Images per batch (128 = the paper's)."),
     as_json: bool = JsonOption,
 ) -> None:
-    """Loader img/s per worker vs plain decode of the same shard JPEGs.
+    """Loader img/s per worker vs plain decode of the same shard JPEGs and the peer libraries' readers.
+
+    The peers' rows: webdataset where it is installed (the tests install it), MosaicML streaming and litdata under
+    .venv-peers/bin/python (scripts/install-bench-peers.sh).
 
     Example: alexrepro bench loader --images 2000 --workers 2
     """
