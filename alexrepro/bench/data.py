@@ -4,7 +4,8 @@
   - plain decode: `Image.open(...).load()` at full size, one process (the floor: DESIGN.md "Performance design");
   - the obvious way: open → RGB → LANCZOS shorter side to 256 → centre crop → save q95, one process;
   - the resize step alone (`imaging.resize_square_jpeg` on bytes in memory), one process;
-  - the real `prepare()` end to end (read files, resize, write shards and manifest) with 1 and with N workers.
+  - the real `prepare()` end to end (read files, resize, write shards and manifest) with 1 and with N workers;
+  - each peer library's writer that imports (alexrepro.bench.peers), fed by a pool of 1 and of N processes.
 `bench_stats` times plain decode of the 256² shard JPEGs against the real `compute_stats()`.
 
 Steady state. A whole run of a stage pays fixed costs once (starting the worker pool, importing numpy and Pillow in

@@ -10,7 +10,9 @@ what a worker pays once per epoch (the fork, its start, reading the index) cance
 CPU-seconds per worker per epoch (at ILSVRC scale an epoch is 1.28 M images, at which it vanishes). Then the feed to
 `device` (alexrepro.data.feed: pinned copies, uint8 crops on the device) with `workers` workers, for each `decode_on`:
 "device" times workers that only read plus a batched decode_jpeg on `device` (on the CPU: in the training process,
-one thread). Also measured: loading the member index that prepare persisted, paid once per run.
+one thread). Also measured: loading the member index that prepare persisted, paid once per run, and each peer
+library's reader that imports (alexrepro.bench.peers) over the same images in its own format, steady state as for
+the training loader.
 """
 
 from __future__ import annotations
