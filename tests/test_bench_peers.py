@@ -7,6 +7,9 @@ webdataset is installed with the tests; MosaicML streaming and litdata only in .
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -68,3 +71,18 @@ def test_peers_environment_keeps_the_projects_decoder():
 
     assert "/.venv/" in PIL.__file__ and pillow_build().startswith(("Pillow-SIMD", "Pillow "))
     assert torch.__file__.startswith(PIL.__file__.split("/PIL/")[0])
+
+
+def test_a_peer_that_is_found_but_does_not_import_has_no_row(tmp_path):
+    """As on the GPU machine, which the GPU check imitates with a webdataset that raises ImportError: `bench
+    loader` leaves the peer out and names it, instead of failing."""
+    (tmp_path / "webdataset.py").write_text('raise ImportError("webdataset is not installed on the GPU machine")\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "alexrepro", "bench", "loader", "--images", "16", "--workers", "1",
+               "--batch-size", "8", "--json"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert not any(row["name"].startswith("webdataset pipeline") for row in report["rows"])
+    note = next(note for note in report["notes"] if note.startswith("not importable here, no row:"))
+    assert "webdataset" in note and "install-bench-peers.sh" in note

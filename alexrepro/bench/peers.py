@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.util
 import math
 import multiprocessing
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,14 +42,31 @@ class Peer:
     module: str  # what must import for its row
 
 
+@functools.cache
 def installed(peer: Peer) -> bool:
-    return importlib.util.find_spec(peer.module) is not None
+    """Whether the peer's library imports. One that is found but fails to import (a broken install, or the GPU
+    check's stand-in that makes webdataset unimportable as on the GPU machine) has no row either.
+
+    Imported here where torch already is (the loader benchmarks); elsewhere in a child interpreter, since each of
+    these libraries imports torch, which would make bench prepare's process unsafe to fork."""
+    try:
+        if importlib.util.find_spec(peer.module) is None:
+            return False
+    except (ImportError, ValueError):
+        return False
+    if "torch" not in sys.modules:
+        return subprocess.run([sys.executable, "-c", f"import {peer.module}"], capture_output=True).returncode == 0
+    try:
+        importlib.import_module(peer.module)
+    except ImportError:
+        return False
+    return True
 
 
 def missing_note(peers: tuple[Peer, ...]) -> str | None:
     """The report's note on the peers that have no row here, if any."""
     absent = [peer.name for peer in peers if not installed(peer)]
-    return f"not installed, no row: {', '.join(absent)} ({INSTALL_HINT})" if absent else None
+    return f"not importable here, no row: {', '.join(absent)} ({INSTALL_HINT})" if absent else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
