@@ -194,6 +194,7 @@ def test_bench_prepare_reports_steady_state_and_whole_run_figures():
     assert {"prepare, 1 worker, whole run of 4", "prepare, 1 worker, whole run of 8"} <= set(names)
     assert "prepare (1 worker) / plain decode, per core, steady state" in report.ratios
     assert all(value > 0 for name, value in report.ratios.items() if name.startswith("whole run"))
+    assert not any("{" in note for note in report.notes), report.notes  # every note's figures filled in
     # each installed peer writer fed by a process pool, timed beside prepare in the same run
     from alexrepro.bench.peers import WRITERS, installed
 

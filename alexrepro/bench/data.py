@@ -217,8 +217,9 @@ def bench_prepare(
         _steady_note(images),
         (
             "peer writers: a forked pool runs the same resize function and the library's writer stores the results "
-            "(alexrepro.bench.peers); their CPU time counts the pool's processes too; MosaicML's shards are cut at {mean_output * _shard_size(images, 1) / 1e3:.0f} "
-            "KB at 1 worker, the bytes of as many resized images as prepare's shards hold"
+            "(alexrepro.bench.peers); their CPU time counts the pool's processes too; MosaicML's shards are cut at "
+            f"{mean_output * _shard_size(images, 1) / 1e3:.0f} KB at 1 worker, the bytes of as many resized images "
+            "as prepare's shards hold"
         ),
         *filter(None, [missing_note(WRITERS)]),
         _load_note(),
