@@ -156,8 +156,10 @@ def bench_prepare(
         # Each peer writer cuts shards as prepare does: by count (webdataset) or by bytes (MosaicML), the bytes of
         # as many resized images, measured on a few.
         mean_output = np.mean([len(imaging.resize_square_jpeg(d, size, quality)) for d in data[:16]])
-        peers: dict[str, _Pipeline] = {}
-        for peer in (p for p in WRITERS if installed(p)):
+        writers = [peer for peer in WRITERS if installed(peer)]
+
+        peers: dict[str, dict[str, _Pipeline]] = {}  # each peer's whole runs, by its name
+        for peer in writers:
 
             def run_peer(n: int, count: int, peer: WriterPeer = peer) -> Callable[[], object]:
                 shard_size = _shard_size(images, n)
@@ -169,8 +171,11 @@ def bench_prepare(
 
                 return run
 
-            peers |= _whole_runs(peer.name, _worker_counts(workers), images, run_peer)
-        seconds = _best_of({**baselines, **whole, **peers}, rounds, progress)
+            peers[peer.name] = _whole_runs(peer.name, _worker_counts(workers), images, run_peer)
+        timed = {**baselines, **whole}
+        for runs_of_peer in peers.values():
+            timed |= runs_of_peer
+        seconds = _best_of(timed, rounds, progress)
 
     rows, core = _rates(baselines, seconds)
     steady_rows, steady = _steady_state("prepare", _worker_counts(workers), images, seconds)
@@ -188,10 +193,10 @@ def bench_prepare(
         f"whole run of {images}: prepare {many} / 1 worker (wall clock)": seconds[whole_one]["wall"]
         / seconds[whole_many]["wall"],
     }
-    for peer in (p for p in WRITERS if installed(p)):
+    for peer in writers:
         peer_rows, peer_steady = _steady_state(peer.name, _worker_counts(workers), images, seconds)
         steady_rows += peer_rows
-        whole_rows += _rates({k: v for k, v in peers.items() if k.startswith(f"{peer.name}, ")}, seconds)[0]
+        whole_rows += _rates(peers[peer.name], seconds)[0]
         for n in _worker_counts(workers):
             name = _workers_name(n)
             ratios[f"prepare / {peer.name}, {name} (wall clock), steady state"] = (
