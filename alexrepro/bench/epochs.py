@@ -18,7 +18,7 @@ import torch
 from alexrepro.data.loader import decode_pil
 
 
-def cpu_seconds() -> tuple[float, float]:
+def _cpu_seconds() -> tuple[float, float]:
     """CPU time of this process, and of its children that have exited (the DataLoader workers)."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return time.process_time(), children.ru_utime + children.ru_stime
@@ -30,7 +30,7 @@ def timed_epoch(loader: Iterable, images_in: Callable[[Any], int]) -> dict:
     counts a batch's images, doing whatever the consumer does with it."""
     first = None
     count = total = 0
-    main, children = cpu_seconds()
+    main, children = _cpu_seconds()
     for batch in loader:
         images = images_in(batch)
         total += images
@@ -40,7 +40,7 @@ def timed_epoch(loader: Iterable, images_in: Callable[[Any], int]) -> dict:
         count += images
     seconds = time.perf_counter() - first if first is not None else math.nan
     del loader  # the workers have exited once the epoch ends; their CPU time is now counted
-    main_after, children_after = cpu_seconds()
+    main_after, children_after = _cpu_seconds()
     return {"img_s": count / seconds if count else math.nan, "main_cpu": main_after - main,
             "workers_cpu": children_after - children, "images": total}  # fmt: skip
 

@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from alexrepro.bench.epochs import cpu_seconds, crop_flip, timed_epoch
+from alexrepro.bench.epochs import crop_flip, timed_epoch
 from alexrepro.bench.peers import READERS, ReaderPeer, installed, missing_note
 from alexrepro.bench.report import BenchReport, machine_description
 from alexrepro.core.progress import units
@@ -307,34 +307,33 @@ def _feed_row(folder, manifest, crop, batch_size, workers, decoder, seed, decode
 
     device = torch.device(device)
     cuda = device.type == "cuda"
-    loader = train_loader(
-        split_index(folder, manifest, "train"),
-        Augmentation(crop),
-        EpochSpec(seed, 0, shuffle_buffer=2000),
-        LoaderSettings(batch_size, workers, pin_memory=cuda, decoder=decoder, decode_on=decode_on),
-    )
+    settings = LoaderSettings(batch_size, workers, pin_memory=cuda, decoder=decoder, decode_on=decode_on)
 
     def crops(batch):
         return device_crops(batch, device) if batch.images is None else batch.images.to(device, non_blocking=True)
 
-    first = None
-    count = total = 0
-    main, children = cpu_seconds()
-    for batch in DeviceFeed(loader, crops, device):
-        total += len(batch)
+    def on_device(batch) -> int:
         if cuda:
             torch.cuda.current_stream(device).synchronize()  # the batch is on the device, decoded
-        if first is None:
-            first = time.perf_counter()
-            continue
-        count += len(batch)
-    seconds = time.perf_counter() - first if first is not None else float("nan")
-    del loader
-    main_after, children_after = cpu_seconds()
-    rate = count / seconds if count else float("nan")
-    cpu = main_after - main + children_after - children
-    name = f"feed to {device}, decode on {decode_on}, {workers} worker{'s' if workers != 1 else ''}"
-    return {"name": name, "img_s": rate, "img_per_cpu_s": total / cpu, "workers": workers,
+        return len(batch)
+
+    # built inline, so that timed_epoch holds the only reference and the workers are gone when it reads their CPU
+    epoch = timed_epoch(
+        DeviceFeed(
+            train_loader(
+                split_index(folder, manifest, "train"),
+                Augmentation(crop),
+                EpochSpec(seed, 0, shuffle_buffer=2000),
+                settings,
+            ),  # fmt: skip
+            crops,
+            device,
+        ),
+        on_device,
+    )
+    rate = epoch["img_s"]
+    return {"name": f"feed to {device}, decode on {decode_on}, {_workers(workers)}", "img_s": rate,
+            "img_per_cpu_s": epoch["images"] / (epoch["main_cpu"] + epoch["workers_cpu"]), "workers": workers,
             "img_s_per_worker": rate / max(workers, 1)}  # fmt: skip
 
 
