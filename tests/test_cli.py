@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from alexrepro.cli.app import app
 from alexrepro.core.progress import LineProgress
-from helpers.train import make_shards, make_stats
+from helpers.train import make_training_data
 
 runner = CliRunner()
 
@@ -263,10 +263,7 @@ def test_missing_argument_is_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli-data")
-    make_shards(root / "shards", classes=3, train_per_class=12, val_per_class=4, size=72, shard_size=10)
-    make_stats(root / "shards", root / "stats")
-    return root / "shards", root / "stats"
+    return make_training_data(tmp_path_factory.mktemp("cli-data"))
 
 
 TRAIN_FLAGS = ["--batch-size", "8", "--crop", "67", "--width", "0.125", "--init", "he", "--devices", "cpu",

@@ -29,7 +29,7 @@ from alexrepro.model.config import ModelConfig
 from alexrepro.model.network import AlexNet, local_response_norm
 from alexrepro.train.config import TrainConfig
 from alexrepro.train.loop import make_preprocess, normalization_from_stats, train
-from helpers.train import make_shards, make_stats, val_batches
+from helpers.train import make_training_data, val_batches
 from test_model import SMALL, assert_same_run, paper_lrn, run
 
 pytestmark = pytest.mark.device
@@ -49,10 +49,7 @@ TINY = dict(batch_size=8, crop=67, width=0.125, init="he", input_scale=1 / 64, l
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_shards(root / "shards", classes=3, train_per_class=12, val_per_class=8, size=72, shard_size=10)
-    make_stats(root / "shards", root / "stats")
-    return root / "shards", root / "stats"
+    return make_training_data(tmp_path_factory.mktemp("data"), val_per_class=8)
 
 
 # ------------------------------------------------------------------------------------------------ placement

@@ -17,7 +17,7 @@ from alexrepro.model.checkpoint import load_checkpoint
 from alexrepro.model.distributed import Ranks, rank_batch_size, resolve_devices
 from alexrepro.train.config import TrainConfig
 from alexrepro.train.loop import train
-from helpers.train import make_shards, make_stats
+from helpers.train import make_training_data
 
 # dropout 0: its masks are drawn per rank, so they are the one thing a split run cannot share with a single process.
 # Crops, reflections and lighting are drawn per image and are therefore the same for any number of ranks.
@@ -59,11 +59,8 @@ def _rank_main(rank: int, world: int, port: int, shards: Path, stats: Path, out:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
     # 33 train images in batches of 8: the last global batch holds one image, so one rank's share is empty
-    make_shards(root / "shards", classes=3, train_per_class=11, val_per_class=4, size=72, shard_size=10)
-    make_stats(root / "shards", root / "stats")
-    return root / "shards", root / "stats"
+    return make_training_data(tmp_path_factory.mktemp("data"), train_per_class=11)
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from alexrepro.model.checkpoint import load_checkpoint, model_from_checkpoint
 from alexrepro.train.config import TrainConfig
 from alexrepro.train.history import HISTORY_FIELDS, RESULT_FIELDS
 from alexrepro.train.loop import train
-from helpers.train import make_shards, make_stats
+from helpers.train import make_training_data
 
 TINY = dict(
     batch_size=8, crop=67, width=0.125, init="he", input_scale=1 / 64, lr=0.02, workers=0, devices="cpu", log_every=2
@@ -27,10 +27,7 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_shards(root / "shards", classes=3, train_per_class=12, val_per_class=4, size=72, shard_size=10)
-    make_stats(root / "shards", root / "stats")
-    return root / "shards", root / "stats"
+    return make_training_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,12 @@ def make_stats(shards: Path, out: Path) -> Path:
     return out
 
 
+def make_training_data(root: Path, **shards) -> tuple[Path, Path]:
+    """`root/shards` (make_shards with `shards`' settings) and `root/stats`: the two folders train reads."""
+    make_shards(root / "shards", **shards)
+    return root / "shards", make_stats(root / "shards", root / "stats")
+
+
 def train_batches(shards: Path, manifest: Manifest, augmentation: Augmentation, batch_size: int, seed: int,
                   epoch: int, workers: int = 0, start_step: int = 0, **settings):  # fmt: skip
     """alexrepro.data.loader.train_loader over the train split of prepared `shards`; `settings`: LoaderSettings' rest."""
